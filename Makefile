@@ -1,0 +1,34 @@
+# `make run` and `make test` set up .venv (pinned by requirements.lock) on first use.
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test params lint lock
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
+	touch $@
+
+run: install
+	dvc repro
+
+test: install
+	ruff check src tests
+	ruff format --check src tests
+	pytest
+
+params: install
+	cnnpipe params
+
+lint: install
+	ruff check --fix src tests
+	ruff format src tests
+
+# Re-pin every transitive dependency from what .venv holds now.
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock

@@ -1,0 +1,32 @@
+"""`cnnpipe <command>`: one command per pipeline stage, plus `params`."""
+
+import importlib
+import sys
+
+from cnnpipe import PipelineError
+
+# Modules are imported on demand so that `cnnpipe fetch` does not pay for torch, MLflow and ONNX.
+COMMANDS = {
+    "params": "cnnpipe.config",
+    "fetch": "cnnpipe.fetch",
+    "train": "cnnpipe.train",
+    "evaluate": "cnnpipe.evaluate",
+    "params-report": "cnnpipe.params_report",
+    "export": "cnnpipe.export",
+    "parity": "cnnpipe.parity",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(f"usage: cnnpipe {{{','.join(COMMANDS)}}} [--help]")
+    command, rest = argv[0], argv[1:]
+    try:
+        importlib.import_module(COMMANDS[command]).main(rest)
+    except PipelineError as error:
+        sys.exit(f"cnnpipe {command}: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

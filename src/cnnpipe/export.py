@@ -1,0 +1,87 @@
+"""Stage `export`: an ONNX file that takes decoded images and returns class probabilities."""
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from cnnpipe import PipelineError, tracking
+from cnnpipe.config import load_params
+from cnnpipe.files import atomic_path
+from cnnpipe.module import ImageClassifier, load_checkpoint
+
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+INPUT_DESCRIPTION = "uint8 RGB images as decoded, shape (N, 32, 32, 3), values 0-255"
+
+
+class DeployableModel(nn.Module):
+    """uint8 (N, H, W, 3) RGB in, probabilities (N, classes) out: all preprocessing in the graph."""
+
+    def __init__(self, classifier: ImageClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images.permute(0, 3, 1, 2)).softmax(dim=1)
+
+
+def export_onnx(
+    module: ImageClassifier,
+    path: Path,
+    opset: int,
+    metadata: dict[str, str],
+    check_batch_sizes: list[int],
+) -> onnx.ModelProto:
+    """Write one self-contained ONNX file and check it against PyTorch at each batch size."""
+    model = DeployableModel(module.eval()).eval()
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        external_data=False,
+        dynamo=True,
+    )
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)
+        session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        generator = torch.Generator().manual_seed(0)
+        for n in check_batch_sizes:
+            images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
+            (got,) = session.run(None, {INPUT_NAME: images.numpy()})
+            with torch.inference_mode():
+                want = model(images).numpy()
+            if got.shape != want.shape or not np.allclose(got, want, atol=1e-5):
+                raise PipelineError(f"exported graph disagrees with PyTorch at batch size {n}")
+    return proto
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="cnnpipe export", description=__doc__).parse_args(argv)
+    cfg: DictConfig = load_params()
+    module = load_checkpoint(cfg.paths.checkpoint)
+    run_file = Path(cfg.paths.run)
+    metadata = {
+        "class_names": json.dumps(module.hparams.class_names),
+        "input_description": INPUT_DESCRIPTION,
+        "mlflow_run_id": tracking.read_run_id(run_file),
+        "git_commit": tracking.git_commit(),
+    }
+    path = Path(cfg.paths.onnx)
+    export_onnx(module, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+    with tracking.pipeline_run(cfg, run_file):
+        mlflow.log_metric("onnx/bytes", path.stat().st_size)
+    print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")

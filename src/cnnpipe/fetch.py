@@ -1,0 +1,96 @@
+"""Stage `fetch`: download the CIFAR-10 archive, verify its md5 and extract the batch files."""
+
+import argparse
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from cnnpipe import PipelineError
+from cnnpipe.config import load_params
+
+ARCHIVE_DIR = "cifar-10-batches-py"
+BATCH_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+CHUNK = 1 << 20
+
+
+def as_url(source: str) -> str:
+    """Plain paths become file:// URLs so one code path serves local copies and downloads."""
+    if "://" in source:
+        return source
+    return Path(source).expanduser().resolve().as_uri()
+
+
+def download(url: str, dest: Path, timeout_s: float) -> str:
+    """Stream `url` to `dest` with a progress bar; return the md5 of what was written."""
+    md5 = hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as out:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc="download") as bar:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    md5.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise PipelineError(
+            f"cannot read {url} ({reason}). Offline? Copy cifar-10-python.tar.gz here and run "
+            "`dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz`"
+        ) from None
+    if size is not None and dest.stat().st_size != size:
+        raise PipelineError(
+            f"download of {url} stopped after {dest.stat().st_size} of {size} bytes; run again"
+        )
+    return md5.hexdigest()
+
+
+def _regular_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """Extraction filter: plain files and folders inside `dest`, nothing else."""
+    parts = PurePosixPath(member.name).parts
+    if member.name.startswith("/") or ".." in parts:
+        raise PipelineError(f"archive member {member.name!r} points outside the target folder")
+    if not (member.isfile() or member.isdir()):
+        raise PipelineError(f"archive member {member.name!r} is a link or device, refused")
+    return tarfile.data_filter(member, dest)
+
+
+def extract(archive: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter=_regular_member)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise PipelineError(f"{archive} is not a readable tar.gz archive ({error})") from None
+
+
+def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
+    """Put the verified batch files in `dest`; `dest` appears only when everything succeeded."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        archive = Path(tmp) / "cifar-10-python.tar.gz"
+        url = as_url(url)
+        got = download(url, archive, timeout_s)
+        if got != md5:
+            raise PipelineError(
+                f"md5 of {url} is {got}, expected {md5}: the file is corrupt or another version; "
+                "download it again or set data.md5 if you trust it"
+            )
+        extract(archive, Path(tmp) / "extracted")
+        batches = Path(tmp) / "extracted" / ARCHIVE_DIR
+        missing = [name for name in BATCH_FILES if not (batches / name).is_file()]
+        if missing:
+            raise PipelineError(f"{url} has no {ARCHIVE_DIR}/{', '.join(missing)}")
+        shutil.rmtree(dest, ignore_errors=True)
+        batches.rename(dest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="cnnpipe fetch", description=__doc__).parse_args(argv)
+    cfg = load_params()
+    fetch(cfg.data.url, cfg.data.md5, Path(cfg.paths.data), cfg.data.timeout_s)
+    print(f"fetched {cfg.paths.data}")

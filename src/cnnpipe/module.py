@@ -1,0 +1,92 @@
+"""The LightningModule: uint8 images in, logits out, with the network built from primitives."""
+
+import pickle
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics.classification import MulticlassAccuracy
+
+from cnnpipe import PipelineError
+
+
+class ImageClassifier(pl.LightningModule):
+    """Normalises uint8 (N, 3, H, W) images itself, so a checkpoint alone can be exported.
+
+    `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10}.
+    """
+
+    def __init__(
+        self,
+        net: dict,
+        class_names: list[str],
+        mean: list[float],
+        std: list[float],
+        lr: float = 5e-3,
+        weight_decay: float = 0.05,
+        pct_start: float = 0.25,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = instantiate(net)
+        # Folding the 0-255 scale into mean and std saves one pass over the batch.
+        self.register_buffer("mean", 255 * torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        num_classes = len(class_names)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.example_input_array = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float() - self.mean) / self.std)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=hp.lr,
+            total_steps=self.trainer.estimated_stepping_batches,
+            pct_start=hp.pct_start,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.inference_mode()
+def predict_logits(module: ImageClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits for uint8 (N, 3, H, W) images, computed in eval mode batch by batch."""
+    module.eval()
+    return torch.cat(
+        [module(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    )
+
+
+def load_checkpoint(path: str) -> ImageClassifier:
+    """Load without running pickled code: the checkpoint holds only tensors and primitives."""
+    if not Path(path).is_file():
+        raise PipelineError(f"no checkpoint at {path}; run `dvc repro train`")
+    try:
+        return ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        raise PipelineError(
+            f"{path} is not a cnnpipe checkpoint ({error}); run `dvc repro train`"
+        ) from None

@@ -1,0 +1,102 @@
+"""Stage `train`: fit the configured network with Lightning and save the checkpoint."""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.loggers import MLFlowLogger
+
+from cnnpipe import tracking
+from cnnpipe.config import load_params
+from cnnpipe.data import CIFAR10DataModule
+from cnnpipe.files import atomic_path
+from cnnpipe.module import ImageClassifier
+
+HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
+
+
+class EpochHistory(pl.Callback):
+    """One row of epoch-level metrics per epoch, for `dvc plots`."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1}
+        row.update({key: round(float(metrics[key]), 6) for key in HISTORY_KEYS if key in metrics})
+        self.rows.append(row)
+
+
+def train(cfg: DictConfig, run_id: str | None = None) -> dict:
+    """Fit the model described by `cfg`; write checkpoint, history and metrics to `cfg.paths`."""
+    pl.seed_everything(cfg.seed, workers=True)
+    data = CIFAR10DataModule(
+        cfg.paths.data,
+        cfg.trainer.batch_size,
+        cfg.data.val_size,
+        cfg.data.crop_padding,
+        cfg.data.flip,
+        cfg.seed,
+    )
+    data.setup("fit")
+    module = ImageClassifier(
+        net=OmegaConf.to_container(cfg.model, resolve=True),
+        class_names=data.class_names,
+        mean=list(cfg.data.mean),
+        std=list(cfg.data.std),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        pct_start=cfg.optim.pct_start,
+        label_smoothing=cfg.optim.label_smoothing,
+    )
+    history, timer = EpochHistory(), Timer()
+    logger = (
+        MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id) if run_id else False
+    )
+    trainer = pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        precision=cfg.trainer.precision,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        logger=logger,
+        callbacks=[history, timer],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic,
+    )
+    trainer.fit(module, datamodule=data)
+
+    with atomic_path(cfg.paths.checkpoint) as tmp:
+        # Weights and hyperparameters only: the optimizer state is not needed to evaluate or export.
+        trainer.save_checkpoint(tmp, weights_only=True)
+    with atomic_path(cfg.paths.history) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", *HISTORY_KEYS])
+        writer.writeheader()
+        writer.writerows(history.rows)
+    seconds = timer.time_elapsed("train")
+    metrics = {
+        **history.rows[-1],
+        "train_seconds": round(seconds, 2),
+        "images_per_second": round(len(data.train_images) * trainer.current_epoch / seconds, 1),
+    }
+    with atomic_path(cfg.paths.train_metrics) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="cnnpipe train", description=__doc__).parse_args(argv)
+    cfg = load_params()
+    run_file = Path(cfg.paths.run)
+    run_id = tracking.start_pipeline_run(cfg, run_file)
+    metrics = train(cfg, run_id)
+    with tracking.pipeline_run(cfg, run_file):
+        mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"})
+        mlflow.log_artifact(cfg.paths.history, "plots")
+    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train_seconds']:.0f}s")

@@ -1,0 +1,83 @@
+"""Tiny CIFAR-10 archives in the official layout, and a real HTTP server on 127.0.0.1."""
+
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def batch_payload(n: int, seed: int) -> bytes:
+    """A batch whose class is visible in the pixels, so a model can learn something from it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    data = rng.integers(0, 64, (n, 3072), dtype=np.uint8)
+    data += (labels[:, None] * 19).astype(np.uint8)
+    entry = {
+        "batch_label": f"batch {seed}",
+        "labels": labels.tolist(),
+        "data": data,
+        "filenames": [f"{i}.png" for i in range(n)],
+    }
+    return pickle.dumps(entry, protocol=4)
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_archive(path: Path, per_batch: int = 40, test: int = 50, extra=None) -> str:
+    """Write a CIFAR-10 archive with 5 x `per_batch` training and `test` test images; return md5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for k in range(1, 6):
+            add_member(tar, f"cifar-10-batches-py/data_batch_{k}", batch_payload(per_batch, k))
+        add_member(tar, "cifar-10-batches-py/test_batch", batch_payload(test, 0))
+        meta = {"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
+        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=4))
+        if extra:
+            extra(tar)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> tuple[Path, str]:
+    path = tmp_path / "cifar-10-python.tar.gz"
+    return path, make_archive(path)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
+    """The tiny archive, extracted the way the fetch stage leaves it."""
+    with tarfile.open(archive[0]) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    return tmp_path / "extracted" / "cifar-10-batches-py"
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """Serve tmp_path/www over HTTP on a free port of 127.0.0.1; yields the base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", root
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cnnpipe.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from cnnpipe.module import ImageClassifier
+from cnnpipe.parity import compare
+
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    module = ImageClassifier(
+        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    )
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    metadata = {"class_names": json.dumps(CLASSES), "mlflow_run_id": "abc", "git_commit": "123"}
+    export_onnx(module, path, 18, metadata, [1, 5])
+    return module, path
+
+
+def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
+    _, path = exported
+    model = onnx.load(path)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
+
+
+def test_file_is_self_contained_with_metadata(exported):
+    _, path = exported
+    model = onnx.load(path, load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert [f.name for f in path.parent.iterdir()] == ["model.onnx"]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["class_names"]) == CLASSES
+    assert props["mlflow_run_id"] == "abc" and props["git_commit"] == "123"
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_onnx_matches_pytorch_on_random_weights(exported, batch):
+    module, path = exported
+    g = torch.Generator().manual_seed(batch)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
+    result = compare(module, path, images, batch_size=batch)
+    assert result["max_abs_diff"] <= 1e-5
+    assert result["top1_agreement"] == 1.0
+
+
+def test_output_is_probabilities(exported):
+    _, path = exported
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    (probs,) = session.run(None, {INPUT_NAME: images})
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_parity_notices_a_different_model(exported):
+    module, path = exported
+    other = ImageClassifier(
+        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
+    )
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    assert compare(other, path, images, batch_size=32)["max_abs_diff"] > 1e-5
