@@ -67,16 +67,15 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
-    run(
-        "cnnpipe",
-        "params",
+    overrides = [
         f"data.url={base}/cifar-10-python.tar.gz",
         f"data.md5={md5}",
         "data.val_size=40",
         "trainer.max_epochs=1",
         "trainer.batch_size=64",
         "evaluate.batch_size=16",
-    )
+    ]
+    run("cnnpipe", "params", *overrides)
     run("git", "init", "-q")
     run("git", "add", "-A")
     run("git", "commit", "-qm", "pipeline")
@@ -109,11 +108,11 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
 
     assert "Data and pipelines are up to date." in run("dvc", "repro")
 
-    params_file = repo / "params.yaml"
-    cfg = OmegaConf.load(params_file)
-    cfg.evaluate.batch_size = 25
-    params_file.write_text(OmegaConf.to_yaml(cfg))
-    stages_run = [
-        line for line in run("dvc", "repro").splitlines() if line.startswith("Running stage")
-    ]
+    # DVC composes conf/ with the overrides through Hydra; only evaluate depends on the change.
+    set_args = [arg for o in [*overrides, "evaluate.batch_size=25"] for arg in ("-S", o)]
+    output = run("dvc", "exp", "run", *set_args)
+    stages_run = [line for line in output.splitlines() if line.startswith("Running stage")]
     assert stages_run == ["Running stage 'evaluate':"]
+    assert OmegaConf.load(repo / "params.yaml").evaluate.batch_size == 25
+    exp_name = client.get_run(run_id).data.tags.get("dvc.exp_name")
+    assert exp_name and exp_name in run("dvc", "exp", "list", "--name-only")

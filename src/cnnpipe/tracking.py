@@ -50,6 +50,12 @@ def _use_experiment(cfg: DictConfig) -> None:
     mlflow.set_experiment(cfg.mlflow.experiment)
 
 
+def _exp_tag() -> dict[str, str]:
+    """Under `dvc exp run`, the experiment's name, to match MLflow runs with `dvc exp show`."""
+    name = os.environ.get("DVC_EXP_NAME")
+    return {"dvc.exp_name": name} if name else {}
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """{"optim.lr": "0.005", ...}: MLflow params are flat strings."""
     out = {}
@@ -68,10 +74,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 def start_pipeline_run(cfg: DictConfig, run_file: Path) -> str:
     """Start the pipeline's MLflow run, log the configuration, record the run id in `run_file`."""
     _use_experiment(cfg)
-    tags = {"mlflow.source.git.commit": git_commit()}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(tags=tags) as run:
+    with mlflow.start_run(tags={"mlflow.source.git.commit": git_commit(), **_exp_tag()}) as run:
         mlflow.log_params(flatten(cfg))
     with atomic_path(run_file) as tmp:
         tmp.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
@@ -92,4 +95,5 @@ def pipeline_run(cfg: DictConfig, run_file: Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run that the train stage started."""
     _use_experiment(cfg)
     with mlflow.start_run(run_id=read_run_id(run_file)) as run:
+        mlflow.set_tags(_exp_tag())
         yield run
