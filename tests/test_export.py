@@ -7,22 +7,25 @@ import pytest
 import torch
 
 from cnnpipe.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from cnnpipe.module import ImageClassifier
+from cnnpipe.module import ImageClassifier, Predictor, predict_probs
 from cnnpipe.parity import compare
 
 CLASSES = [f"class{i}" for i in range(10)]
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    module = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    )
+def random_module(seed: int, target: str = "cnnpipe.models.ChapterCNN") -> ImageClassifier:
+    torch.manual_seed(seed)
+    return ImageClassifier({"_target_": target}, CLASSES, MEAN, STD)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta_flip"])
+def exported(request, tmp_path_factory):
+    predictor = Predictor(random_module(0), tta_flip=request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     metadata = {"class_names": json.dumps(CLASSES), "mlflow_run_id": "abc", "git_commit": "123"}
-    export_onnx(module, path, 18, metadata, [1, 5])
-    return module, path
+    export_onnx(predictor, path, 18, metadata, [1, 5])
+    return predictor, path
 
 
 def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
@@ -48,10 +51,10 @@ def test_file_is_self_contained_with_metadata(exported):
 
 @pytest.mark.parametrize("batch", [1, 64])
 def test_onnx_matches_pytorch_on_random_weights(exported, batch):
-    module, path = exported
+    predictor, path = exported
     g = torch.Generator().manual_seed(batch)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
-    result = compare(module, path, images, batch_size=batch)
+    result = compare(predictor, path, images, batch_size=batch)
     assert result["max_abs_diff"] <= 1e-5
     assert result["top1_agreement"] == 1.0
 
@@ -65,10 +68,32 @@ def test_output_is_probabilities(exported):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_flip_tta_makes_predictions_mirror_invariant():
+    module = random_module(1)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    tta, plain = Predictor(module, tta_flip=True), Predictor(module, tta_flip=False)
+    mirrored = images.flip(3)
+    torch.testing.assert_close(predict_probs(tta, images, 8), predict_probs(tta, mirrored, 8))
+    assert not torch.allclose(predict_probs(plain, images, 8), predict_probs(plain, mirrored, 8))
+
+
 def test_parity_notices_a_different_model(exported):
-    module, path = exported
-    other = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
-    )
+    predictor, path = exported
+    other = Predictor(random_module(2), tta_flip=predictor.tta_flip)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     assert compare(other, path, images, batch_size=32)["max_abs_diff"] > 1e-5
+
+
+@pytest.mark.parametrize("target", ["cnnpipe.models.ChapterCNNBatchNorm", "cnnpipe.models.ResNet9"])
+def test_other_models_export_with_parity(tmp_path, target):
+    module = random_module(3, target)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    predictor = Predictor(module, tta_flip=True)
+    export_onnx(predictor, tmp_path / "m.onnx", 18, {}, [1, 3])
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    result = compare(predictor, tmp_path / "m.onnx", images, batch_size=16)
+    assert result["max_abs_diff"] <= 1e-5 and result["top1_agreement"] == 1.0

@@ -37,7 +37,7 @@ def test_train_writes_checkpoint_history_and_metrics(cfg):
     with open(cfg.paths.history) as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "train/loss", "train/acc", "val/loss", "val/acc"}
+    assert set(rows[0]) == {"epoch", "train/loss", "train/acc", "val/loss", "val/acc", "seconds"}
     assert json.loads(Path(cfg.paths.train_metrics).read_text()) == metrics
     assert metrics["images_per_second"] > 0
     assert not list(Path(cfg.paths.checkpoint).parent.glob(".*partial*"))
@@ -66,3 +66,23 @@ def test_pipeline_run_collects_train_and_evaluate(cfg, tmp_path):
     lines = Path(cfg.paths.confusion_csv).read_text().splitlines()
     assert lines[0] == "actual,predicted" and len(lines) == 51
     assert Path(cfg.paths.confusion_png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "overrides, network",
+    [
+        (["model=chapter_cnn_bn"], "ChapterCNNBatchNorm"),
+        (["model=resnet9", "model.width=4"], "ResNet9"),
+        (["trainer.precision=bf16-mixed", "trainer.channels_last=false"], "ChapterCNN"),
+    ],
+    ids=["batchnorm", "resnet9", "bf16-nchw"],
+)
+def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, network):
+    monkeypatch.chdir(tmp_path)
+    base = [f"paths.data={data_dir}", "trainer.max_epochs=1", "data.val_size=40"]
+    cfg = OmegaConf.create(compose_params(base + overrides, conf_dir=ROOT / "conf"))
+    metrics = train(cfg)
+    assert 0 <= metrics["val/acc"] <= 1
+    module = load_checkpoint(cfg.paths.checkpoint)
+    assert type(module.net).__name__ == network
+    assert evaluate(cfg)["test/acc"] >= 0

@@ -76,16 +76,15 @@ def read_class_names(data_dir: Path) -> list[str]:
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `padding` pixels, filling with zeros, in one gather."""
+    """Shift each image by up to `padding` pixels, filling with zeros: one gather per axis."""
     n, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, None, :, None]
-    cols = (dx + torch.arange(w))[:, None, None, :]
-    return padded[
-        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator)
+    rows = padded.gather(
+        2, (dy + torch.arange(h).view(1, 1, h, 1)).expand(-1, c, -1, w + 2 * padding)
+    )
+    return rows.gather(3, (dx + torch.arange(w).view(1, 1, 1, w)).expand(-1, c, h, -1))
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -14,7 +14,7 @@ from cnnpipe import tracking
 from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
-from cnnpipe.module import load_checkpoint, predict_logits
+from cnnpipe.module import Predictor, load_checkpoint, predict_probs
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -22,14 +22,15 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_checkpoint(cfg.paths.checkpoint)
     names = module.hparams.class_names
     images, labels = read_split(Path(cfg.paths.data), "test")
-    logits = predict_logits(module, images, cfg.evaluate.batch_size)
-    probs, predicted = logits.softmax(1), logits.argmax(1)
+    predictor = Predictor(module, cfg.evaluate.tta_flip)
+    probs = predict_probs(predictor, images, cfg.evaluate.batch_size)
+    predicted = probs.argmax(1)
     per_class = MulticlassAccuracy(len(names), average=None)(probs, labels)
     confusion = MulticlassConfusionMatrix(len(names))
     confusion.update(probs, labels)
     metrics = {
         "test/acc": round(float((predicted == labels).float().mean()), 6),
-        "test/loss": round(float(F.cross_entropy(logits, labels)), 6),
+        "test/loss": round(float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)), 6),
         "test/per_class_acc": {
             name: round(float(acc), 6) for name, acc in zip(names, per_class, strict=True)
         },

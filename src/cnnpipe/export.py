@@ -15,7 +15,7 @@ from torch import nn
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
 from cnnpipe.files import atomic_path
-from cnnpipe.module import ImageClassifier, load_checkpoint
+from cnnpipe.module import Predictor, load_checkpoint
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 INPUT_DESCRIPTION = "uint8 RGB images as decoded, shape (N, 32, 32, 3), values 0-255"
@@ -24,23 +24,23 @@ INPUT_DESCRIPTION = "uint8 RGB images as decoded, shape (N, 32, 32, 3), values 0
 class DeployableModel(nn.Module):
     """uint8 (N, H, W, 3) RGB in, probabilities (N, classes) out: all preprocessing in the graph."""
 
-    def __init__(self, classifier: ImageClassifier) -> None:
+    def __init__(self, predictor: Predictor) -> None:
         super().__init__()
-        self.classifier = classifier
+        self.predictor = predictor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(images.permute(0, 3, 1, 2)).softmax(dim=1)
+        return self.predictor(images.permute(0, 3, 1, 2))
 
 
 def export_onnx(
-    module: ImageClassifier,
+    predictor: Predictor,
     path: Path,
     opset: int,
     metadata: dict[str, str],
     check_batch_sizes: list[int],
 ) -> onnx.ModelProto:
     """Write one self-contained ONNX file and check it against PyTorch at each batch size."""
-    model = DeployableModel(module.eval()).eval()
+    model = DeployableModel(predictor).eval()
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     program = torch.onnx.export(
         model,
@@ -77,11 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     metadata = {
         "class_names": json.dumps(module.hparams.class_names),
         "input_description": INPUT_DESCRIPTION,
+        "tta_flip": str(cfg.evaluate.tta_flip).lower(),
         "mlflow_run_id": tracking.read_run_id(run_file),
         "git_commit": tracking.git_commit(),
     }
     path = Path(cfg.paths.onnx)
-    export_onnx(module, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+    predictor = Predictor(module, cfg.evaluate.tta_flip)
+    export_onnx(predictor, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
     with tracking.pipeline_run(cfg, run_file):
         mlflow.log_metric("onnx/bytes", path.stat().st_size)
     print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnpipe import PipelineError
@@ -47,7 +48,8 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, labels)
+        # update() only accumulates; calling the metric would also compute a per-batch value.
+        self.train_acc.update(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -55,7 +57,7 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_acc(logits, labels)
+        self.val_acc.update(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
@@ -71,12 +73,29 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class Predictor(nn.Module):
+    """uint8 (N, 3, H, W) images in, class probabilities out: what evaluation scores and what the
+    ONNX export computes, so the accuracy reported is the accuracy deployed.
+
+    With `tta_flip`, the probabilities are averaged with those of the mirrored images.
+    """
+
+    def __init__(self, classifier: ImageClassifier, tta_flip: bool) -> None:
+        super().__init__()
+        self.classifier, self.tta_flip = classifier.eval(), tta_flip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = self.classifier(images).softmax(dim=1)
+        if self.tta_flip:
+            probs = (probs + self.classifier(images.flip(3)).softmax(dim=1)) / 2
+        return probs
+
+
 @torch.inference_mode()
-def predict_logits(module: ImageClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits for uint8 (N, 3, H, W) images, computed in eval mode batch by batch."""
-    module.eval()
+def predict_probs(predictor: Predictor, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    predictor.eval()
     return torch.cat(
-        [module(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        [predictor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
 
 

@@ -17,7 +17,7 @@ from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.export import INPUT_NAME
 from cnnpipe.files import atomic_path
-from cnnpipe.module import ImageClassifier, load_checkpoint, predict_logits
+from cnnpipe.module import Predictor, load_checkpoint, predict_probs
 
 
 def onnx_probs(path: Path, images_nhwc: np.ndarray, batch_size: int) -> np.ndarray:
@@ -30,11 +30,9 @@ def onnx_probs(path: Path, images_nhwc: np.ndarray, batch_size: int) -> np.ndarr
     )
 
 
-def compare(
-    module: ImageClassifier, onnx_path: Path, images: torch.Tensor, batch_size: int
-) -> dict:
+def compare(predictor: Predictor, onnx_path: Path, images: torch.Tensor, batch_size: int) -> dict:
     """Largest probability difference and top-1 agreement between PyTorch and onnxruntime."""
-    want = predict_logits(module, images, batch_size).softmax(1).numpy()
+    want = predict_probs(predictor, images, batch_size).numpy()
     got = onnx_probs(onnx_path, images.permute(0, 2, 3, 1).contiguous().numpy(), batch_size)
     return {
         "max_abs_diff": float(np.abs(got - want).max()),
@@ -46,10 +44,10 @@ def compare(
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    module = load_checkpoint(cfg.paths.checkpoint)
+    predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), cfg.evaluate.tta_flip)
     onnx_path = Path(cfg.paths.onnx)
     images, _ = read_split(Path(cfg.paths.data), "test")
-    result = compare(module, onnx_path, images, cfg.parity.batch_size)
+    result = compare(predictor, onnx_path, images, cfg.parity.batch_size)
     if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
         raise PipelineError(
             f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} "

@@ -1,0 +1,42 @@
+"""The benchmarks run on tiny random data, so that they cannot rot between real measurements."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(name: str, tmp_path: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / name), "--tiny"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_throughput_prints_both_ratios(tmp_path):
+    out = run_bench("throughput.py", tmp_path)
+    rates = dict(re.findall(r"^\s*(plain|project|tutorial):\s+(\d+) images/s", out, re.M))
+    assert set(rates) == {"plain", "project", "tutorial"} and all(
+        int(v) > 0 for v in rates.values()
+    )
+    ratio = float(re.search(r"project / plain\s+= ([\d.]+)", out).group(1))
+    assert ratio == pytest.approx(int(rates["project"]) / int(rates["plain"]), rel=0.01)
+    assert re.search(r"project / tutorial = [\d.]+", out)
+
+
+def test_time_to_accuracy_prints_a_curve_and_the_test_accuracy(tmp_path):
+    out = run_bench("time_to_accuracy.py", tmp_path)
+    epochs = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [e[0] for e in epochs] == ["1", "2"]
+    assert float(epochs[1][2]) >= float(epochs[0][2]), "training time only grows"
+    assert re.search(r"test/acc [\d.]+ \(tta_flip=True\), training \d+ s", out)
+    assert re.search(r"peak memory \d+ MB", out)
