@@ -99,7 +99,7 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         writer.writerows(history.rows)
     seconds = timer.time_elapsed("train")
     metrics = {
-        **history.rows[-1],
+        **{k: v for k, v in history.rows[-1].items() if k != "seconds"},
         "train_seconds": round(seconds, 2),
         "images_per_second": round(len(data.train_images) * trainer.current_epoch / seconds, 1),
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
