@@ -28,6 +28,15 @@ OUTPUTS = [
     "plots/confusion.csv",
     "plots/confusion.png",
     "reports/params.md",
+    "models/baseline/model.ckpt",
+    "metrics/baseline.json",
+    "metrics/chapter.json",
+    "reports/chapter.md",
+    "plots/chapter/params.png",
+    "plots/chapter/curves.png",
+    "plots/chapter/filters.png",
+    "plots/chapter/feature_maps.png",
+    "plots/chapter/mistakes.png",
 ]
 
 
@@ -95,9 +104,8 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     mlflow_run = client.get_run(run_id)
     metrics = mlflow_run.data.metrics
-    assert {"train/loss", "val/acc", "test/loss", "params/total", "parity/max_abs_diff"} <= set(
-        metrics
-    )
+    expected = {"train/loss", "val/acc", "test/loss", "params/total", "parity/max_abs_diff"}
+    assert expected | {"baseline/test/acc", "chapter/shift_agreement/cnn/shift1"} <= set(metrics)
     assert metrics["test/acc"] == pytest.approx(test_acc)
     assert mlflow_run.data.tags["mlflow.source.git.commit"] == commit
     (version,) = client.search_model_versions("name='cnnpipe-cifar10'")

@@ -14,6 +14,8 @@ COMMANDS = {
     "params-report": "cnnpipe.params_report",
     "export": "cnnpipe.export",
     "parity": "cnnpipe.parity",
+    "baseline": "cnnpipe.baseline",
+    "chapter": "cnnpipe.chapter",
 }
 
 

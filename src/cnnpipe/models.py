@@ -91,3 +91,20 @@ class ResNet9(nn.Sequential):
             nn.Flatten(),
             nn.Linear(8 * w, num_classes),
         )
+
+
+class DenseBaseline(nn.Sequential):
+    """A plain multilayer perceptron on the flattened image, the chapter's foil for the CNN.
+
+    Every pixel value connects to every first-layer unit, so at the default width it already has
+    more parameters (201,482) than the CNN (122,570).
+    """
+
+    def __init__(self, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.dense1 = nn.Linear(3 * 32 * 32, hidden)
+        self.relu1 = nn.ReLU()
+        self.dense2 = nn.Linear(hidden, hidden)
+        self.relu2 = nn.ReLU()
+        self.dense3 = nn.Linear(hidden, num_classes)

@@ -1,0 +1,304 @@
+"""Stage `chapter`: the textbook chapter's claims about CNNs, each shown by a number or picture."""
+
+import argparse
+import csv
+import json
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from cnnpipe import tracking
+from cnnpipe.config import load_params
+from cnnpipe.data import read_split
+from cnnpipe.files import atomic_path
+from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint, predict_probs
+
+
+def shift(images: torch.Tensor, k: int) -> torch.Tensor:
+    """Move the content k pixels right and k down, filling with zeros."""
+    return F.pad(images, (k, 0, k, 0))[..., : images.shape[-2], : images.shape[-1]]
+
+
+def equivariance_error(layer: nn.Module, x: torch.Tensor, k: int, margin: int) -> float:
+    """||layer(shift(x)) - shift(layer(x))|| / ||layer(x)||, away from the borders.
+
+    Zero for a convolution (its filters are shared across positions) up to rounding; large for a
+    layer whose weights differ per position. `margin` pixels at each edge are left out, where the
+    zero fill or the shifted-out pixels change what the layer sees.
+    """
+    with torch.no_grad():
+        a, b = layer(shift(x, k)), shift(layer(x), k)
+    inner = (..., slice(margin, -margin), slice(margin, -margin))
+    return float((a[inner] - b[inner]).norm() / b[inner].norm())
+
+
+def shift_agreement(
+    predictor: Predictor, images: torch.Tensor, before: torch.Tensor, shifts: list[int], batch: int
+) -> dict[str, float]:
+    """For each shift k, the fraction of images whose predicted class (`before`) survives it."""
+    agreement = {}
+    for k in shifts:
+        after = predict_probs(predictor, shift(images, k), batch).argmax(1)
+        agreement[str(k)] = round(float((after == before).float().mean()), 4)
+    return agreement
+
+
+def first_conv(module: ImageClassifier) -> nn.Conv2d:
+    return next(m for m in module.net.modules() if isinstance(m, nn.Conv2d))
+
+
+def normalise(module: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
+    return (images.float() - module.mean) / module.std
+
+
+def draw_filters(conv: nn.Conv2d, path: Path) -> None:
+    """Each first-layer filter as a small RGB image, scaled to the full colour range."""
+    weights = conv.weight.detach().float()
+    lo = weights.amin(dim=(1, 2, 3), keepdim=True)
+    hi = weights.amax(dim=(1, 2, 3), keepdim=True)
+    tiles = ((weights - lo) / (hi - lo + 1e-8)).permute(0, 2, 3, 1).numpy()
+    cols = 8
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.1))
+    for ax, tile in zip(axes.flat, [*tiles, *[None] * (rows * cols - len(tiles))], strict=True):
+        ax.axis("off")
+        if tile is not None:
+            ax.imshow(tile, interpolation="nearest")
+    fig.suptitle(
+        f"The {len(tiles)} first-layer filters ({conv.kernel_size[0]}x{conv.kernel_size[1]}, RGB)"
+    )
+    save(fig, path)
+
+
+def draw_feature_maps(
+    module: ImageClassifier, images: torch.Tensor, per_layer: int, path: Path
+) -> None:
+    """For each image: the image, then `per_layer` maps after each convolution, early to deep."""
+    convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
+    maps: list[torch.Tensor] = []
+    hooks = [c.register_forward_hook(lambda _m, _i, out: maps.append(out.relu())) for c in convs]
+    with torch.no_grad():
+        module.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    n, layers = len(images), len(convs)
+    fig, axes = plt.subplots(n * layers, per_layer + 1, figsize=(per_layer + 1, n * layers * 1.05))
+    axes = axes.reshape(n * layers, per_layer + 1)
+    for i in range(n):
+        for j in range(layers):
+            row = axes[i * layers + j]
+            for ax in row:
+                ax.axis("off")
+            if j == 0:
+                row[0].imshow(images[i].permute(1, 2, 0).numpy())
+            row[1].set_title(f"conv {j + 1}", fontsize=7, loc="left")
+            for c in range(min(per_layer, maps[j].shape[1])):
+                row[c + 1].imshow(maps[j][i, c].float().numpy(), cmap="viridis")
+    fig.suptitle("Feature maps after each convolution (ReLU applied): edges and colours first")
+    save(fig, path)
+
+
+def draw_mistakes(images, labels, probs, names: list[str], count: int, path: Path) -> int:
+    """The test images the model got wrong with the highest confidence; returns how many."""
+    confidence, predicted = probs.max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:count]
+    cols = 8
+    rows = max(1, -(-len(worst) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst.tolist(), strict=False):
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
+        ax.set_title(
+            f"true {names[labels[i]]}\npred {names[predicted[i]]} {confidence[i]:.0%}", fontsize=7
+        )
+    fig.suptitle("The most confident mistakes on the test set")
+    save(fig, path)
+    return len(worst)
+
+
+def draw_curves(history_csv: Path, path: Path) -> None:
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((loss, "loss"), (acc, "acc")):
+        for split in ("train", "val"):
+            ax.plot(epochs, [float(r[f"{split}/{metric}"]) for r in rows], label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    save(fig, path)
+
+
+def draw_params(params_report: dict, path: Path) -> None:
+    """Parameters on a log scale: the CNN's layers and total against dense layers on raw pixels."""
+    bars = {
+        f"CNN {name}": v["params"] for name, v in params_report["layers"].items() if v["params"]
+    }
+    bars["CNN total"] = params_report["total_params"]
+    colours = ["C0"] * len(bars)
+    for name, baseline in params_report["dense_baselines"].items():
+        bars[f"one dense layer {name}"] = baseline["params"]
+        colours.append("C3")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
+    ax.barh(list(bars), list(bars.values()), color=colours)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    for y, value in enumerate(bars.values()):
+        ax.text(value, y, f" {value:,}", va="center", fontsize=8)
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_title("Shared filters stay small; dense layers grow with the image")
+    save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def chapter(cfg: DictConfig) -> dict:
+    """Draw every picture and measure every number; return the numbers."""
+    module = load_checkpoint(cfg.paths.checkpoint)
+    baseline = load_checkpoint(str(Path(cfg.paths.baseline) / Path(cfg.paths.checkpoint).name))
+    names = module.hparams.class_names
+    images, labels = read_split(Path(cfg.paths.data), "test")
+    c = cfg.chapter
+    batch = cfg.evaluate.batch_size
+
+    conv = first_conv(module)
+    x = normalise(module, images[:256])
+    margin = max(c.shifts) + conv.kernel_size[0]
+    numbers: dict = {
+        "conv1_equivariance_error": {
+            str(k): round(equivariance_error(conv, x, k, margin), 8) for k in c.shifts
+        },
+    }
+    cnn, dense = (
+        Predictor(module, cfg.evaluate.tta_flip),
+        Predictor(baseline, cfg.evaluate.tta_flip),
+    )
+    probs = predict_probs(cnn, images, batch)
+    numbers["shift_agreement"] = {
+        "cnn": shift_agreement(cnn, images, probs.argmax(1), c.shifts, batch),
+        "dense_baseline": shift_agreement(
+            dense, images, predict_probs(dense, images, batch).argmax(1), c.shifts, batch
+        ),
+    }
+    numbers["mistakes_shown"] = draw_mistakes(
+        images, labels, probs, names, c.mistakes, Path(cfg.paths.mistakes_png)
+    )
+    draw_filters(conv, Path(cfg.paths.filters_png))
+    draw_feature_maps(
+        module, images[: c.feature_map_images], c.maps_per_layer, Path(cfg.paths.feature_maps_png)
+    )
+    draw_curves(Path(cfg.paths.history), Path(cfg.paths.curves_png))
+    draw_params(json.loads(Path(cfg.paths.params_json).read_text()), Path(cfg.paths.params_png))
+    return numbers
+
+
+def report(cfg: DictConfig, numbers: dict) -> str:
+    """The Markdown report that puts the numbers and pictures next to the claims."""
+    params = json.loads(Path(cfg.paths.params_json).read_text())
+    cnn_train = json.loads(Path(cfg.paths.train_metrics).read_text())
+    cnn_test = json.loads(Path(cfg.paths.eval_metrics).read_text())
+    dense = json.loads(Path(cfg.paths.baseline_metrics).read_text())
+    here = Path(cfg.paths.chapter_report).parent
+
+    def link(key: str) -> str:
+        return Path(os.path.relpath(cfg.paths[key], here)).as_posix()
+
+    big = params["dense_baselines"]
+    agreement = numbers["shift_agreement"]
+    lines = [
+        "# What the chapter claims, measured",
+        "",
+        "## 1. A dense layer on raw pixels explodes; convolutions stay small",
+        "",
+        f"The whole CNN has {params['total_params']:,} parameters. "
+        + " ".join(
+            f"One dense layer from a {name.split('->')[0]} image to {name.split('->')[1]} units "
+            f"has {b['params']:,} ({b['times_model']:,}x the CNN)."
+            for name, b in big.items()
+        ),
+        "",
+        f"![parameters]({link('params_png')})",
+        "",
+        "## 2. Convolutions beat a dense network on images",
+        "",
+        "Same data, augmentation, optimiser, schedule and epochs:",
+        "",
+        "| Network | Parameters | Test accuracy | Training time |",
+        "|---|---:|---:|---:|",
+        f"| CNN ({cfg.model._target_.rsplit('.', 1)[-1]}) | {params['total_params']:,} "
+        f"| {cnn_test['test/acc']:.2%} | {cnn_train['train_seconds']:.0f} s |",
+        f"| Dense ({cfg.baseline.model._target_.rsplit('.', 1)[-1]}) | {dense['params']:,} "
+        f"| {dense['test/acc']:.2%} | {dense['train_seconds']:.0f} s |",
+        "",
+        "## 3. Filters learn to detect edges and colours",
+        "",
+        f"![first-layer filters]({link('filters_png')})",
+        "",
+        "## 4. A hierarchy of features",
+        "",
+        f"![feature maps]({link('feature_maps_png')})",
+        "",
+        "## 5. Position independence",
+        "",
+        "Translation equivariance of the first convolution: relative difference between "
+        "convolving a shifted image and shifting the convolved image, away from the borders "
+        "(0 means exactly equivariant; a layer without weight sharing gives about 1):",
+        "",
+        "| Shift (pixels) | " + " | ".join(numbers["conv1_equivariance_error"]) + " |",
+        "|---|" + "---:|" * len(numbers["conv1_equivariance_error"]),
+        "| Relative error | "
+        + " | ".join(f"{v:.1e}" for v in numbers["conv1_equivariance_error"].values())
+        + " |",
+        "",
+        "Tolerance: the share of test images whose predicted class survives a shift "
+        "(right and down, zero fill). Pooling makes the CNN's prediction tolerant of small shifts:",
+        "",
+        "| Shift (pixels) | " + " | ".join(agreement["cnn"]) + " |",
+        "|---|" + "---:|" * len(agreement["cnn"]),
+        "| CNN | " + " | ".join(f"{v:.1%}" for v in agreement["cnn"].values()) + " |",
+        "| Dense | " + " | ".join(f"{v:.1%}" for v in agreement["dense_baseline"].values()) + " |",
+        "",
+        "## 6. Training pictures",
+        "",
+        f"![loss and accuracy]({link('curves_png')})",
+        "",
+        f"![confusion matrix]({link('confusion_png')})",
+        "",
+        f"![most confident mistakes]({link('mistakes_png')})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
+    cfg = load_params()
+    numbers = chapter(cfg)
+    with atomic_path(cfg.paths.chapter_metrics) as tmp:
+        tmp.write_text(json.dumps(numbers, indent=2) + "\n")
+    with atomic_path(cfg.paths.chapter_report) as tmp:
+        tmp.write_text(report(cfg, numbers))
+    pictures = ["params_png", "curves_png", "filters_png", "feature_maps_png", "mistakes_png"]
+    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
+        for key in pictures:
+            mlflow.log_artifact(cfg.paths[key], "chapter")
+        mlflow.log_artifact(cfg.paths.chapter_report, "chapter")
+        for k, v in numbers["conv1_equivariance_error"].items():
+            mlflow.log_metric(f"chapter/conv1_equivariance_error/shift{k}", v)
+        for net, values in numbers["shift_agreement"].items():
+            for k, v in values.items():
+                mlflow.log_metric(f"chapter/shift_agreement/{net}/shift{k}", v)
+    print(f"wrote {cfg.paths.chapter_report}")

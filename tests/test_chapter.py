@@ -1,0 +1,84 @@
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from cnnpipe.baseline import train_baseline
+from cnnpipe.chapter import chapter, equivariance_error, report, shift
+from cnnpipe.config import compose_params
+from cnnpipe.evaluate import evaluate
+from cnnpipe.models import ChapterCNN, DenseBaseline
+from cnnpipe.module import load_checkpoint
+from cnnpipe.params_report import params_report, to_metrics
+from cnnpipe.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shift_moves_content_right_and_down_with_zero_fill():
+    x = torch.arange(16.0).view(1, 1, 4, 4) + 1
+    y = shift(x, 1)
+    assert torch.equal(y[0, 0, 1:, 1:], x[0, 0, :3, :3])
+    assert y[0, 0, 0].abs().sum() == 0 and y[0, 0, :, 0].abs().sum() == 0
+
+
+def test_convolution_is_translation_equivariant_and_a_dense_layer_is_not():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    # The same output map size, but every output position has its own weights.
+    dense = nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 12 * 12, 8 * 12 * 12), nn.Unflatten(1, (8, 12, 12))
+    )
+    for k in (1, 2, 3):
+        assert equivariance_error(conv, x, k, margin=4) < 1e-5
+        assert equivariance_error(dense, x, k, margin=4) > 0.5
+
+
+def test_dense_baseline_has_at_least_the_cnns_parameters():
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(DenseBaseline()) == 201_482 >= count(ChapterCNN()) == 122_570
+
+
+@pytest.fixture
+def pipeline_cfg(tmp_path, data_dir, monkeypatch):
+    """A 1-epoch run of train, evaluate, params report and baseline on the tiny data set."""
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"paths.data={data_dir}", "trainer.max_epochs=1", "data.val_size=40"]
+    cfg = OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
+    train(cfg)
+    evaluate(cfg)
+    report_ = params_report(load_checkpoint(cfg.paths.checkpoint), cfg.report.dense_baselines)
+    Path(cfg.paths.params_json).write_text(json.dumps(to_metrics(report_)))
+    Path(cfg.paths.baseline_metrics).write_text(json.dumps(train_baseline(cfg)))
+    return cfg
+
+
+def test_every_picture_and_number_is_produced(pipeline_cfg):
+    cfg = pipeline_cfg
+    baseline = json.loads(Path(cfg.paths.baseline_metrics).read_text())
+    assert baseline["params"] == 201_482 and 0 <= baseline["test/acc"] <= 1
+    assert (Path(cfg.paths.baseline) / "model.ckpt").is_file()
+
+    numbers = chapter(cfg)
+    assert set(numbers["conv1_equivariance_error"]) == {"1", "2", "3"}
+    assert all(v < 1e-4 for v in numbers["conv1_equivariance_error"].values())
+    for net in ("cnn", "dense_baseline"):
+        assert all(0 <= v <= 1 for v in numbers["shift_agreement"][net].values())
+    assert 0 < numbers["mistakes_shown"] <= cfg.chapter.mistakes
+
+    for key in ("params_png", "curves_png", "filters_png", "feature_maps_png", "mistakes_png"):
+        assert Path(cfg.paths[key]).read_bytes()[:4] == b"\x89PNG", key
+
+    md = report(cfg, numbers)
+    here = Path(cfg.paths.chapter_report).parent
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 6
+    for link in links:
+        assert Path(os.path.normpath(here / link)).is_file(), link
+    assert "150,529,000" in md and "| Dense (DenseBaseline) | 201,482 |" in md
