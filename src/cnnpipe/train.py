@@ -52,7 +52,9 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
     return module
 
 
-def build_trainer(cfg: DictConfig, logger, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, logger: MLFlowLogger | bool, callbacks: list[pl.Callback], **overrides
+) -> pl.Trainer:
     options = {
         "max_epochs": cfg.trainer.max_epochs,
         "precision": cfg.trainer.precision,
