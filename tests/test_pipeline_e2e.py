@@ -3,12 +3,18 @@
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
@@ -52,6 +58,52 @@ def copy_repo(dest: Path) -> None:
         if (ROOT / name).is_file() and not name.startswith((".dvc/tmp", "dvc.lock")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_mlflow_serves_the_champion(repo: Path, env: dict) -> None:
+    """`mlflow models serve -m models:/<name>@champion` answers as the ONNX file does."""
+    port = free_port()
+    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    cmd = ["mlflow", "models", "serve", "-m", "models:/cnnpipe-cifar10@champion"]
+    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=serve_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not start"
+                time.sleep(0.5)
+        images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        request = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        probs = np.array(answer["predictions"]["probabilities"])
+        (want,) = ort.InferenceSession(repo / "models/model.onnx").run(None, {"images": images})
+        np.testing.assert_allclose(probs, want, atol=1e-6)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -110,9 +162,13 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     assert mlflow_run.data.tags["mlflow.source.git.commit"] == commit
     (version,) = client.search_model_versions("name='cnnpipe-cifar10'")
     assert version.run_id == run_id
+    assert (
+        client.get_model_version_by_alias("cnnpipe-cifar10", "champion").version == version.version
+    )
     props = {p.key: p.value for p in onnx.load(repo / "models/model.onnx").metadata_props}
     assert props["mlflow_run_id"] == run_id and props["git_commit"] == commit
     assert not (repo / "mlruns").exists(), "nothing in the deprecated file store"
+    check_mlflow_serves_the_champion(repo, env)
 
     assert "Data and pipelines are up to date." in run("dvc", "repro")
 

@@ -1,4 +1,4 @@
-"""`cnnpipe <command>`: one command per pipeline stage, plus `params`."""
+"""`cnnpipe <command>`: one command per pipeline stage, plus `params` and `predict`."""
 
 import importlib
 import sys
@@ -16,6 +16,7 @@ COMMANDS = {
     "parity": "cnnpipe.parity",
     "baseline": "cnnpipe.baseline",
     "chapter": "cnnpipe.chapter",
+    "predict": "cnnpipe.predict",
 }
 
 

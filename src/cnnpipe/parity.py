@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from omegaconf import DictConfig
 
@@ -18,6 +20,8 @@ from cnnpipe.data import read_split
 from cnnpipe.export import INPUT_NAME
 from cnnpipe.files import atomic_path
 from cnnpipe.module import Predictor, load_checkpoint, predict_probs
+
+CHAMPION = "champion"
 
 
 def onnx_probs(path: Path, images_nhwc: np.ndarray, batch_size: int) -> np.ndarray:
@@ -30,15 +34,38 @@ def onnx_probs(path: Path, images_nhwc: np.ndarray, batch_size: int) -> np.ndarr
     )
 
 
-def compare(predictor: Predictor, onnx_path: Path, images: torch.Tensor, batch_size: int) -> dict:
-    """Largest probability difference and top-1 agreement between PyTorch and onnxruntime."""
+def compare(
+    predictor: Predictor,
+    onnx_path: Path,
+    images: torch.Tensor,
+    batch_size: int,
+    labels: torch.Tensor | None = None,
+) -> dict:
+    """Largest probability difference and top-1 agreement between PyTorch and onnxruntime, and
+    with `labels`, the accuracy of the ONNX file itself: the accuracy of what gets deployed."""
     want = predict_probs(predictor, images, batch_size).numpy()
     got = onnx_probs(onnx_path, images.permute(0, 2, 3, 1).contiguous().numpy(), batch_size)
-    return {
+    result = {
         "max_abs_diff": float(np.abs(got - want).max()),
         "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
         "images": len(images),
     }
+    if labels is not None:
+        result["onnx_test_acc"] = float((got.argmax(1) == labels.numpy()).mean())
+    return result
+
+
+def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> bool:
+    """Point the `champion` alias at `version` unless the current champion is more accurate."""
+    client.set_model_version_tag(name, version, "test_acc", str(test_acc))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None and float(champion.tags.get("test_acc", "-1")) > test_acc:
+        return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg: DictConfig = load_params()
     predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), cfg.evaluate.tta_flip)
     onnx_path = Path(cfg.paths.onnx)
-    images, _ = read_split(Path(cfg.paths.data), "test")
-    result = compare(predictor, onnx_path, images, cfg.parity.batch_size)
+    images, labels = read_split(Path(cfg.paths.data), "test")
+    result = compare(predictor, onnx_path, images, cfg.parity.batch_size, labels)
     if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
         raise PipelineError(
             f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} "
@@ -61,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     signature = infer_signature(example, onnx_probs(onnx_path, example, len(example)))
     with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
         mlflow.log_metrics({f"parity/{k}": v for k, v in result.items()})
-        mlflow.onnx.log_model(
+        info = mlflow.onnx.log_model(
             onnx.load(onnx_path),
             name="model",
             registered_model_name=cfg.mlflow.model_name,
@@ -70,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
+        version = info.registered_model_version
+        promoted = promote(MlflowClient(), cfg.mlflow.model_name, version, result["onnx_test_acc"])
+    print(
+        f"registered {cfg.mlflow.model_name} version {version}"
+        + (f", now @{CHAMPION}" if promoted else f"; @{CHAMPION} stays on a more accurate version")
+    )
     print(
         f"parity: max |diff| {result['max_abs_diff']:.2e}, "
         f"top-1 agreement {result['top1_agreement']:.4%} on {result['images']} images"

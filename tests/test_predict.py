@@ -1,0 +1,109 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnpipe.export import export_onnx
+from cnnpipe.module import ImageClassifier, Predictor
+from cnnpipe.predict import Classifier
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    module = ImageClassifier(
+        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
+    )
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    export_onnx(
+        Predictor(module, tta_flip=True), path, 18, {"class_names": json.dumps(CLASSES)}, [1]
+    )
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((32, 32), 128, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / "big.jpg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "rgb.png").read_bytes()[:60])
+    return folder, rgb
+
+
+def run_predict(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "cnnpipe.cli", "predict", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_predict_reports_bad_files_and_still_classifies_the_rest(model_path, images):
+    folder, rgb = images
+    result = run_predict(model_path, folder, "--format", "json", "--top-k", "2")
+    assert result.returncode == 1
+    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert {n for n, r in rows.items() if "error" in r} == {
+        "empty.png",
+        "notes.txt",
+        "truncated.png",
+    }
+    ok = {n: r for n, r in rows.items() if "error" not in r}
+    assert set(ok) == {"rgb.png", "gray.png", "rgba.png", "palette.gif", "big.jpg"}
+    assert all(len(r["predictions"]) == 2 for r in ok.values())
+    assert ok["big.jpg"]["note"] == "resized from 64x48" and ok["rgb.png"]["note"] is None
+    assert sum(1 for line in result.stderr.splitlines() if ": error: " in line) == 3
+
+    # The probabilities are the model's for exactly these pixels.
+    classifier = Classifier.load(model_path)
+    probs = classifier.probabilities(rgb[None])[0]
+    top = ok["rgb.png"]["predictions"][0]
+    assert top["label"] == CLASSES[int(probs.argmax())]
+    assert top["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+
+
+def test_table_and_csv_formats_and_globs(model_path, images):
+    folder, _ = images
+    table = run_predict(model_path, folder / "*.png", "--top-k", "1")
+    assert table.returncode == 1  # empty.png and truncated.png match the glob
+    assert len(table.stdout.strip().splitlines()) == 3  # rgb, gray, rgba
+    assert all("%" in line for line in table.stdout.splitlines())
+    csv_out = run_predict(model_path, folder / "rgb.png", folder / "big.jpg", "--format", "csv")
+    assert csv_out.returncode == 0
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0] == "path,rank,label,probability,note" and len(lines) == 1 + 2 * 3
+
+
+def test_missing_or_foreign_model_is_one_line(tmp_path, images):
+    folder, _ = images
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    for model in (tmp_path / "x.onnx", tmp_path / "missing.onnx"):
+        result = run_predict(model, folder / "rgb.png")
+        assert result.returncode == 1
+        assert (
+            result.stderr.startswith("cnnpipe predict: error:") and "Traceback" not in result.stderr
+        )
+
+
+def test_predict_path_imports_no_training_stack():
+    code = (
+        "import sys, cnnpipe.cli, cnnpipe.predict; "
+        "heavy = [m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
