@@ -1,4 +1,4 @@
-"""`cnnpipe <command>`: one command per pipeline stage, plus `params` and `predict`."""
+"""`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict` and `serve`."""
 
 import importlib
 import sys
@@ -17,6 +17,7 @@ COMMANDS = {
     "baseline": "cnnpipe.baseline",
     "chapter": "cnnpipe.chapter",
     "predict": "cnnpipe.predict",
+    "serve": "cnnpipe.serve",
 }
 
 

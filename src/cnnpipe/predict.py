@@ -20,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from cnnpipe import PipelineError
 
 SIZE = 32  # the model's input is SIZE x SIZE x 3 uint8 RGB
+# Decoding is refused above this many pixels: a small file can claim a huge image.
+MAX_PIXELS = 25_000_000
 
 
 @dataclass
@@ -70,6 +72,8 @@ def decode(data: bytes) -> tuple[np.ndarray, str | None]:
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
             image.load()
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:

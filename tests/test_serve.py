@@ -1,0 +1,121 @@
+"""The HTTP service, started with uvicorn on a free local port and called over real HTTP."""
+
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from cnnpipe.export import export_onnx
+from cnnpipe.module import ImageClassifier, Predictor
+from cnnpipe.predict import Classifier
+from cnnpipe.serve import create_app
+
+CLASSES = [f"class{i}" for i in range(10)]
+LIMIT = 200_000
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    module = ImageClassifier(
+        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
+    )
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    export_onnx(
+        Predictor(module, tta_flip=False), path, 18, {"class_names": json.dumps(CLASSES)}, [1]
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    config = uvicorn.Config(
+        create_app(str(model_path), LIMIT, top_k=2), host="127.0.0.1", port=0, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def call(url: str, data: bytes | None = None, content_type: str | None = None):
+    headers = {"Content-Type": content_type} if content_type else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers)) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "cnnpipe-test-boundary"
+    body = b""
+    for name, data in files:
+        head = f'Content-Disposition: form-data; name="file"; filename="{name}"'
+        body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_health_and_metadata(server):
+    assert call(f"{server}/health") == (200, {"status": "ok"})
+    status, meta = call(f"{server}/metadata")
+    assert status == 200 and meta["class_names"] == CLASSES and meta["max_body_bytes"] == LIMIT
+
+
+def test_raw_image_gets_the_models_probabilities(server, model_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    status, answer = call(f"{server}/predict", png(pixels), "image/png")
+    assert status == 200
+    (prediction,) = answer["predictions"]
+    probs = Classifier.load(model_path).probabilities(pixels[None])[0]
+    assert prediction["top_k"][0]["label"] == CLASSES[int(probs.argmax())]
+    assert prediction["top_k"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+    assert len(prediction["top_k"]) == 2 and prediction["note"] is None
+
+
+def test_multipart_with_several_images(server):
+    rng = np.random.default_rng(2)
+    files = [
+        ("a.png", png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))),
+        ("b.png", png(rng.integers(0, 256, (40, 50), dtype=np.uint8))),
+    ]
+    status, answer = call(f"{server}/predict", *multipart(files))
+    assert status == 200
+    assert [p["file"] for p in answer["predictions"]] == ["a.png", "b.png"]
+    assert answer["predictions"][1]["note"] == "resized from 50x40"
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, message",
+    [
+        (b"x" * (LIMIT + 1), "image/png", 413, "body over"),
+        (b"hello", "text/plain", 415, "send an image"),
+        (b"not an image at all", "image/jpeg", 400, "not a readable image"),
+        (b"", "image/png", 400, "not a readable image"),
+        (multipart([("bad.png", b"GIF89a broken")])[0], multipart([])[1], 400, "bad.png"),
+    ],
+    ids=["too-large", "wrong-type", "corrupt", "empty", "corrupt-part"],
+)
+def test_bad_requests_get_json_errors(server, body, content_type, status, message):
+    got, answer = call(f"{server}/predict", body, content_type)
+    assert got == status and message in answer["error"]
+    assert call(f"{server}/health")[0] == 200, "the server stays up"
