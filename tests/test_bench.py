@@ -40,3 +40,13 @@ def test_time_to_accuracy_prints_a_curve_and_the_test_accuracy(tmp_path):
     assert float(epochs[1][2]) >= float(epochs[0][2]), "training time only grows"
     assert re.search(r"test/acc [\d.]+ \(tta_flip=True\), training \d+ s", out)
     assert re.search(r"peak memory \d+ MB", out)
+
+
+def test_deploy_benchmark_prints_every_figure(tmp_path):
+    out = run_bench("deploy.py", tmp_path)
+    for name in ("pytorch eager", "onnxruntime fp32", "onnxruntime int8"):
+        assert re.search(rf"{name}:\s+\d+ images/s", out), name
+    assert re.search(r"onnxruntime fp32 / pytorch eager = [\d.]+", out)
+    assert re.search(r"onnxruntime int8 / fp32\s+= [\d.]+", out)
+    assert re.search(r"onnxruntime fp32: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    assert re.search(r"\d+ requests/s, p99 [\d.]+ ms, 0 failed", out)

@@ -43,6 +43,7 @@ OUTPUTS = [
     "plots/chapter/filters.png",
     "plots/chapter/feature_maps.png",
     "plots/chapter/mistakes.png",
+    "metrics/quantize.json",
 ]
 
 

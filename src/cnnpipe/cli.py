@@ -16,6 +16,7 @@ COMMANDS = {
     "parity": "cnnpipe.parity",
     "baseline": "cnnpipe.baseline",
     "chapter": "cnnpipe.chapter",
+    "quantize": "cnnpipe.quantize",
     "predict": "cnnpipe.predict",
     "serve": "cnnpipe.serve",
 }

@@ -1,0 +1,158 @@
+"""Deployment speed: onnxruntime FP32 vs PyTorch eager, INT8 vs FP32, and the HTTP service.
+
+usage: python bench/deploy.py [--model models/model.onnx] [--int8 models/int8/model.onnx]
+       python bench/deploy.py --tiny      # random weights, seconds: the CI smoke test
+The ONNX files and the checkpoint are the pipeline's outputs (`dvc repro`); with --tiny a random
+network is exported to a temporary folder instead. Everything is measured in this one process.
+"""
+
+import argparse
+import concurrent.futures
+import io
+import json
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+from PIL import Image
+
+from cnnpipe.export import export_onnx
+from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint
+from cnnpipe.predict import Classifier
+from cnnpipe.quantize import quantize
+from cnnpipe.serve import create_app
+
+
+def throughput(run, images: np.ndarray, repeats: int) -> float:
+    run(images)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run(images)
+    return repeats * len(images) / (time.perf_counter() - start)
+
+
+def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:
+    for _ in range(20):
+        run(image)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run(image)
+        times.append((time.perf_counter() - start) * 1000)
+    q = statistics.quantiles(times, n=100)
+    return q[49], q[98]
+
+
+def service(model: Path, image: bytes, requests: int, clients: int) -> tuple[float, float, int]:
+    """Requests/s, p99 latency (ms) and failures for single-image POSTs from `clients` threads."""
+    config = uvicorn.Config(create_app(str(model)), host="127.0.0.1", port=0, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/predict"
+
+    def one(_: int) -> float | None:
+        request = urllib.request.Request(url, data=image, headers={"Content-Type": "image/png"})
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                json.loads(response.read())
+        except OSError:
+            return None
+        return (time.perf_counter() - start) * 1000
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        times = list(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - start
+    server.should_exit = True
+    thread.join(timeout=10)
+    ok = [t for t in times if t is not None]
+    return len(ok) / seconds, statistics.quantiles(ok, n=100)[98], len(times) - len(ok)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="models/model.onnx")
+    parser.add_argument("--int8", default="models/int8/model.onnx")
+    parser.add_argument("--checkpoint", default="models/model.ckpt")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    rounds, repeats, count, requests = (7, 8, 1000, 400) if not args.tiny else (1, 2, 30, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            names = [str(i) for i in range(10)]
+            module = ImageClassifier(
+                {"_target_": "cnnpipe.models.ChapterCNN"}, names, [0.5] * 3, [0.25] * 3
+            )
+            predictor = Predictor(module, tta_flip=True)
+            model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
+            export_onnx(predictor, model, 18, {"class_names": json.dumps(names)}, [1])
+            quantize(model, int8, batch[:64])
+        else:
+            model, int8 = Path(args.model), Path(args.int8)
+            tta = Classifier.load(model).session.get_modelmeta().custom_metadata_map["tta_flip"]
+            predictor = Predictor(load_checkpoint(args.checkpoint), tta_flip=tta == "true")
+
+        fp32, q8 = Classifier.load(model), Classifier.load(int8)
+
+        @torch.inference_mode()
+        def eager(x: np.ndarray) -> torch.Tensor:
+            # permute() of NHWC data is a channels_last view: PyTorch's fastest CPU layout.
+            return predictor(torch.from_numpy(x).permute(0, 3, 1, 2))
+
+        @torch.inference_mode()
+        def eager_nchw(x: np.ndarray) -> torch.Tensor:
+            return predictor(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+
+        runs = {
+            "pytorch eager": eager,
+            "pytorch eager NCHW": eager_nchw,
+            "onnxruntime fp32": fp32.probabilities,
+            "onnxruntime int8": q8.probabilities,
+        }
+        # Rounds in turn, medians: the speed of this VM drifts by tens of percent in a minute.
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                samples[name].append(throughput(run, batch, repeats))
+        rates = {name: statistics.median(values) for name, values in samples.items()}
+        lat = {
+            name: latency_ms(run, batch[:1], count)
+            for name, run in (("pytorch eager", eager), ("onnxruntime fp32", fp32.probabilities))
+        }
+        png = io.BytesIO()
+        Image.fromarray(batch[0]).save(png, format="PNG")
+        rps, p99, failed = service(model, png.getvalue(), requests, clients=4)
+
+    fp32_rate, int8_rate = rates["onnxruntime fp32"], rates["onnxruntime int8"]
+    print(f"\nbatch 256, tta_flip={predictor.tta_flip}, {torch.get_num_threads()} threads")
+    for name, rate in rates.items():
+        print(f"  {name:>18}: {rate:9.0f} images/s")
+    print(
+        f"onnxruntime fp32 / pytorch eager = {fp32_rate / rates['pytorch eager']:.2f}  (goal >= 2)"
+    )
+    print(f"onnxruntime fp32 / eager NCHW    = {fp32_rate / rates['pytorch eager NCHW']:.2f}")
+    print(f"onnxruntime int8 / fp32          = {int8_rate / fp32_rate:.2f}  (goal >= 1.5)")
+    for name, (p50, p99_) in lat.items():
+        print(f"batch 1 latency {name:>17}: p50 {p50:.3f} ms, p99 {p99_:.3f} ms")
+    print(
+        f"service, 4 clients, {requests} single-image requests: "
+        f"{rps:.0f} requests/s, p99 {p99:.1f} ms, {failed} failed"
+    )
+
+
+if __name__ == "__main__":
+    main()
