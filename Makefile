@@ -18,16 +18,16 @@ run: install
 	dvc repro
 
 test: install
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests bench
+	ruff format --check src tests bench
 	pytest
 
 params: install
 	cnnpipe params
 
 lint: install
-	ruff check --fix src tests
-	ruff format src tests
+	ruff check --fix src tests bench
+	ruff format src tests bench
 
 # Re-pin every transitive dependency from what .venv holds now.
 lock: install
