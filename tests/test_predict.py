@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from PIL import Image
 
 from cnnpipe.export import export_onnx
 from cnnpipe.module import ImageClassifier, Predictor
-from cnnpipe.predict import Classifier
+from cnnpipe.predict import Classifier, decode
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -107,3 +108,37 @@ def test_predict_path_imports_no_training_stack():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "image, fmt",
+    [
+        (Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)), "PNG"),
+        (Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"),
+        (Image.new("LA", (20, 20), (200, 100)), "PNG"),
+        (Image.new("1", (33, 31), 1), "BMP"),
+    ],
+    ids=["16-bit", "cmyk", "gray-alpha", "1-bit"],
+)
+def test_unusual_modes_decode_to_rgb(image, fmt):
+    pixels, _ = decode(encode(image, fmt))
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+
+
+def test_cmyk_red_stays_red():
+    pixels, _ = decode(encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"))
+    r, g, b = pixels.reshape(-1, 3).mean(0)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_huge_claimed_size_is_refused_before_decoding():
+    bomb = encode(Image.new("L", (6000, 5000)), "PNG")
+    assert len(bomb) < 200_000, "a small file"
+    with pytest.raises(ValueError, match="6000x5000 pixels is too large"):
+        decode(bomb)

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from cnnpipe import tracking
+from cnnpipe import PipelineError, tracking
 from cnnpipe.config import compose_params
 from cnnpipe.evaluate import evaluate
 from cnnpipe.module import load_checkpoint
@@ -86,3 +86,21 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     module = load_checkpoint(cfg.paths.checkpoint)
     assert type(module.net).__name__ == network
     assert evaluate(cfg)["test/acc"] >= 0
+
+
+def test_same_seed_gives_the_same_metrics(cfg):
+    first = train(cfg)
+    second = train(cfg)
+    same = ("train/loss", "train/acc", "val/loss", "val/acc")
+    assert {k: first[k] for k in same} == {k: second[k] for k in same}
+
+
+def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg):
+    cfg.optim.lr = 1e30
+    # An interrupted bar would otherwise print itself after pytest's summary.
+    cfg.trainer.progress_bar_refresh_rate = 0
+    with pytest.raises(
+        PipelineError, match=r"training diverged: train/loss is (nan|inf).*optim.lr"
+    ):
+        train(cfg)
+    assert not Path(cfg.paths.checkpoint).exists()

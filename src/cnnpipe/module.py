@@ -54,6 +54,15 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        # Checked once per epoch, not per step: nothing is saved before fit ends anyway.
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise PipelineError(
+                f"training diverged: train/loss is {float(loss)} in epoch {self.current_epoch + 1}"
+                f"; lower optim.lr (now {self.hparams.lr})"
+            )
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         images, labels = batch
         logits = self(images)
