@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import io
+import json
 import pickle
 import tarfile
 import threading
@@ -81,3 +82,18 @@ def http_server(tmp_path: Path):
     yield f"http://127.0.0.1:{server.server_port}", root
     server.shutdown()
     server.server_close()
+
+
+def export_random_model(path: Path, class_names: list[str], tta_flip: bool = True) -> Path:
+    """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
+    import torch
+
+    from cnnpipe.export import export_onnx
+    from cnnpipe.module import ImageClassifier, Predictor
+
+    torch.manual_seed(0)
+    net = {"_target_": "cnnpipe.models.ChapterCNN"}
+    module = ImageClassifier(net, class_names, [0.5] * 3, [0.25] * 3)
+    metadata = {"class_names": json.dumps(class_names)}
+    export_onnx(Predictor(module, tta_flip), path, 18, metadata, [1])
+    return path

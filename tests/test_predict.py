@@ -6,27 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cnnpipe.export import export_onnx
-from cnnpipe.module import ImageClassifier, Predictor
 from cnnpipe.predict import Classifier, decode
+from conftest import export_random_model
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    module = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
-    )
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    export_onnx(
-        Predictor(module, tta_flip=True), path, 18, {"class_names": json.dumps(CLASSES)}, [1]
-    )
-    return path
+    return export_random_model(path, CLASSES, tta_flip=True)
 
 
 @pytest.fixture

@@ -1,26 +1,16 @@
-import json
-
 import numpy as np
 import onnx
-import torch
 
-from cnnpipe.export import export_onnx
-from cnnpipe.module import ImageClassifier, Predictor
 from cnnpipe.predict import Classifier
 from cnnpipe.quantize import quantize
+from conftest import export_random_model
 
 CLASSES = [f"c{i}" for i in range(10)]
 
 
 def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path):
-    torch.manual_seed(0)
-    module = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
-    )
     fp32, int8 = tmp_path / "model.onnx", tmp_path / "int8.onnx"
-    export_onnx(
-        Predictor(module, tta_flip=True), fp32, 18, {"class_names": json.dumps(CLASSES)}, [1]
-    )
+    export_random_model(fp32, CLASSES)
     images = np.random.default_rng(0).integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
     quantize(fp32, int8, images[:64])
 

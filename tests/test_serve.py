@@ -9,14 +9,12 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 
-from cnnpipe.export import export_onnx
-from cnnpipe.module import ImageClassifier, Predictor
 from cnnpipe.predict import Classifier
 from cnnpipe.serve import create_app
+from conftest import export_random_model
 
 CLASSES = [f"class{i}" for i in range(10)]
 LIMIT = 200_000
@@ -24,15 +22,8 @@ LIMIT = 200_000
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    module = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, CLASSES, [0.5] * 3, [0.25] * 3
-    )
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    export_onnx(
-        Predictor(module, tta_flip=False), path, 18, {"class_names": json.dumps(CLASSES)}, [1]
-    )
-    return path
+    return export_random_model(path, CLASSES, tta_flip=False)
 
 
 @pytest.fixture(scope="module")
