@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.files import atomic_path
+from cnnpipe.schema import validate
 
 CONF_DIR = Path("conf")
 PARAMS_FILE = Path("params.yaml")
@@ -21,7 +22,8 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
 
 
 def load_params(path: Path = PARAMS_FILE) -> DictConfig:
-    return OmegaConf.load(path)
+    """params.yaml, checked against the schema before a stage does any work."""
+    return validate(OmegaConf.load(path))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=1")
     args = parser.parse_args(argv)
+    params = compose_params(args.overrides)
+    validate(OmegaConf.create(params))
     with atomic_path(PARAMS_FILE) as tmp:
-        tmp.write_text(compose_params(args.overrides))
+        tmp.write_text(params)
     print(f"wrote {PARAMS_FILE}")

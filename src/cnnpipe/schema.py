@@ -1,0 +1,145 @@
+"""The configuration's schema: unknown keys, wrong types and impossible values are refused up
+front, naming the key, before any stage does work."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnpipe import PipelineError
+
+
+@dataclass
+class Data:
+    url: str
+    md5: str
+    timeout_s: float
+    val_size: int
+    mean: list[float]
+    std: list[float]
+    crop_padding: int
+    flip: bool
+
+
+@dataclass
+class Optim:
+    lr: float
+    weight_decay: float
+    pct_start: float
+    label_smoothing: float
+
+
+@dataclass
+class Trainer:
+    max_epochs: int
+    batch_size: int
+    precision: str
+    accelerator: str
+    devices: int
+    deterministic: Any  # true, false or "warn", as Lightning takes it
+    channels_last: bool
+    progress_bar_refresh_rate: int
+
+
+@dataclass
+class MLflow:
+    tracking_uri: str | None
+    experiment: str
+    model_name: str
+
+
+@dataclass
+class Evaluate:
+    batch_size: int
+    tta_flip: bool
+
+
+@dataclass
+class Report:
+    dense_baselines: list[list[int]]
+
+
+@dataclass
+class Export:
+    opset: int
+    check_batch_sizes: list[int]
+
+
+@dataclass
+class Chapter:
+    feature_map_images: int
+    maps_per_layer: int
+    shifts: list[int]
+    mistakes: int
+
+
+@dataclass
+class Quantize:
+    calibration_images: int
+    max_accuracy_drop: float
+    batch_size: int
+
+
+@dataclass
+class Parity:
+    atol: float
+    batch_size: int
+
+
+@dataclass
+class Config:
+    data: Data
+    optim: Optim
+    trainer: Trainer
+    mlflow: MLflow
+    evaluate: Evaluate
+    report: Report
+    export: Export
+    chapter: Chapter
+    quantize: Quantize
+    parity: Parity
+    seed: int
+    # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
+    model: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+POSITIVE = [
+    "data.timeout_s", "data.val_size", "optim.lr", "trainer.max_epochs", "trainer.batch_size",
+    "trainer.devices", "evaluate.batch_size", "export.opset", "chapter.mistakes",
+    "chapter.feature_map_images", "chapter.maps_per_layer", "quantize.calibration_images",
+    "quantize.batch_size", "parity.atol", "parity.batch_size",
+]  # fmt: skip
+NOT_NEGATIVE = ["data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop"]
+PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """`cfg` checked against the schema; a PipelineError names the first offending key."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException as error:
+        reason = str(error.msg).splitlines()[0] if error.msg else type(error).__name__
+        raise PipelineError(f"config key {error.full_key or '?'}: {reason}") from None
+    problems = []
+    for key in POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)} must be > 0")
+    for key in NOT_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+    if not 0 < cfg.optim.pct_start < 1:
+        problems.append(f"optim.pct_start={cfg.optim.pct_start} must lie between 0 and 1")
+    if not 0 <= cfg.optim.label_smoothing < 1:
+        problems.append(f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
+    if cfg.trainer.precision not in PRECISIONS:
+        problems.append(
+            f"trainer.precision={cfg.trainer.precision} is not one of {sorted(PRECISIONS)}"
+        )
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
+        problems.append("data.mean and data.std need 3 values each, std > 0")
+    if problems:
+        raise PipelineError("; ".join(problems))
+    return cfg
