@@ -45,7 +45,7 @@ def project_loader(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) 
         shuffle=True,
         crop_padding=cfg.data.crop_padding,
         flip=cfg.data.flip,
-        seed=cfg.seed,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

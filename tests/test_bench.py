@@ -50,3 +50,13 @@ def test_deploy_benchmark_prints_every_figure(tmp_path):
     assert re.search(r"onnxruntime int8 / fp32\s+= [\d.]+", out)
     assert re.search(r"onnxruntime fp32: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"\d+ requests/s, p99 [\d.]+ ms, 0 failed", out)
+
+
+def test_service_load_answers_every_request_and_reports_memory(tmp_path):
+    out = run_bench("service_load.py", tmp_path)
+    waves = re.findall(
+        r"^wave \d: 20 connections .* = [\d.]+x one client, .* (\d+) wrong", out, re.M
+    )
+    assert waves == ["0", "0", "0"]
+    assert re.search(r"5 stalled clients: 5 answered 408 .* 0 wrong", out)
+    assert re.search(r"server memory: \d+ MB idle, .* peak \d+ MB; still up: True", out)

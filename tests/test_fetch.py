@@ -1,5 +1,8 @@
 import hashlib
+import http.server
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,67 @@ def test_existing_output_is_replaced_only_on_success(tmp_path, archive):
     with pytest.raises(PipelineError):
         fetch(str(path), "0" * 32, dest)
     assert (dest / "test_batch").read_bytes() == before
+
+
+class Misbehaving(http.server.BaseHTTPRequestHandler):
+    """/stall sends headers then nothing; /cut promises 1000 bytes and closes after 400;
+    /cut-unsized sends 400 bytes of a gzip stream with no length and closes."""
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.path == "/stall":
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(3)
+        elif self.path == "/cut":
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"x" * 398)
+        else:
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"x" * 398)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def misbehaving_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/stall", "sent nothing for 0.5 s; try again later or raise data.timeout_s"),
+        ("/cut", r"stopped part way \(400 of 1000 bytes\); run the stage again"),
+        ("/cut-unsized", "md5 of .* is [0-9a-f]{32}, expected"),
+    ],
+    ids=["timeout", "truncated", "truncated-no-length"],
+)
+def test_broken_transfers_leave_nothing_behind(tmp_path, misbehaving_server, path, message):
+    dest = tmp_path / "data" / "cifar-10-batches-py"
+    with pytest.raises(PipelineError, match=message) as error:
+        fetch(misbehaving_server + path, "0" * 32, dest, timeout_s=0.5)
+    assert "\n" not in str(error.value)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_extra_members_are_not_extracted(tmp_path):
+    path = tmp_path / "extra.tar.gz"
+
+    def extra(tar):
+        add_member(tar, "cifar-10-batches-py/readme.html", b"<html></html>")
+        add_member(tar, "cifar-10-batches-py/data_batch_6", b"x" * 100)
+        add_member(tar, "notes.txt", b"x")
+
+    md5 = make_archive(path, per_batch=2, test=2, extra=extra)
+    dest = tmp_path / "data" / "x"
+    fetch(str(path), md5, dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(BATCH_FILES)

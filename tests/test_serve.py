@@ -2,6 +2,7 @@
 
 import io
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from conftest import export_random_model
 
 CLASSES = [f"class{i}" for i in range(10)]
 LIMIT = 200_000
+TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,8 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    config = uvicorn.Config(
-        create_app(str(model_path), LIMIT, top_k=2), host="127.0.0.1", port=0, log_level="warning"
-    )
+    app = create_app(str(model_path), LIMIT, top_k=2, body_timeout_s=TIMEOUT_S)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,3 +111,26 @@ def test_bad_requests_get_json_errors(server, body, content_type, status, messag
     got, answer = call(f"{server}/predict", body, content_type)
     assert got == status and message in answer["error"]
     assert call(f"{server}/health")[0] == 200, "the server stays up"
+
+
+def test_stalled_body_gets_408_while_other_clients_are_served(server):
+    host, port = server.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)))
+    head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    stalled.sendall(f"{head}Content-Length: 5000\r\n\r\n".encode() + b"\x89PNG")
+    start = time.perf_counter()
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert call(f"{server}/predict", png(pixels), "image/png")[0] == 200
+    stalled.settimeout(10)
+    answer = stalled.recv(4096).decode()
+    stalled.close()
+    assert answer.startswith("HTTP/1.1 408") and "not received within 1 s" in answer
+    assert TIMEOUT_S <= time.perf_counter() - start < TIMEOUT_S + 5
+
+
+def test_many_files_at_once_are_served_up_to_the_part_limit(server):
+    small = png(np.full((8, 8, 3), 200, dtype=np.uint8))
+    status, answer = call(f"{server}/predict", *multipart([(f"{i}.png", small) for i in range(256)]))
+    assert status == 200 and len(answer["predictions"]) == 256
+    status, answer = call(f"{server}/predict", *multipart([("x.png", small)] * 257))
+    assert status == 400 and "Too many files" in answer["error"]

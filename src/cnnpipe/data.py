@@ -103,11 +103,11 @@ class BatchLoader:
         shuffle: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
-        seed: int = 0,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator or torch.Generator()
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
@@ -153,6 +153,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.train_images, self.train_labels = images[train], labels[train]
         self.val_images, self.val_labels = images[val], labels[val]
         self.class_names = read_class_names(Path(hp.data_dir))
+        # Shuffles and augmentations draw from this one generator, which checkpoints carry, so a
+        # resumed run sees the batches the interrupted one would have seen.
+        self.generator = torch.Generator().manual_seed(hp.seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
     def train_dataloader(self) -> BatchLoader:
         hp = self.hparams
@@ -163,7 +172,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             shuffle=True,
             crop_padding=hp.crop_padding,
             flip=hp.flip,
-            seed=hp.seed,
+            generator=self.generator,
         )
 
     def val_dataloader(self) -> BatchLoader:

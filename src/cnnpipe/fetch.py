@@ -2,6 +2,7 @@
 
 import argparse
 import hashlib
+import http.client
 import shutil
 import tarfile
 import tempfile
@@ -16,6 +17,7 @@ from cnnpipe.config import load_params
 
 ARCHIVE_DIR = "cifar-10-batches-py"
 BATCH_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+EXPECTED_MEMBERS = {ARCHIVE_DIR, *(f"{ARCHIVE_DIR}/{name}" for name in BATCH_FILES)}
 CHUNK = 1 << 20
 
 
@@ -29,6 +31,7 @@ def as_url(source: str) -> str:
 def download(url: str, dest: Path, timeout_s: float) -> str:
     """Stream `url` to `dest` with a progress bar; return the md5 of what was written."""
     md5 = hashlib.md5()
+    stopped = f"the download of {url} stopped part way ({{}} bytes); run the stage again"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
@@ -37,26 +40,34 @@ def download(url: str, dest: Path, timeout_s: float) -> str:
                     out.write(chunk)
                     md5.update(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except http.client.IncompleteRead as error:
+        received = dest.stat().st_size + len(error.partial)
+        raise PipelineError(stopped.format(f"{received} of {size}")) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError):
+            raise PipelineError(
+                f"{url} sent nothing for {timeout_s:g} s; try again later or raise data.timeout_s"
+            ) from None
         raise PipelineError(
             f"cannot read {url} ({reason}). Offline? Copy cifar-10-python.tar.gz here and run "
             "`dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz`"
         ) from None
     if size is not None and dest.stat().st_size != size:
-        raise PipelineError(
-            f"download of {url} stopped after {dest.stat().st_size} of {size} bytes; run again"
-        )
+        raise PipelineError(stopped.format(f"{dest.stat().st_size} of {size}"))
     return md5.hexdigest()
 
 
-def _regular_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """Extraction filter: plain files and folders inside `dest`, nothing else."""
+def _regular_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """Extraction filter: refuse members that escape `dest` or are not plain files or folders;
+    skip any but the batch files (the official archive also holds a readme.html)."""
     parts = PurePosixPath(member.name).parts
     if member.name.startswith("/") or ".." in parts:
         raise PipelineError(f"archive member {member.name!r} points outside the target folder")
     if not (member.isfile() or member.isdir()):
         raise PipelineError(f"archive member {member.name!r} is a link or device, refused")
+    if member.name not in EXPECTED_MEMBERS:
+        return None
     return tarfile.data_filter(member, dest)
 
 

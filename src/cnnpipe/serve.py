@@ -2,11 +2,13 @@
 
 POST /predict takes one image as the raw body (Content-Type image/* or application/octet-stream)
 or one or more as multipart/form-data files; GET /health and GET /metadata describe the service.
-Errors are JSON: 413 for bodies over the limit, 415 for other content types, 400 for bad images.
+Errors are JSON: 413 for bodies over the limit, 408 for bodies that do not arrive in time (slow
+or stalled clients), 415 for other content types, 400 for bad images.
 Like predict, it imports no torch, Lightning or MLflow.
 """
 
 import argparse
+import asyncio
 
 import numpy as np
 import uvicorn
@@ -25,15 +27,18 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes `limit` bytes, whatever Content-Length claims."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused as soon as it passes `limit` bytes, whatever Content-Length claims, or
+    TimeoutError if it takes over `timeout_s`: a client trickling bytes must not hold a
+    connection and its buffer forever."""
     if int(request.headers.get("content-length") or 0) > limit:
         raise BodyTooLarge
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge
+    async with asyncio.timeout(timeout_s):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BodyTooLarge
     return bytes(body)
 
 
@@ -48,7 +53,22 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(model_path: str, max_body_bytes: int = 10 << 20, top_k: int = 3) -> Starlette:
+def decode_all(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[str]]:
+    """The images stacked, and a note for each; ValueError names the first bad file."""
+    images, notes = [], []
+    for name, data in files:
+        try:
+            image, note = decode(data)
+        except ValueError as reason:
+            raise ValueError(f"{name}: {reason}") from None
+        images.append(image)
+        notes.append(note)
+    return np.stack(images), notes
+
+
+def create_app(
+    model_path: str, max_body_bytes: int = 10 << 20, top_k: int = 3, body_timeout_s: float = 10
+) -> Starlette:
     classifier = Classifier.load(model_path)
     metadata = classifier.session.get_modelmeta().custom_metadata_map
 
@@ -69,9 +89,10 @@ def create_app(model_path: str, max_body_bytes: int = 10 << 20, top_k: int = 3) 
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if kind.startswith("image/") or kind == "application/octet-stream":
-                files = [("body", await read_body(request, max_body_bytes))]
+                files = [("body", await read_body(request, max_body_bytes, body_timeout_s))]
             elif kind == "multipart/form-data":
-                form = await parse_multipart(request, await read_body(request, max_body_bytes))
+                body = await read_body(request, max_body_bytes, body_timeout_s)
+                form = await parse_multipart(request, body)
                 files = [
                     (part.filename or name, await part.read())
                     for name, part in form.multi_items()
@@ -85,17 +106,16 @@ def create_app(model_path: str, max_body_bytes: int = 10 << 20, top_k: int = 3) 
                 )
         except BodyTooLarge:
             return error(413, f"body over {max_body_bytes} bytes")
+        except TimeoutError:
+            return error(408, f"body not received within {body_timeout_s:g} s")
         except MultiPartException as reason:
             return error(400, f"bad multipart body: {reason}")
-        images, notes = [], []
-        for name, data in files:
-            try:
-                image, note = decode(data)
-            except ValueError as reason:
-                return error(400, f"{name}: {reason}")
-            images.append(image)
-            notes.append(note)
-        probs = await run_in_threadpool(classifier.probabilities, np.stack(images))
+        # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
+        try:
+            images, notes = await run_in_threadpool(decode_all, files)
+        except ValueError as reason:
+            return error(400, str(reason))
+        probs = await run_in_threadpool(classifier.probabilities, images)
         predictions = [
             {"file": name, "top_k": [{"label": c, "probability": p} for c, p in top], "note": note}
             for (name, _), top, note in zip(
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-body-mb", type=float, default=10)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--body-timeout-s", type=float, default=10)
     args = parser.parse_args(argv)
-    app = create_app(args.model, int(args.max_body_mb * (1 << 20)), args.top_k)
+    max_body = int(args.max_body_mb * (1 << 20))
+    app = create_app(args.model, max_body, args.top_k, args.body_timeout_s)
     uvicorn.run(app, host=args.host, port=args.port)

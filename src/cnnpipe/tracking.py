@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import PipelineError
@@ -38,6 +39,21 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """A store that is down, or an sqlite file locked past MLflow's 20 s wait, fails the stage in
+    one line: a run that cannot be traced is not a pipeline result."""
+    try:
+        yield
+    except MlflowException as error:
+        reason = str(error).splitlines()[0][:300]
+        raise PipelineError(
+            f"MLflow store {mlflow.get_tracking_uri()} failed ({reason}); start the server or "
+            "stop the process locking the database, then run again (MLFLOW_TRACKING_URI picks "
+            "another store)"
+        ) from None
 
 
 def _use_experiment(cfg: DictConfig) -> None:
@@ -71,11 +87,14 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def start_pipeline_run(cfg: DictConfig, run_file: Path) -> str:
-    """Start the pipeline's MLflow run, log the configuration, record the run id in `run_file`."""
-    _use_experiment(cfg)
-    with mlflow.start_run(tags={"mlflow.source.git.commit": git_commit(), **_exp_tag()}) as run:
-        mlflow.log_params(flatten(cfg))
+def start_pipeline_run(cfg: DictConfig, run_file: Path, run_id: str | None = None) -> str:
+    """Start the pipeline's MLflow run (or reopen `run_id`, an interrupted one), log the
+    configuration, record the run id in `run_file`."""
+    tags = {"mlflow.source.git.commit": git_commit(), **_exp_tag()}
+    with store_errors():
+        _use_experiment(cfg)
+        with mlflow.start_run(run_id=run_id, tags=tags) as run:
+            mlflow.log_params(flatten(cfg))
     with atomic_path(run_file) as tmp:
         tmp.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
     return run.info.run_id
@@ -93,7 +112,9 @@ def read_run_id(run_file: Path) -> str:
 @contextlib.contextmanager
 def pipeline_run(cfg: DictConfig, run_file: Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run that the train stage started."""
-    _use_experiment(cfg)
-    with mlflow.start_run(run_id=read_run_id(run_file)) as run:
-        mlflow.set_tags(_exp_tag())
-        yield run
+    run_id = read_run_id(run_file)
+    with store_errors():
+        _use_experiment(cfg)
+        with mlflow.start_run(run_id=run_id) as run:
+            mlflow.set_tags(_exp_tag())
+            yield run

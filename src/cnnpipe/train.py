@@ -2,18 +2,20 @@
 
 import argparse
 import csv
+import hashlib
 import json
 import resource
+import shutil
 from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Timer, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer, TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
 
-from cnnpipe import tracking
+from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
 from cnnpipe.data import CIFAR10DataModule
 from cnnpipe.files import atomic_path
@@ -34,6 +36,30 @@ class EpochHistory(pl.Callback):
         row.update({key: round(float(metrics[key]), 6) for key in HISTORY_KEYS if key in metrics})
         row["seconds"] = round(self.timer.time_elapsed("train"), 2)
         self.rows.append(row)
+
+    # Saved in checkpoints, so a resumed run's history starts at epoch 1, not where it resumed.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state["rows"]
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """What a run must share with an interrupted one to resume it: data, network and recipe."""
+    keys = ["seed", "data", "model", "optim", "trainer"]
+    recipe = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def interrupted_run(cfg: DictConfig) -> dict | None:
+    """The state an interrupted run of this same recipe left in `paths.resume`, or None."""
+    try:
+        state = json.loads((Path(cfg.paths.resume) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    last = Path(cfg.paths.resume) / "last.ckpt"
+    return state if state.get("fingerprint") == fingerprint(cfg) and last.is_file() else None
 
 
 def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
@@ -72,8 +98,21 @@ def build_trainer(
 
 
 def train(cfg: DictConfig, run_id: str | None = None) -> dict:
-    """Fit the model described by `cfg`; write checkpoint, history and metrics to `cfg.paths`."""
+    """Fit the model described by `cfg`; write checkpoint, history and metrics to `cfg.paths`.
+
+    Every epoch saves a full checkpoint to `paths.resume`; a run of the same recipe that finds
+    one (the previous run was killed) continues from it. The folder is removed on success.
+    """
     pl.seed_everything(cfg.seed, workers=True)
+    resume_dir = Path(cfg.paths.resume)
+    resume = interrupted_run(cfg)
+    if resume:
+        print(f"resuming the interrupted run from {resume_dir / 'last.ckpt'}")
+    else:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        resume_dir.mkdir(parents=True)
+        state = {"fingerprint": fingerprint(cfg), "run_id": run_id}
+        (resume_dir / "state.json").write_text(json.dumps(state) + "\n")
     data = CIFAR10DataModule(
         cfg.paths.data,
         cfg.trainer.batch_size,
@@ -89,8 +128,17 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
     logger = (
         MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id) if run_id else False
     )
-    trainer = build_trainer(cfg, logger, [history, timer])
-    trainer.fit(module, datamodule=data)
+    # With no metric to monitor, the one checkpoint kept is the newest.
+    last = ModelCheckpoint(
+        resume_dir, "last", enable_version_counter=False, save_on_train_epoch_end=True
+    )
+    trainer = build_trainer(cfg, logger, [history, timer, last], enable_checkpointing=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resume_dir / "last.ckpt" if resume else None)
+    except PipelineError:
+        # A diverged run's last checkpoint holds NaNs: nothing there is worth resuming.
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        raise
 
     with atomic_path(cfg.paths.checkpoint) as tmp:
         # Weights and hyperparameters only: the optimizer state is not needed to evaluate or export.
@@ -109,6 +157,7 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
     }
     with atomic_path(cfg.paths.train_metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(resume_dir)
     return metrics
 
 
@@ -116,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe train", description=__doc__).parse_args(argv)
     cfg = load_params()
     run_file = Path(cfg.paths.run)
-    run_id = tracking.start_pipeline_run(cfg, run_file)
-    metrics = train(cfg, run_id)
+    resume = interrupted_run(cfg)
+    run_id = tracking.start_pipeline_run(cfg, run_file, resume and resume["run_id"])
+    with tracking.store_errors():
+        # Finished epochs survive a store failure here: the next run resumes from them.
+        metrics = train(cfg, run_id)
     with tracking.pipeline_run(cfg, run_file):
         mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"})
         mlflow.log_artifact(cfg.paths.history, "plots")

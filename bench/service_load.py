@@ -1,0 +1,235 @@
+"""The HTTP service under load and abuse: hundreds of concurrent requests, good and bad, and
+stalled clients, against `cnnpipe serve` in its own process.
+
+usage: python bench/service_load.py [--model models/model.onnx] [--connections 300]
+       python bench/service_load.py --tiny    # random weights, a few connections: the CI smoke test
+Every request must get its expected answer (200 with predictions, or 413, 415, 400, 408), the
+server must stay up, and its memory must stay bounded. Prints throughput as a ratio against one
+client sending the same valid requests in turn, in the same run.
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MAX_BODY_MB = 1
+BODY_TIMEOUT_S = 2
+
+
+def png(rng: np.random.Generator, size: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def requests_mix(count: int) -> list[tuple[str, bytes, int]]:
+    """(content type, body, expected status): 70% valid images of several sizes, 10% each of
+    oversized bodies, wrong content types and corrupt images."""
+    rng = np.random.default_rng(0)
+    valid = [png(rng, size) for size in (32, 64, 224)]
+    oversized = b"\x89PNG" + bytes(2 * MAX_BODY_MB << 20)
+    corrupt = b"\x89PNG\r\n\x1a\n" + rng.bytes(2000)
+    mix = []
+    for i in range(count):
+        kind = i % 10
+        if kind == 7:
+            mix.append(("image/png", oversized, 413))
+        elif kind == 8:
+            mix.append(("text/plain", b"hello", 415))
+        elif kind == 9:
+            mix.append(("image/png", corrupt, 400))
+        else:
+            mix.append(("image/png", valid[i % 3], 200))
+    return mix
+
+
+async def send(port: int, content_type: str, body: bytes) -> tuple[int, bytes, float]:
+    """One request on its own connection: (status, response body, seconds); status 0 if the
+    connection failed. Large bodies wait for "100 Continue" first, as curl does: a server that
+    refuses the body answers at once instead of resetting a connection still sending it."""
+    start = time.perf_counter()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        expect = "Expect: 100-continue\r\n" if len(body) > 1 << 20 else ""
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{expect}Connection: close\r\n\r\n"
+        )
+        writer.write(head.encode())
+        response = b""
+        if expect:
+            response = await reader.readuntil(b"\r\n\r\n")
+            if response.startswith(b"HTTP/1.1 100"):
+                response = b""
+        if not response:
+            writer.write(body)
+            await writer.drain()
+        response += await reader.read()
+        writer.close()
+    except OSError:
+        return 0, b"", time.perf_counter() - start
+    status_line, _, rest = response.partition(b"\r\n")
+    status = int(status_line.split()[1]) if status_line.startswith(b"HTTP/1.1") else 0
+    return status, rest.partition(b"\r\n\r\n")[2], time.perf_counter() - start
+
+
+def correct(status: int, expected: int, body: bytes) -> bool:
+    if status != expected:
+        return False
+    answer = json.loads(body)
+    return "predictions" in answer if status == 200 else "error" in answer
+
+
+async def wave(port: int, mix: list[tuple[str, bytes, int]]) -> tuple[float, int, list[float]]:
+    """All requests at once, each on its own connection: (seconds, wrong answers, latencies)."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(send(port, kind, body) for kind, body, _ in mix))
+    seconds = time.perf_counter() - start
+    wrong = sum(
+        not correct(status, expected, body)
+        for (status, body, _), (_, _, expected) in zip(results, mix, strict=True)
+    )
+    return seconds, wrong, [t for _, _, t in results]
+
+
+async def in_turn(port: int, mix: list[tuple[str, bytes, int]]) -> tuple[float, int]:
+    start = time.perf_counter()
+    wrong = 0
+    for kind, body, expected in mix:
+        status, answer, _ = await send(port, kind, body)
+        wrong += not correct(status, expected, answer)
+    return time.perf_counter() - start, wrong
+
+
+async def stalled_clients(port: int, count: int, valid: list) -> tuple[int, int, float]:
+    """`count` clients that send headers and 4 bytes of a 5000-byte body, then stop, while
+    valid requests go on: (stalled clients answered 408, valid requests answered wrongly,
+    p99 latency of the valid requests in ms)."""
+
+    async def stall() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = "POST /predict HTTP/1.1\r\nHost: b\r\nContent-Type: image/png\r\n"
+        writer.write(f"{head}Content-Length: 5000\r\n\r\n".encode() + b"\x89PNG")
+        response = await reader.read()
+        writer.close()
+        return int(response.split()[1]) if response else 0
+
+    stalls = [asyncio.create_task(stall()) for _ in range(count)]
+    await asyncio.sleep(0.2)
+    latencies, wrong = [], 0
+    for kind, body, expected in valid:
+        status, answer, seconds = await send(port, kind, body)
+        wrong += not correct(status, expected, answer)
+        latencies.append(seconds * 1000)
+    answered = await asyncio.gather(*stalls)
+    p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else latencies[0]
+    return sum(status == 408 for status in answered), wrong, p99
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of process `pid`."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cnnpipe.cli", "serve", str(model), "--port", str(port)]
+    command += ["--max-body-mb", str(MAX_BODY_MB), "--body-timeout-s", str(BODY_TIMEOUT_S)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    sys.exit("the service did not start within 30 s")
+
+
+def tiny_model(folder: Path) -> Path:
+    from cnnpipe.export import export_onnx
+    from cnnpipe.module import ImageClassifier, Predictor
+
+    names = [str(i) for i in range(10)]
+    module = ImageClassifier(
+        {"_target_": "cnnpipe.models.ChapterCNN"}, names, [0.5] * 3, [0.25] * 3
+    )
+    path = folder / "model.onnx"
+    export_onnx(Predictor(module, True), path, 18, {"class_names": json.dumps(names)}, [1])
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="models/model.onnx")
+    parser.add_argument("--connections", type=int, default=300)
+    parser.add_argument("--stalled", type=int, default=100)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    connections, stalled = (20, 5) if args.tiny else (args.connections, args.stalled)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_model(Path(tmp)) if args.tiny else Path(args.model)
+        port = free_port()
+        server = start_server(model, port)
+        try:
+            mix = requests_mix(connections)
+            valid = [request for request in mix if request[2] == 200]
+            asyncio.run(in_turn(port, valid[:10]))  # warm-up
+            idle_mb, _ = memory_mb(server.pid)
+            turn_s, turn_wrong = asyncio.run(in_turn(port, valid))
+            waves = [asyncio.run(wave(port, mix)) for _ in range(3)]
+            after_mb, peak_mb = memory_mb(server.pid)
+            answered, stall_wrong, p99 = asyncio.run(stalled_clients(port, stalled, valid[:50]))
+            final_mb, peak_mb = memory_mb(server.pid)
+            up = urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
+        finally:
+            server.terminate()
+            server.wait()
+
+    turn_rate = len(valid) / turn_s
+    print(f"\none client, {len(valid)} valid requests in turn: {turn_rate:.0f} requests/s")
+    for i, (seconds, wrong, latencies) in enumerate(waves, 1):
+        rate = len(mix) / seconds
+        p99_ms = statistics.quantiles(latencies, n=100)[98] * 1000
+        print(
+            f"wave {i}: {len(mix)} connections at once (70% valid, 10% each 413/415/400): "
+            f"{rate:.0f} requests/s = {rate / turn_rate:.2f}x one client, p99 {p99_ms:.0f} ms, "
+            f"{wrong} wrong or failed"
+        )
+    print(
+        f"{stalled} stalled clients: {answered} answered 408 after {BODY_TIMEOUT_S} s; "
+        f"meanwhile {len(valid[:50])} valid requests, {stall_wrong} wrong, p99 {p99:.0f} ms"
+    )
+    print(
+        f"server memory: {idle_mb:.0f} MB idle, {after_mb:.0f} MB after the waves, "
+        f"{final_mb:.0f} MB at the end, peak {peak_mb:.0f} MB; still up: {up}"
+    )
+    failures = turn_wrong + sum(w for _, w, _ in waves) + stall_wrong + (stalled - answered)
+    if failures or not up:
+        sys.exit(f"{failures} requests were answered wrongly or not at all")
+
+
+if __name__ == "__main__":
+    main()
