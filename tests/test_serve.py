@@ -130,7 +130,9 @@ def test_stalled_body_gets_408_while_other_clients_are_served(server):
 
 def test_many_files_at_once_are_served_up_to_the_part_limit(server):
     small = png(np.full((8, 8, 3), 200, dtype=np.uint8))
-    status, answer = call(f"{server}/predict", *multipart([(f"{i}.png", small) for i in range(256)]))
+    status, answer = call(
+        f"{server}/predict", *multipart([(f"{i}.png", small) for i in range(256)])
+    )
     assert status == 200 and len(answer["predictions"]) == 256
     status, answer = call(f"{server}/predict", *multipart([("x.png", small)] * 257))
     assert status == 400 and "Too many files" in answer["error"]

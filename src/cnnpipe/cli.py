@@ -1,4 +1,5 @@
-"""`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict` and `serve`."""
+"""`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict`, `serve` and
+`runs`."""
 
 import importlib
 import sys
@@ -19,6 +20,7 @@ COMMANDS = {
     "quantize": "cnnpipe.quantize",
     "predict": "cnnpipe.predict",
     "serve": "cnnpipe.serve",
+    "runs": "cnnpipe.runs",
 }
 
 

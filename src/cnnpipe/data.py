@@ -104,17 +104,23 @@ class BatchLoader:
         crop_padding: int = 0,
         flip: bool = False,
         generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
         self.generator = generator or torch.Generator()
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return -(-(len(self.images) // self.world_size) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        # Under DDP every process draws the same order and takes an equal share of it.
+        order = order[self.rank : n - n % self.world_size : self.world_size]
+        n = len(order)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             images = self.images[index]
@@ -173,6 +179,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             crop_padding=hp.crop_padding,
             flip=hp.flip,
             generator=self.generator,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world_size=self.trainer.world_size if self.trainer else 1,
         )
 
     def val_dataloader(self) -> BatchLoader:

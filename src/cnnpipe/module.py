@@ -50,7 +50,8 @@ class ImageClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         # update() only accumulates; calling the metric would also compute a per-batch value.
         self.train_acc.update(logits, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        # sync_dist: under DDP the epoch's loss is averaged over all processes' shards.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -67,7 +68,7 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         self.val_acc.update(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict:

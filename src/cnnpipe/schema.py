@@ -37,6 +37,8 @@ class Trainer:
     precision: str
     accelerator: str
     devices: int
+    num_nodes: int
+    strategy: str
     deterministic: Any  # true, false or "warn", as Lightning takes it
     channels_last: bool
     progress_bar_refresh_rate: int
@@ -108,9 +110,9 @@ class Config:
 
 POSITIVE = [
     "data.timeout_s", "data.val_size", "optim.lr", "trainer.max_epochs", "trainer.batch_size",
-    "trainer.devices", "evaluate.batch_size", "export.opset", "chapter.mistakes",
-    "chapter.feature_map_images", "chapter.maps_per_layer", "quantize.calibration_images",
-    "quantize.batch_size", "parity.atol", "parity.batch_size",
+    "trainer.devices", "trainer.num_nodes", "evaluate.batch_size", "export.opset",
+    "chapter.mistakes", "chapter.feature_map_images", "chapter.maps_per_layer",
+    "quantize.calibration_images", "quantize.batch_size", "parity.atol", "parity.batch_size",
 ]  # fmt: skip
 NOT_NEGATIVE = ["data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop"]
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}

@@ -56,7 +56,7 @@ def store_errors() -> Iterator[None]:
         ) from None
 
 
-def _use_experiment(cfg: DictConfig) -> None:
+def use_experiment(cfg: DictConfig) -> None:
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None and uri.startswith("sqlite:"):
@@ -87,12 +87,14 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def start_pipeline_run(cfg: DictConfig, run_file: Path, run_id: str | None = None) -> str:
+def start_pipeline_run(
+    cfg: DictConfig, run_file: Path, run_id: str | None = None, tags: dict | None = None
+) -> str:
     """Start the pipeline's MLflow run (or reopen `run_id`, an interrupted one), log the
     configuration, record the run id in `run_file`."""
-    tags = {"mlflow.source.git.commit": git_commit(), **_exp_tag()}
+    tags = {"mlflow.source.git.commit": git_commit(), **_exp_tag(), **(tags or {})}
     with store_errors():
-        _use_experiment(cfg)
+        use_experiment(cfg)
         with mlflow.start_run(run_id=run_id, tags=tags) as run:
             mlflow.log_params(flatten(cfg))
     with atomic_path(run_file) as tmp:
@@ -114,7 +116,7 @@ def pipeline_run(cfg: DictConfig, run_file: Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run that the train stage started."""
     run_id = read_run_id(run_file)
     with store_errors():
-        _use_experiment(cfg)
+        use_experiment(cfg)
         with mlflow.start_run(run_id=run_id) as run:
             mlflow.set_tags(_exp_tag())
             yield run

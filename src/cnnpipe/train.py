@@ -6,6 +6,7 @@ import hashlib
 import json
 import resource
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer, TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
@@ -52,14 +54,18 @@ def fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
+def resume_checkpoint(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.resume) / "checkpoint" / "last.ckpt"
+
+
 def interrupted_run(cfg: DictConfig) -> dict | None:
     """The state an interrupted run of this same recipe left in `paths.resume`, or None."""
     try:
         state = json.loads((Path(cfg.paths.resume) / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    last = Path(cfg.paths.resume) / "last.ckpt"
-    return state if state.get("fingerprint") == fingerprint(cfg) and last.is_file() else None
+    same_recipe = state.get("fingerprint") == fingerprint(cfg)
+    return state if same_recipe and resume_checkpoint(cfg).is_file() else None
 
 
 def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
@@ -86,6 +92,8 @@ def build_trainer(
         "precision": cfg.trainer.precision,
         "accelerator": cfg.trainer.accelerator,
         "devices": cfg.trainer.devices,
+        "num_nodes": cfg.trainer.num_nodes,
+        "strategy": cfg.trainer.strategy,
         "deterministic": cfg.trainer.deterministic,
         "logger": logger,
         # Rich's bar (Lightning's default when rich is installed) redraws every step and costs
@@ -106,9 +114,11 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     resume_dir = Path(cfg.paths.resume)
     resume = interrupted_run(cfg)
+    # Under DDP every process runs this function; only rank 0 writes files and logs.
+    is_rank_zero = rank_zero_only.rank == 0
     if resume:
-        print(f"resuming the interrupted run from {resume_dir / 'last.ckpt'}")
-    else:
+        print(f"resuming the interrupted run from {resume_checkpoint(cfg)}")
+    elif is_rank_zero:
         shutil.rmtree(resume_dir, ignore_errors=True)
         resume_dir.mkdir(parents=True)
         state = {"fingerprint": fingerprint(cfg), "run_id": run_id}
@@ -129,24 +139,21 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id) if run_id else False
     )
     # With no metric to monitor, the one checkpoint kept is the newest.
+    checkpoint = resume_checkpoint(cfg)
     last = ModelCheckpoint(
-        resume_dir, "last", enable_version_counter=False, save_on_train_epoch_end=True
+        checkpoint.parent,
+        checkpoint.stem,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
     trainer = build_trainer(cfg, logger, [history, timer, last], enable_checkpointing=True)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_dir / "last.ckpt" if resume else None)
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint if resume else None)
     except PipelineError:
         # A diverged run's last checkpoint holds NaNs: nothing there is worth resuming.
         shutil.rmtree(resume_dir, ignore_errors=True)
         raise
 
-    with atomic_path(cfg.paths.checkpoint) as tmp:
-        # Weights and hyperparameters only: the optimizer state is not needed to evaluate or export.
-        trainer.save_checkpoint(tmp, weights_only=True)
-    with atomic_path(cfg.paths.history) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", *HISTORY_KEYS, "seconds"])
-        writer.writeheader()
-        writer.writerows(history.rows)
     seconds = timer.time_elapsed("train")
     metrics = {
         **{k: v for k, v in history.rows[-1].items() if k != "seconds"},
@@ -155,6 +162,17 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if not is_rank_zero:
+        # Only joins the barrier inside save_checkpoint: rank 0 writes the file.
+        trainer.save_checkpoint(cfg.paths.checkpoint, weights_only=True)
+        return metrics
+    with atomic_path(cfg.paths.checkpoint) as tmp:
+        # Weights and hyperparameters only: the optimizer state is not needed to evaluate or export.
+        trainer.save_checkpoint(tmp, weights_only=True)
+    with atomic_path(cfg.paths.history) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", *HISTORY_KEYS, "seconds"])
+        writer.writeheader()
+        writer.writerows(history.rows)
     with atomic_path(cfg.paths.train_metrics) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.rmtree(resume_dir)
@@ -162,9 +180,21 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe train", description=__doc__).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] not in ("-h", "--help"):
+        from cnnpipe import sweep
+
+        return sweep.main(argv)
+    epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
+    argparse.ArgumentParser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(
+        argv
+    )
     cfg = load_params()
     run_file = Path(cfg.paths.run)
+    if rank_zero_only.rank != 0:
+        # Another DDP process (started by Lightning, torchrun or SLURM): it trains, rank 0 logs.
+        train(cfg)
+        return
     resume = interrupted_run(cfg)
     run_id = tracking.start_pipeline_run(cfg, run_file, resume and resume["run_id"])
     with tracking.store_errors():

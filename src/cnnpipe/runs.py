@@ -1,0 +1,79 @@
+"""`cnnpipe runs`: the latest MLflow runs, or one sweep's child runs, as a table in the terminal.
+
+Reads the store that the pipeline writes to (MLFLOW_TRACKING_URI, else mlflow.tracking_uri, else
+sqlite:///<repo>/mlflow.db) through MLflow's client; `mlflow ui` shows the same runs as charts.
+"""
+
+import argparse
+import time
+
+import mlflow
+from mlflow.entities import Run
+
+from cnnpipe import PipelineError, tracking
+from cnnpipe.config import load_params
+
+COLUMNS = {
+    "model": lambda r: r.data.params.get("model._target_", "").rsplit(".", 1)[-1],
+    "lr": lambda r: r.data.params.get("optim.lr", ""),
+    "epochs": lambda r: r.data.params.get("trainer.max_epochs", ""),
+    "val/acc": lambda r: _metric(r, "val/acc", ".4f"),
+    "test/acc": lambda r: _metric(r, "test/acc", ".4f"),
+    "train s": lambda r: _metric(r, "train_summary/train_seconds", ".0f"),
+}
+
+
+def _metric(run: Run, key: str, fmt: str) -> str:
+    return f"{run.data.metrics[key]:{fmt}}" if key in run.data.metrics else ""
+
+
+def _name(run: Run) -> str:
+    tags = run.data.tags
+    return tags.get("sweep.overrides") or tags.get("dvc.exp_name") or tags.get("mlflow.runName", "")
+
+
+def find_runs(client: mlflow.MlflowClient, experiment: str, last: int, sweep: str | None) -> list:
+    """The `last` newest runs of `experiment`, or the children of sweep run `sweep` ("latest":
+    the newest sweep)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise PipelineError(f"no MLflow experiment {experiment!r} in {client.tracking_uri}")
+    ids, newest = [found.experiment_id], ["attributes.start_time DESC"]
+    query = ""
+    if sweep == "latest":
+        parents = client.search_runs(ids, "tags.`sweep.dir` != ''", max_results=1, order_by=newest)
+        if not parents:
+            raise PipelineError("no sweep runs yet; start one with `cnnpipe train --multirun ...`")
+        sweep = parents[0].info.run_id
+    if sweep:
+        query = f"tags.mlflow.parentRunId = '{sweep}'"
+    return client.search_runs(ids, query, max_results=last, order_by=newest)
+
+
+def format_table(runs: list) -> str:
+    header = ["run", "started", "status", *COLUMNS, "name"]
+    rows = [
+        [
+            run.info.run_id[:8],
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
+            run.info.status,
+            *(cell(run) for cell in COLUMNS.values()),
+            _name(run),
+        ]
+        for run in runs
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [header, *rows])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cnnpipe runs", description=__doc__)
+    parser.add_argument("--last", type=int, default=20, help="how many runs (default 20)")
+    parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
+    args = parser.parse_args(argv)
+    cfg = load_params()
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg.mlflow.tracking_uri))
+    with tracking.store_errors():
+        runs = find_runs(client, cfg.mlflow.experiment, args.last, args.sweep)
+    print(format_table(runs))

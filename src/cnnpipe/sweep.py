@@ -1,0 +1,107 @@
+"""`cnnpipe train [--multirun] key=value ...`: training jobs composed by Hydra from conf/, outside
+DVC. Each job trains and tests into its own folder under sweeps/ (git- and DVC-ignored) and logs
+an MLflow run; under --multirun every job is a child of one parent run for the sweep, which
+ends with a summary table. Launchers are Hydra's: hydra/launcher=joblib for parallel jobs on
+this machine, hydra/launcher=slurm for a cluster.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from cnnpipe import tracking
+from cnnpipe.config import CONF_DIR
+from cnnpipe.evaluate import evaluate
+from cnnpipe.schema import validate
+from cnnpipe.train import train
+
+# Set by the sweep's callback before any job starts; launchers pass the environment to their
+# workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
+PARENT_ENV = "CNNPIPE_SWEEP_PARENT_RUN"
+# The summary's metric columns and their formats.
+SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train_summary/train_seconds": ".1f"}
+
+
+def job(cfg: DictConfig) -> dict:
+    """One Hydra job: train and test `cfg` with every output in the job's own folder."""
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    for key, path in cfg.paths.items():
+        if key != "data":
+            cfg.paths[key] = str(out / path)
+    overrides = " ".join(hc.overrides.task) or "(defaults)"
+    tags = {"mlflow.runName": overrides, "sweep.overrides": overrides}
+    if hc.mode == RunMode.MULTIRUN and os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+    run_id = tracking.start_pipeline_run(cfg, Path(cfg.paths.run), tags=tags)
+    with tracking.store_errors():
+        metrics = train(cfg, run_id)
+        test = evaluate(cfg)
+        with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
+            mlflow.log_metrics({"test/acc": test["test/acc"], "test/loss": test["test/loss"]})
+            mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items()})
+    print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
+    return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
+
+
+def summary_table(children: list) -> str:
+    """Markdown: one row per child run, best validation accuracy first; the overrides column
+    shows only what the sweep varied."""
+    overrides = {r.info.run_id: r.data.tags.get("sweep.overrides", "").split() for r in children}
+    values: dict[str, set[str]] = {}
+    for items in overrides.values():
+        for item in items:
+            key, _, value = item.partition("=")
+            values.setdefault(key, set()).add(value)
+    varied = {key for key, seen in values.items() if len(seen) > 1}
+    lines = ["| overrides | val/acc | test/acc | train s | run |", "|---|---:|---:|---:|---|"]
+    for run in sorted(children, key=lambda r: -r.data.metrics.get("val/acc", -1)):
+        shown = [o for o in overrides[run.info.run_id] if o.partition("=")[0] in varied]
+        m = run.data.metrics
+        cells = [f"{m[k]:{f}}" if k in m else "-" for k, f in SUMMARY.items()]
+        lines.append(f"| {' '.join(shown) or '-'} | {' | '.join(cells)} | {run.info.run_id} |")
+    return "\n".join(lines)
+
+
+class ParentRun(Callback):
+    """The sweep's MLflow parent run: created before the first job, closed with a summary."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        tracking.use_experiment(config)
+        sweep = " ".join(config.hydra.overrides.task)
+        tags = {"mlflow.runName": f"sweep: {sweep}", "sweep.dir": str(config.hydra.sweep.dir)}
+        tags["mlflow.source.git.commit"] = tracking.git_commit()
+        with tracking.store_errors():
+            experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
+            run = mlflow.MlflowClient().create_run(experiment.experiment_id, tags=tags)
+        os.environ[PARENT_ENV] = run.info.run_id
+        print(f"sweep parent run {run.info.run_id}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        parent = os.environ.pop(PARENT_ENV)
+        client = mlflow.MlflowClient()
+        with tracking.store_errors():
+            experiment = client.get_run(parent).info.experiment_id
+            children = client.search_runs(
+                [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
+            )
+            table = summary_table(children)
+            client.log_text(parent, table + "\n", "sweep_summary.md")
+            best = max((c.data.metrics.get("val/acc", 0) for c in children), default=0)
+            client.log_metric(parent, "best/val/acc", best)
+            client.set_terminated(parent)
+        print(f"\nsweep {parent}: {len(children)} runs, best validation accuracy first\n{table}")
+
+
+def main(argv: list[str]) -> None:
+    sys.argv = ["cnnpipe train", *argv]
+    run = hydra.main(str(CONF_DIR.resolve()), "config", version_base=None)(job)
+    run()
