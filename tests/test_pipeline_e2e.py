@@ -1,7 +1,10 @@
 """`dvc repro` of the whole pipeline in a temporary git repository, fetching over real HTTP."""
 
+import csv
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -181,3 +184,27 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     assert OmegaConf.load(repo / "params.yaml").evaluate.batch_size == 25
     exp_name = client.get_run(run_id).data.tags.get("dvc.exp_name")
     assert exp_name and exp_name in run("dvc", "exp", "list", "--name-only")
+
+    # A queued experiment runs in a copy under .dvc/tmp/exps yet logs to this repository's store.
+    queued = [*set_args, "-S", "trainer.max_epochs=2"]
+    run("dvc", "exp", "run", "--queue", "--name", "two-epochs", *queued)
+    run("dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while "two-epochs" not in (done := run("dvc", "queue", "status")) or re.search(
+        r"two-epochs\s.*(Queued|Running)", done
+    ):
+        assert time.monotonic() < deadline, done
+        time.sleep(3)
+    assert re.search(r"two-epochs\s.*Success", done), run("dvc", "queue", "logs", "two-epochs")
+    shown = run("dvc", "exp", "show", "--csv", "--only-changed")
+    header, *rows = list(csv.reader(io.StringIO(shown)))
+    (row,) = [dict(zip(header, r, strict=True)) for r in rows if r[0] == "two-epochs"]
+    assert row["trainer.max_epochs"] == "2" and float(row["metrics/eval.json:test/acc"]) >= 0
+    (queued_run,) = client.search_runs(
+        [mlflow_run.info.experiment_id], "tags.`dvc.exp_name` = 'two-epochs'"
+    )
+    assert queued_run.data.params["trainer.max_epochs"] == "2"
+    assert queued_run.data.metrics["test/acc"] == pytest.approx(
+        float(row["metrics/eval.json:test/acc"])
+    )
+    assert not list((repo / ".dvc" / "tmp" / "exps").glob("*/mlflow.db")), "no store in a copy"
