@@ -4,6 +4,7 @@ workers), `cnnpipe runs`, the SLURM launcher's config, DDP with 2 CPU processes,
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -119,6 +120,20 @@ def test_parallel_sweep_on_sqlite_loses_nothing(project):
         assert {"test/acc", "train_summary/train_seconds"} <= set(child.data.metrics)
 
 
+def test_a_failed_job_fails_the_sweep_in_one_line_and_closes_its_parent(project):
+    repo, tiny = project
+    result = subprocess.run(
+        [str(BIN / "cnnpipe"), "train", "--multirun", "optim.lr=1e-3,-1", *tiny],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cnnpipe train: error: optim.lr=-1.0 must be > 0\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    parent, children = sweep_runs(repo)
+    assert parent.info.status == "FAILED"
+    assert [c.data.params["optim.lr"] for c in children] == ["0.001"], "the good job still ran"
+
+
 def compose_for(run: mlflow.entities.Run):
     """The composed config that a child run's params must mirror key for key."""
     from omegaconf import OmegaConf
@@ -189,6 +204,10 @@ def test_ddp_with_two_cpu_processes(project):
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2, "logged once"
     assert not list(repo.rglob("*.partial*")) and not (repo / ".resume" / "train").exists()
 
+    # Without torchrun, as `dvc repro` runs it, Lightning starts the second process itself.
+    cnnpipe("train")
+    assert len(client.search_runs([run.info.experiment_id])) == 2, "one more run, not two"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -207,7 +226,7 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
 
 @pytest.mark.slow
 def test_mlflow_server_serves_the_stores_runs_over_rest(project):
-    repo, _ = project
+    repo, tiny = project
     cnnpipe("train")
     run_id = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"]
     store = f"sqlite:///{repo / 'mlflow.db'}"
@@ -215,10 +234,10 @@ def test_mlflow_server_serves_the_stores_runs_over_rest(project):
     client.create_registered_model("cnnpipe-cifar10")
     client.create_model_version("cnnpipe-cifar10", f"runs:/{run_id}/plots", run_id)
 
-    port = free_port()
+    port, artifacts = free_port(), repo / "server-artifacts"
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
+         "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -239,6 +258,15 @@ def test_mlflow_server_serves_the_stores_runs_over_rest(project):
         assert [m["value"] for m in history["metrics"]] == [m.value for m in expected]
         model = rest(base, "registered-models/get?name=cnnpipe-cifar10")["registered_model"]
         assert model["latest_versions"][0]["run_id"] == run_id
+
+        # A team's setup: the stage logs through the server, which keeps the artifacts.
+        params = compose_params([*tiny, "mlflow.experiment=team"], conf_dir=repo / "conf")
+        (repo / "params.yaml").write_text(params)
+        cnnpipe("train", env={**os.environ, "MLFLOW_TRACKING_URI": base})
+        team_id = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"]
+        team = rest(base, f"runs/get?run_id={team_id}")["run"]
+        assert {m["key"] for m in team["data"]["metrics"]} >= {"val/acc", "train/loss"}
+        assert list(artifacts.rglob("train_history.csv")), "artifacts stored by the server"
     finally:
         server.terminate()
         server.wait(timeout=30)

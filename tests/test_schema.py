@@ -33,6 +33,7 @@ def test_every_shipped_choice_is_valid():
         ("optim.pct_start=1.5", "optim.pct_start=1.5 must lie between 0 and 1"),
         ("trainer.precision=fp8", "trainer.precision=fp8 is not one of"),
         ("data.std=[0.2,0.2,0]", "data.mean and data.std need 3 values each, std > 0"),
+        ("~trainer.num_nodes", "config keys missing: trainer.num_nodes; regenerate params.yaml"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override, message):

@@ -125,6 +125,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as error:
         reason = str(error.msg).splitlines()[0] if error.msg else type(error).__name__
         raise PipelineError(f"config key {error.full_key or '?'}: {reason}") from None
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise PipelineError(
+            f"config keys missing: {', '.join(missing)}; regenerate params.yaml with "
+            "`cnnpipe params` or add them to conf/"
+        )
     problems = []
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key) > 0:

@@ -12,11 +12,12 @@ from pathlib import Path
 import hydra
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe import tracking
+from cnnpipe import PipelineError, tracking
 from cnnpipe.config import CONF_DIR
 from cnnpipe.evaluate import evaluate
 from cnnpipe.schema import validate
@@ -31,6 +32,14 @@ SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train_summary/train_seconds": "
 
 def job(cfg: DictConfig) -> dict:
     """One Hydra job: train and test `cfg` with every output in the job's own folder."""
+    try:
+        return train_and_test(cfg)
+    except PipelineError as error:
+        # Hydra prints this kind as one line instead of a traceback.
+        raise CompactHydraException(f"cnnpipe train: error: {error}") from None
+
+
+def train_and_test(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
@@ -86,22 +95,32 @@ class ParentRun(Callback):
         print(f"sweep parent run {run.info.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        parent = os.environ.pop(PARENT_ENV)
-        client = mlflow.MlflowClient()
-        with tracking.store_errors():
-            experiment = client.get_run(parent).info.experiment_id
-            children = client.search_runs(
-                [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
-            )
-            table = summary_table(children)
-            client.log_text(parent, table + "\n", "sweep_summary.md")
-            best = max((c.data.metrics.get("val/acc", 0) for c in children), default=0)
-            client.log_metric(parent, "best/val/acc", best)
-            client.set_terminated(parent)
-        print(f"\nsweep {parent}: {len(children)} runs, best validation accuracy first\n{table}")
+        close_sweep("FINISHED")
+
+
+def close_sweep(status: str) -> None:
+    """Log the summary table to the parent run and end it with `status`."""
+    parent = os.environ.pop(PARENT_ENV)
+    client = mlflow.MlflowClient()
+    with tracking.store_errors():
+        experiment = client.get_run(parent).info.experiment_id
+        children = client.search_runs(
+            [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
+        )
+        table = summary_table(children)
+        client.log_text(parent, table + "\n", "sweep_summary.md")
+        best = max((c.data.metrics.get("val/acc", 0) for c in children), default=0)
+        client.log_metric(parent, "best/val/acc", best)
+        client.set_terminated(parent, status)
+    print(f"\nsweep {parent}: {len(children)} runs, best validation accuracy first\n{table}")
 
 
 def main(argv: list[str]) -> None:
     sys.argv = ["cnnpipe train", *argv]
     run = hydra.main(str(CONF_DIR.resolve()), "config", version_base=None)(job)
-    run()
+    try:
+        run()
+    finally:
+        # Hydra skips on_multirun_end when a job failed: the parent still gets its table.
+        if PARENT_ENV in os.environ:
+            close_sweep("FAILED")
