@@ -81,10 +81,11 @@ def test_table_and_csv_formats_and_globs(model_path, images):
     assert lines[0] == "path,rank,label,probability,note" and len(lines) == 1 + 2 * 3
 
 
-def test_missing_or_foreign_model_is_one_line(tmp_path, images):
+def test_missing_truncated_or_foreign_model_is_one_line(tmp_path, images, model_path):
     folder, _ = images
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
-    for model in (tmp_path / "x.onnx", tmp_path / "missing.onnx"):
+    (tmp_path / "half.onnx").write_bytes(model_path.read_bytes()[:2000])
+    for model in (tmp_path / "x.onnx", tmp_path / "half.onnx", tmp_path / "missing.onnx"):
         result = run_predict(model, folder / "rgb.png")
         assert result.returncode == 1
         assert (

@@ -1,5 +1,8 @@
 import csv
+import io
 import json
+import os
+import pickle
 import signal
 import socket
 import sqlite3
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError, cli, tracking
@@ -194,3 +198,39 @@ def test_locked_sqlite_store_is_named_after_mlflows_wait(cfg, tmp_path):
     lock.close()
     assert "\n" not in str(exit.value)
     assert not Path(cfg.paths.checkpoint).exists()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda good: good[: len(good) // 2],
+        lambda good: good[:5000],
+        lambda good: b"",
+        lambda good: b"model weights, honestly",
+        lambda good: _saved({"state_dict": {}, "note": "another project's checkpoint"}),
+        lambda good: pickle.dumps(RunsCode()),
+    ],
+    ids=["half", "first-5k", "empty", "not-a-checkpoint", "foreign", "pickle-runs-code"],
+)
+def test_damaged_checkpoints_are_refused_without_running_code(cfg, damage):
+    cfg.trainer.max_epochs = 1
+    train(cfg)
+    path = Path(cfg.paths.checkpoint)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(
+        PipelineError, match="is not a cnnpipe checkpoint.*run `dvc repro train`"
+    ) as error:
+        load_checkpoint(str(path))
+    assert "\n" not in str(error.value)
+    assert not Path("pwned").exists()
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -121,7 +121,15 @@ def load_checkpoint(path: str) -> ImageClassifier:
         raise PipelineError(f"no checkpoint at {path}; run `dvc repro train`")
     try:
         return ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+    except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        if isinstance(error, KeyError):
+            reason = f"it has no {error} entry"
+        elif isinstance(error, (EOFError, OSError)):
+            reason = "the file is empty, truncated or unreadable"
+        elif "Weights only" in str(error):
+            reason = "it holds pickled objects other than tensors; refused without running them"
+        else:
+            reason = str(error).splitlines()[0].split(". ")[0]
         raise PipelineError(
-            f"{path} is not a cnnpipe checkpoint ({error}); run `dvc repro train`"
+            f"{path} is not a cnnpipe checkpoint ({reason}); run `dvc repro train`"
         ) from None
