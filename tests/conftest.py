@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import pickle
+import socket
 import tarfile
 import threading
 from pathlib import Path
@@ -61,6 +62,12 @@ def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
     with tarfile.open(archive[0]) as tar:
         tar.extractall(tmp_path / "extracted", filter="data")
     return tmp_path / "extracted" / "cifar-10-batches-py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_archive
+from conftest import free_port, make_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
@@ -62,12 +61,6 @@ def copy_repo(dest: Path) -> None:
         if (ROOT / name).is_file() and not name.startswith((".dvc/tmp", "dvc.lock")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_mlflow_serves_the_champion(repo: Path, env: dict) -> None:

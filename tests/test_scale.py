@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
 from cnnpipe.tracking import flatten
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -207,12 +207,6 @@ def test_ddp_with_two_cpu_processes(project):
     # Without torchrun, as `dvc repro` runs it, Lightning starts the second process itself.
     cnnpipe("train")
     assert len(client.search_runs([run.info.experiment_id])) == 2, "one more run, not two"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rest(base: str, path: str, body: dict | None = None) -> dict:

@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from cnnpipe.config import compose_params
 from cnnpipe.evaluate import evaluate
 from cnnpipe.module import load_checkpoint
 from cnnpipe.train import interrupted_run, train
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,12 +170,6 @@ def test_run_killed_mid_training_resumes_from_its_last_checkpoint(cfg, tmp_path,
     assert [line.rsplit(",", 1)[0] for line in resumed_rows] == strip_seconds
     assert not Path(cfg.paths.resume).exists(), "finished runs leave no resume state"
     assert len(client.get_metric_history(run_id, "val/acc")) == 4, "the same run goes on"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_store_stops_training_before_it_starts(cfg, monkeypatch):
