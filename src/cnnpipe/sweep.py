@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import CONF_DIR
@@ -42,7 +42,7 @@ def job(cfg: DictConfig) -> dict:
 def train_and_test(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    cfg = validate(cfg)
     for key, path in cfg.paths.items():
         if key != "data":
             cfg.paths[key] = str(out / path)
@@ -56,7 +56,8 @@ def train_and_test(cfg: DictConfig) -> dict:
         test = evaluate(cfg)
         with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
             mlflow.log_metrics({"test/acc": test["test/acc"], "test/loss": test["test/loss"]})
-            mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items()})
+            summary = {f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"}
+            mlflow.log_metrics(summary)
     print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
     return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
 
