@@ -116,6 +116,13 @@ def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg):
     assert not Path(cfg.paths.resume).exists(), "a diverged run is not resumable"
 
 
+def test_schedule_with_an_empty_phase_is_refused_in_one_line(cfg):
+    cfg.trainer.max_epochs, cfg.trainer.batch_size = 1, 40  # 4 steps, warm-up of exactly 1
+    with pytest.raises(PipelineError, match="4 training steps with optim.pct_start=0.25"):
+        train(cfg)
+    assert not Path(cfg.paths.checkpoint).exists()
+
+
 # Runs the train stage and kills it with SIGKILL in the middle of its third epoch.
 KILLED_IN_EPOCH_3 = """
 import os, signal, sys

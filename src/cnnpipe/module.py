@@ -1,5 +1,6 @@
 """The LightningModule: uint8 images in, logits out, with the network built from primitives."""
 
+import math
 import pickle
 from pathlib import Path
 
@@ -74,11 +75,18 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        steps = self.trainer.estimated_stepping_batches
+        # OneCycleLR divides by zero when a phase ends where the one before it did: a warm-up of
+        # exactly one step or a decay of none, which only tiny runs meet.
+        warmup = hp.pct_start * steps
+        if math.isclose(warmup, 1) or math.isclose(warmup, steps - 1):
+            raise PipelineError(
+                f"{steps} training steps with optim.pct_start={hp.pct_start} give the one-cycle "
+                "schedule an empty phase; change trainer.max_epochs, trainer.batch_size or "
+                "optim.pct_start"
+            )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=hp.lr,
-            total_steps=self.trainer.estimated_stepping_batches,
-            pct_start=hp.pct_start,
+            optimizer, max_lr=hp.lr, total_steps=steps, pct_start=hp.pct_start
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
