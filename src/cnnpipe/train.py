@@ -48,10 +48,14 @@ class EpochHistory(pl.Callback):
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """What a run must share with an interrupted one to resume it: data, network and recipe."""
+    """What a run must share with an interrupted one to resume it: data, network, recipe and
+    this package's code (a checkpoint left by older code is not resumed by newer code)."""
     keys = ["seed", "data", "model", "optim", "trainer"]
     recipe = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path:
