@@ -50,13 +50,18 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
+def log_evaluation(cfg: DictConfig, metrics: dict) -> None:
+    """Into the active MLflow run: test metrics, per-class accuracy, the metrics file and plot."""
+    mlflow.log_metrics({"test/acc": metrics["test/acc"], "test/loss": metrics["test/loss"]})
+    mlflow.log_metrics({f"test/acc/{n}": a for n, a in metrics["test/per_class_acc"].items()})
+    for path in (cfg.paths.eval_metrics, cfg.paths.confusion_png):
+        mlflow.log_artifact(path, "evaluate")
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe evaluate", description=__doc__).parse_args(argv)
     cfg = load_params()
     metrics = evaluate(cfg)
     with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        mlflow.log_metrics({"test/acc": metrics["test/acc"], "test/loss": metrics["test/loss"]})
-        mlflow.log_metrics({f"test/acc/{n}": a for n, a in metrics["test/per_class_acc"].items()})
-        for path in (cfg.paths.eval_metrics, cfg.paths.confusion_png):
-            mlflow.log_artifact(path, "evaluate")
+        log_evaluation(cfg, metrics)
     print(f"test/acc {metrics['test/acc']:.4f}")

@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import CONF_DIR
-from cnnpipe.evaluate import evaluate
+from cnnpipe.evaluate import evaluate, log_evaluation
 from cnnpipe.schema import validate
-from cnnpipe.train import train
+from cnnpipe.train import log_training, train
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
@@ -55,9 +55,8 @@ def train_and_test(cfg: DictConfig) -> dict:
         metrics = train(cfg, run_id)
         test = evaluate(cfg)
         with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-            mlflow.log_metrics({"test/acc": test["test/acc"], "test/loss": test["test/loss"]})
-            summary = {f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"}
-            mlflow.log_metrics(summary)
+            log_training(cfg, metrics)
+            log_evaluation(cfg, test)
     print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
     return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
 

@@ -183,6 +183,12 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
     return metrics
 
 
+def log_training(cfg: DictConfig, metrics: dict) -> None:
+    """Into the active MLflow run: the training summary and the per-epoch history."""
+    mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"})
+    mlflow.log_artifact(cfg.paths.history, "plots")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] not in ("-h", "--help"):
@@ -205,6 +211,5 @@ def main(argv: list[str] | None = None) -> None:
         # Finished epochs survive a store failure here: the next run resumes from them.
         metrics = train(cfg, run_id)
     with tracking.pipeline_run(cfg, run_file):
-        mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"})
-        mlflow.log_artifact(cfg.paths.history, "plots")
+        log_training(cfg, metrics)
     print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train_seconds']:.0f}s")
