@@ -65,9 +65,9 @@ def main() -> None:
         print(f"{row['epoch']:>5}  {float(row['val/acc']):7.4f}  {float(row['seconds']):7.1f}")
     print(
         f"test/acc {test['test/acc']:.4f} (tta_flip={cfg.evaluate.tta_flip}), "
-        f"training {metrics['train_seconds']:.0f} s "
-        f"at {metrics['images_per_second']:.0f} images/s, "
-        f"peak memory {metrics['peak_rss_mb']:.0f} MB"
+        f"training {metrics['train/seconds']:.0f} s "
+        f"at {metrics['train/images_per_second']:.0f} images/s, "
+        f"peak memory {metrics['train/peak_rss_mb']:.0f} MB"
     )
 
 

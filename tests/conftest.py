@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import pickle
+import shutil
 import socket
 import tarfile
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -58,10 +60,42 @@ def archive(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.fixture
 def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
-    """The tiny archive, extracted the way the fetch stage leaves it."""
-    with tarfile.open(archive[0]) as tar:
-        tar.extractall(tmp_path / "extracted", filter="data")
-    return tmp_path / "extracted" / "cifar-10-batches-py"
+    """The tiny archive, fetched by the fetch stage's own function."""
+    from cnnpipe.fetch import fetch
+
+    dest = tmp_path / "extracted" / "cifar-10-batches-py"
+    fetch(str(archive[0]), archive[1], dest)
+    return dest
+
+
+# Small enough for seconds of training, large enough that a one-cycle schedule has its phases.
+TINY = ["trainer.max_epochs=2", "trainer.batch_size=64", "data.val_size=40"]
+
+
+@pytest.fixture
+def project(tmp_path: Path, data_dir: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """A folder laid out like the repository, with conf/, a params.yaml for the tiny data and its
+    own MLflow store (sqlite:///<folder>/mlflow.db); the tests run in it. Yields the folder and
+    the overrides that made params.yaml."""
+    from cnnpipe.config import compose_params
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "conf", repo / "conf")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    tiny = [f"paths.data={data_dir}", *TINY, "trainer.progress_bar_refresh_rate=0"]
+    (repo / "params.yaml").write_text(compose_params(tiny, conf_dir=repo / "conf"))
+    return repo, tiny
+
+
+def store(repo: Path):
+    """The MLflow client of a `project` folder's store."""
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
 
 
 def free_port() -> int:

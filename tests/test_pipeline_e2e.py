@@ -132,6 +132,8 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         "trainer.max_epochs=1",
         "trainer.batch_size=64",
         "evaluate.batch_size=16",
+        # Keep the INT8 model whatever it loses on the tiny data, to see it registered.
+        "quantize.max_accuracy_drop=1.0",
     ]
     run("cnnpipe", "params", *overrides)
     run("git", "init", "-q")
@@ -143,22 +145,41 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     for name in OUTPUTS:
         assert (repo / name).is_file(), f"{name} missing"
     params = json.loads((repo / "metrics/params.json").read_text())
-    assert params["total_params"] == 122_570
+    assert params["model/params"] == 122_570
     parity = json.loads((repo / "metrics/parity.json").read_text())
-    assert parity["top1_agreement"] == 1.0 and parity["max_abs_diff"] <= 1e-5
-    assert parity["images"] == 50
+    assert parity["parity/top1_agreement"] == 1.0 and parity["parity/max_abs_diff"] <= 1e-5
+    assert parity["parity/images"] == 50
     test_acc = json.loads((repo / "metrics/eval.json").read_text())["test/acc"]
 
     run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     mlflow_run = client.get_run(run_id)
     metrics = mlflow_run.data.metrics
-    expected = {"train/loss", "val/acc", "test/loss", "params/total", "parity/max_abs_diff"}
-    assert expected | {"baseline/test/acc", "chapter/shift_agreement/cnn/shift1"} <= set(metrics)
-    assert metrics["test/acc"] == pytest.approx(test_acc)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["cnnpipe.stage"] == "chapter", "the last stage in dvc.yaml"
+    # Every stage records its metrics file and the run under the same names.
+    for path in sorted((repo / "metrics").glob("*.json")):
+        recorded = json.loads(path.read_text())
+        assert {k: metrics[k] for k in recorded} == {k: float(v) for k, v in recorded.items()}, path
+    assert metrics["test/acc"] == test_acc
     assert mlflow_run.data.tags["mlflow.source.git.commit"] == commit
+    artifacts = {a.path for a in client.list_artifacts(run_id, "lineage")}
+    assert artifacts == {"lineage/params.yaml", "lineage/dvc.lock"}
+    html = {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert "reports/chapter.html" in html and "reports/chapter.md" not in html
     (version,) = client.search_model_versions("name='cnnpipe-cifar10'")
     assert version.run_id == run_id
+    assert f"**{parity['parity/onnx_test_acc']:.2%}** on 50 test images" in version.description
+    assert f"(#/experiments/{mlflow_run.info.experiment_id}/runs/{run_id})" in version.description
+    assert "122,570 parameters" in version.description
+    # The INT8 model, kept, is registered and served from the registry like the FP32 one.
+    (int8,) = client.search_model_versions("name='cnnpipe-cifar10-int8'")
+    quantized = json.loads((repo / "metrics/quantize.json").read_text())
+    assert f"**{quantized['int8/test_acc']:.2%}**" in int8.description
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    served = mlflow.pyfunc.load_model("models:/cnnpipe-cifar10-int8/1").predict(images)
+    (want,) = ort.InferenceSession(repo / "models/int8/model.onnx").run(None, {"images": images})
+    np.testing.assert_allclose(np.asarray(list(served.values())[0]), want, atol=1e-6)
     assert (
         client.get_model_version_by_alias("cnnpipe-cifar10", "champion").version == version.version
     )
@@ -168,6 +189,43 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     check_mlflow_serves_the_champion(repo, env)
 
     assert "Data and pipelines are up to date." in run("dvc", "repro")
+
+    # Only meaningful plots: curves on epochs and seconds with named axes, one confusion matrix
+    # with true classes on the rows, the chapter's pictures; nothing twice.
+    plots = json.loads(run("dvc", "plots", "show", "--json"))["data"]
+    assert set(plots) == {
+        "Accuracy per epoch",
+        "Validation accuracy per second of training",
+        "Loss per epoch",
+        "Confusion matrix (test set)",
+        "plots/confusion.png",
+        *(
+            f"plots/chapter/{name}.png"
+            for name in ("params", "curves", "filters", "feature_maps", "mistakes")
+        ),
+    }
+    for name in ("Accuracy per epoch", "Loss per epoch"):
+        encoding = plots[name][0]["content"]["encoding"]
+        assert encoding["x"] == {"field": "epoch", "type": "quantitative", "title": "epoch"}
+    confusion = plots["Confusion matrix (test set)"][0]["content"]
+    assert confusion["spec"]["encoding"]["y"]["field"] == "true class"
+    assert confusion["params"][0] == {
+        "name": "showValues",
+        "value": True,
+        "bind": {"input": "checkbox"},
+    }
+
+    # A bad value costs nothing: DVC would delete the outputs before the stage fails.
+    kept = {name: (repo / name).read_bytes() for name in OUTPUTS}
+    for bad in ("data.md5=00000000000000000000000000000000", "trainer.max_epochs=abc"):
+        tried = [*(o for o in overrides if not o.startswith(bad.split("=")[0])), bad]
+        failed = subprocess.run(
+            ["dvc", "exp", "run", *(arg for o in tried for arg in ("-S", o))],
+            cwd=repo, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert failed.returncode != 0, failed.stdout
+        assert {name: (repo / name).read_bytes() for name in OUTPUTS} == kept, bad
+    run("git", "checkout", "params.yaml")
 
     # DVC composes conf/ with the overrides through Hydra; only evaluate depends on the change.
     set_args = [arg for o in [*overrides, "evaluate.batch_size=25"] for arg in ("-S", o)]
@@ -197,6 +255,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         [mlflow_run.info.experiment_id], "tags.`dvc.exp_name` = 'two-epochs'"
     )
     assert queued_run.data.params["trainer.max_epochs"] == "2"
+    assert queued_run.info.run_name == "two-epochs", "named as DVC names the experiment"
     assert queued_run.data.metrics["test/acc"] == pytest.approx(
         float(row["metrics/eval.json:test/acc"])
     )

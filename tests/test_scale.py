@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,25 +17,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
-from cnnpipe.tracking import flatten
+from cnnpipe.tracking import recipe_params
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["trainer.max_epochs=1", "trainer.batch_size=64", "data.val_size=40"]
-
-
-@pytest.fixture
-def project(tmp_path, data_dir, monkeypatch):
-    """A folder laid out like the repository, with tiny data and its own MLflow store."""
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "conf", repo / "conf")
-    monkeypatch.chdir(repo)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DVC_ROOT", str(repo))
-    tiny = [f"paths.data={data_dir}", *TINY, "trainer.progress_bar_refresh_rate=0"]
-    (repo / "params.yaml").write_text(compose_params(tiny, conf_dir=repo / "conf"))
-    return repo, tiny
 
 
 def cnnpipe(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -75,8 +60,18 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
         assert child.data.tags["sweep.overrides"].startswith("optim.lr=")
         assert child.info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
-    best = max(c.data.metrics["val/acc"] for c in children)
-    assert parent.data.metrics["best/val/acc"] == best
+    best = max(children, key=lambda c: c.data.metrics["val/acc"])
+    assert parent.data.metrics["best/val/acc"] == best.data.metrics["val/acc"]
+    assert [c.info.run_id for c in children if c.data.tags.get("sweep.best")] == [best.info.run_id]
+    assert parent.data.tags["sweep.best_run"] == best.info.run_id
+    # The parent: the shared recipe as params, what varies, a source; its summary links the runs.
+    assert parent.data.params["sweep.varied"] == "optim.lr, model"
+    assert parent.data.params["trainer.max_epochs"] == "2"
+    assert not [k for k in parent.data.params if k.startswith(("optim.lr", "model."))]
+    assert parent.data.tags["mlflow.source.name"] == "cnnpipe train --multirun"
+    for c in children:
+        link = f"[{c.info.run_id}](#/experiments/{c.info.experiment_id}/runs/{c.info.run_id})"
+        assert link in parent.data.tags["mlflow.note.content"]
 
     rows = re.findall(r"^\| (optim\.lr=\S+ model=\S+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
     assert len(rows) == 4
@@ -87,7 +82,7 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
         assert float(test) == pytest.approx(child.data.metrics["test/acc"], abs=1e-4)
     assert [float(v) for _, v, _ in rows] == sorted((float(v) for _, v, _ in rows), reverse=True)
     artifact = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep_summary.md")
-    assert artifact.count("| optim.lr=") == 4
+    assert artifact.count("| optim.lr=") == 4 and artifact.count("](#/experiments/") == 4
 
     # Each job wrote into its own folder under sweeps/; nothing DVC tracks was touched.
     assert not (repo / "models").exists() and not (repo / "metrics").exists()
@@ -115,9 +110,9 @@ def test_parallel_sweep_on_sqlite_loses_nothing(project):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     for child in children:
         assert child.info.status == "FINISHED"
-        assert set(flatten(compose_for(child))) <= set(child.data.params), "no param lost"
-        assert len(client.get_metric_history(child.info.run_id, "val/acc")) == 1
-        assert {"test/acc", "train_summary/train_seconds"} <= set(child.data.metrics)
+        assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
+        assert {"test/acc", "train/seconds"} <= set(child.data.metrics)
 
 
 def test_a_failed_job_fails_the_sweep_in_one_line_and_closes_its_parent(project):
@@ -242,11 +237,13 @@ def test_mlflow_server_serves_the_stores_runs_over_rest(project):
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer /health within a minute")
         experiment = rest(base, "experiments/get-by-name?experiment_name=cnnpipe")["experiment"]
         runs = rest(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         assert [r["info"]["run_id"] for r in runs] == [run_id]
         params = {p["key"]: p["value"] for p in runs[0]["data"]["params"]}
-        assert params["trainer.max_epochs"] == "1"
+        assert params["trainer.max_epochs"] == "2"
         history = rest(base, f"metrics/get-history?run_id={run_id}&metric_key=val/acc")
         expected = client.get_metric_history(run_id, "val/acc")
         assert [m["value"] for m in history["metrics"]] == [m.value for m in expected]

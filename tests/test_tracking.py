@@ -1,10 +1,44 @@
+"""The MLflow run a person meets: its name, the recipe once, curves on epochs, one name per
+quantity, lineage, a dataset by content, and a status that is true, on a real sqlite store."""
+
+import contextlib
+import csv
+import hashlib
 import json
+import os
+import pickle
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+import yaml
 
-from cnnpipe import PipelineError
-from cnnpipe.tracking import flatten, read_run_id, tracking_uri
+from cnnpipe import cli
+from cnnpipe.config import load_params
+from cnnpipe.fetch import BATCH_FILES, fetch
+from cnnpipe.tracking import read_run_id, recipe_params, tracking_uri
+from cnnpipe.train import HISTORY_KEYS, train
+from conftest import free_port, store
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    env |= {"GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def stage(*argv: str) -> None:
+    cli.main(list(argv))
+
+
+def the_run(repo: Path):
+    return store(repo).get_run(read_run_id(repo / "models/mlflow_run.json"))
 
 
 def test_default_store_is_sqlite_in_the_dvc_root(monkeypatch, tmp_path):
@@ -12,20 +46,319 @@ def test_default_store_is_sqlite_in_the_dvc_root(monkeypatch, tmp_path):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     assert tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
     assert tracking_uri("http://mlflow.example:5000") == "http://mlflow.example:5000"
-
-
-def test_environment_overrides_the_store(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/team.db")
     assert tracking_uri("http://configured") == "sqlite:////srv/team.db"
 
 
-def test_flatten_gives_dotted_string_params():
-    cfg = OmegaConf.create({"optim": {"lr": 0.005}, "data": {"mean": [0.1, 0.2]}, "seed": 0})
-    assert flatten(cfg) == {"optim.lr": "0.005", "data.mean": "[0.1, 0.2]", "seed": "0"}
-
-
 def test_missing_run_file_says_which_stage_to_run(tmp_path):
-    with pytest.raises(PipelineError, match="dvc repro train"):
+    with pytest.raises(Exception, match="dvc repro train"):
         read_run_id(tmp_path / "mlflow_run.json")
-    (tmp_path / "ok.json").write_text(json.dumps({"run_id": "r1"}))
-    assert read_run_id(tmp_path / "ok.json") == "r1"
+
+
+def test_recipe_params_leave_out_paths_locations_and_speed_settings(project):
+    params = recipe_params(load_params())
+    composed = yaml.safe_load(Path("params.yaml").read_text())
+    assert params["optim.lr"] == str(composed["optim"]["lr"])
+    assert params["data.mean"] == str(composed["data"]["mean"])
+    left_out = {"data.url", "data.md5", "data.timeout_s", "trainer.progress_bar_refresh_rate"}
+    left_out |= {"evaluate.batch_size", "parity.batch_size"}
+    assert not left_out & set(params)
+    assert not [k for k in params if k.startswith(("paths.", "mlflow."))]
+    # Everything else of the composed config is there, once.
+    everything = {k for k in flat(composed) if not k.startswith(("paths.", "mlflow."))}
+    assert set(params) == everything - left_out
+
+
+def flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
+    repo, _ = project
+    # A system metrics sample every half second, so a training of seconds has some.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "recipe")
+    commit = git(repo, "rev-parse", "HEAD")
+
+    stage("train")
+    running_tags = the_run(repo).data.tags
+    stage("evaluate")
+    run = the_run(repo)
+    client = store(repo)
+
+    # 1. A name that says what the run is, and the commit.
+    assert run.info.run_name == f"ChapterCNN 2 epochs @{commit[:7]}"
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    assert run.data.tags["git.dirty"] == "false"
+    # 2. The recipe as params, once: no paths, no second copy from Lightning.
+    assert run.data.params == recipe_params(load_params())
+    assert not {"lr", "net/_target_", "class_names", "mean"} & set(run.data.params)
+    # ... and the data by content.
+    (dataset,) = run.inputs.dataset_inputs
+    digest = hashlib.sha256()
+    for name in BATCH_FILES:
+        digest.update((Path(load_params().paths.data) / name).read_bytes())
+    assert dataset.dataset.digest == digest.hexdigest()[:16]
+    assert dataset.dataset.name == "cifar10"
+    assert archive[0].as_uri() in dataset.dataset.source
+    # 3. Curves on epochs 1..N, one series each, no stray `epoch` series.
+    with open("plots/train_history.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in HISTORY_KEYS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [
+            (int(r["epoch"]), float(r[key])) for r in rows
+        ]
+    assert "epoch" not in run.data.metrics
+    # 4. One name per quantity: the JSON files and the run hold the same keys and values.
+    for path in ("metrics/train.json", "metrics/eval.json"):
+        recorded = json.loads(Path(path).read_text())
+        assert {k: run.data.metrics[k] for k in recorded} == recorded
+    # 5. Lineage: the configuration as run, system metrics while training.
+    lineage = client.download_artifacts(run.info.run_id, "lineage/params.yaml", str(repo))
+    assert yaml.safe_load(Path(lineage).read_text()) == yaml.safe_load(
+        Path("params.yaml").read_text()
+    )
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    # 6. The truth: RUNNING only while a stage runs; FINISHED after it; the process tags gone.
+    assert run.info.status == "FINISHED"
+    assert running_tags["cnnpipe.stage"] == "train" and "cnnpipe.pid" not in running_tags
+    assert run.data.tags["cnnpipe.stage"] == "evaluate"
+    assert "test accuracy (as deployed)" in run.data.tags["mlflow.note.content"]
+
+    # A change to the code shows in the next run's name and tags.
+    (repo / "conf" / "optim" / "adamw_onecycle.yaml").write_text(
+        (repo / "conf" / "optim" / "adamw_onecycle.yaml").read_text() + "\n# a note\n"
+    )
+    stage("train")
+    dirty = the_run(repo)
+    assert dirty.info.run_name == f"ChapterCNN 2 epochs @{commit[:7]}+dirty"
+    assert dirty.data.tags["git.dirty"] == "true"
+    assert "uncommitted changes" in dirty.data.tags["mlflow.note.content"]
+
+
+def test_the_same_data_has_the_same_digest_from_any_url(tmp_path, archive):
+    copy = tmp_path / "elsewhere" / "mirror.tar.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(archive[0].read_bytes())
+    from cnnpipe.fetch import data_digest, data_source
+
+    fetch(str(archive[0]), archive[1], tmp_path / "a")
+    fetch(copy.as_uri(), archive[1], tmp_path / "b")
+    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
+    assert data_source(tmp_path / "a") == archive[0].as_uri()
+    assert data_source(tmp_path / "b") == copy.as_uri()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+OUTPUTS = [
+    "models/model.ckpt",
+    "models/mlflow_run.json",
+    "metrics/train.json",
+    "plots/train_history.csv",
+]
+
+
+@pytest.mark.parametrize("fault", ["unsafe-batch", "diverged"])
+def test_a_failed_train_stage_reads_failed_and_leaves_the_previous_results(project, fault):
+    repo, _ = project
+    stage("train")
+    good = the_run(repo)
+    before = {name: (repo / name).read_bytes() for name in OUTPUTS}
+
+    if fault == "unsafe-batch":
+        batch = Path(load_params().paths.data) / "data_batch_1"
+        kept = batch.read_bytes()
+        batch.write_bytes(pickle.dumps(RunsCode()))
+        reason = "is not a safe CIFAR batch"
+    else:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["optim"]["lr"] = 1e30
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        reason = "training diverged"
+    with pytest.raises(SystemExit) as failed:
+        stage("train")
+    assert str(failed.value).startswith("cnnpipe train: error: ") and reason in str(failed.value)
+    assert "\n" not in str(failed.value)
+
+    assert {name: (repo / name).read_bytes() for name in OUTPUTS} == before
+    client = store(repo)
+    (bad,) = [
+        r
+        for r in client.search_runs([good.info.experiment_id])
+        if r.info.run_id != good.info.run_id
+    ]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["cnnpipe.failed_stage"] == "train"
+    assert reason in bad.data.tags["cnnpipe.error"]
+    assert bad.data.tags["mlflow.note.content"].startswith("**FAILED in stage `train`**")
+    assert not Path("pwned").exists()
+
+    # The later stages still log into the run of the model they read.
+    if fault == "unsafe-batch":
+        batch.write_bytes(kept)
+    stage("evaluate")
+    assert the_run(repo).info.run_id == good.info.run_id
+    assert "test/acc" in the_run(repo).data.metrics
+    assert client.get_run(bad.info.run_id).info.status == "FAILED"
+
+
+# The train stage, killed with SIGKILL in the middle of its third epoch.
+KILLED_IN_EPOCH_3 = """
+import os, signal
+from cnnpipe import cli
+from cnnpipe.module import ImageClassifier
+
+step = ImageClassifier.training_step
+
+def step_then_die(self, batch, index):
+    if self.current_epoch == 2 and index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, batch, index)
+
+ImageClassifier.training_step = step_then_die
+cli.main(["train"])
+"""
+
+
+def kill_training(repo: Path) -> str:
+    """Run the train stage until SIGKILL in epoch 3; return the run it left."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_EPOCH_3], cwd=repo, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    (run,) = store(repo).search_runs([store(repo).get_experiment_by_name("cnnpipe").experiment_id])
+    assert run.info.status == "RUNNING", "nobody could say otherwise yet"
+    return run.info.run_id
+
+
+@pytest.fixture
+def four_epochs(project):
+    repo, _ = project
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["trainer"]["max_epochs"] = 4
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    return repo
+
+
+def test_a_killed_training_is_continued_by_the_resume(four_epochs):
+    repo = four_epochs
+    uninterrupted = train(load_params())
+    rows = Path("plots/train_history.csv").read_text()
+    shutil.rmtree(repo / "models")
+    Path("plots/train_history.csv").unlink()
+
+    run_id = kill_training(repo)
+    assert not (repo / "models/mlflow_run.json").exists(), "a run that did not finish is no result"
+    client = store(repo)
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
+
+    stage("train")
+    run = the_run(repo)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    # Every epoch once, though epochs 1 and 2 were logged by the killed process.
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2, 3, 4]
+    # ... and the result of a run that was never interrupted.
+    resumed = json.loads(Path("metrics/train.json").read_text())
+    assert {k: resumed[k] for k in HISTORY_KEYS} == {k: uninterrupted[k] for k in HISTORY_KEYS}
+    without_seconds = [line.rsplit(",", 1)[0] for line in rows.splitlines()]
+    resumed_rows = Path("plots/train_history.csv").read_text().splitlines()
+    assert [line.rsplit(",", 1)[0] for line in resumed_rows] == without_seconds
+    assert not Path(load_params().paths.resume).exists(), "finished runs leave no resume state"
+
+
+def test_a_killed_training_not_resumed_reads_killed(four_epochs):
+    repo = four_epochs
+    run_id = kill_training(repo)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["optim"]["lr"] = 0.001  # another recipe: it starts afresh
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    stage("train")
+
+    killed = store(repo).get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["cnnpipe.failed_stage"] == "train"
+    assert the_run(repo).info.status == "FINISHED" and the_run(repo).info.run_id != run_id
+
+
+def cnnpipe(
+    repo: Path, *args: str, env: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "cnnpipe"), *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
+
+
+def one_line_store_error(result: subprocess.CompletedProcess, uri: str, says: str) -> None:
+    assert result.returncode == 1
+    # One line on stderr, naming the store and what to do: no traceback, no MLflow log lines.
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"cnnpipe train: error: MLflow store {uri}: "), result.stderr
+    assert says in result.stderr
+
+
+def test_a_store_that_is_down_read_only_or_full_fails_in_one_line(project):
+    repo, _ = project
+    db = repo / "mlflow.db"
+    store(repo).search_experiments()  # an empty store with MLflow's tables
+
+    down = f"http://127.0.0.1:{free_port()}"
+    result = cnnpipe(
+        repo, "train", env={"MLFLOW_TRACKING_URI": down, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    )
+    one_line_store_error(result, down, "the server does not answer")
+
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    result = cnnpipe(repo, "train", env={"MLFLOW_TRACKING_URI": read_only})
+    one_line_store_error(result, read_only, "read-only")
+
+    # A real full disk: the store on a small file system with no byte left.
+    full = repo.parent / "full"
+    full.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(full)])
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        shutil.copy(db, full / "mlflow.db")
+        with open(full / "filler", "wb", buffering=0) as filler:
+            for chunk in (65536, 4096, 512, 1):
+                with contextlib.suppress(OSError):
+                    while True:
+                        filler.write(b"\0" * chunk)
+        on_full_disk = f"sqlite:///{full / 'mlflow.db'}"
+        result = cnnpipe(repo, "train", env={"MLFLOW_TRACKING_URI": on_full_disk})
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    one_line_store_error(result, on_full_disk, "the disk is full")
+    assert not (repo / "models").exists() and not (repo / ".resume").exists()
+
+
+def test_a_locked_store_fails_in_one_line_after_mlflows_wait(project):
+    repo, _ = project
+    store(repo).search_experiments()
+    lock = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        result = cnnpipe(repo, "train")
+    finally:
+        lock.close()
+    one_line_store_error(result, f"sqlite:///{repo / 'mlflow.db'}", "locked by another process")
+    assert not (repo / "models").exists()

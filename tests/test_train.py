@@ -1,25 +1,18 @@
 import csv
 import io
-import json
 import os
 import pickle
-import signal
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnnpipe import PipelineError, cli, tracking
+from cnnpipe import PipelineError
 from cnnpipe.config import compose_params
 from cnnpipe.evaluate import evaluate
 from cnnpipe.module import load_checkpoint
-from cnnpipe.train import interrupted_run, train
-from conftest import free_port
+from cnnpipe.train import HISTORY_KEYS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,34 +40,12 @@ def test_train_writes_checkpoint_history_and_metrics(cfg):
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) == {"epoch", "train/loss", "train/acc", "val/loss", "val/acc", "seconds"}
-    assert json.loads(Path(cfg.paths.train_metrics).read_text()) == metrics
-    assert metrics["images_per_second"] > 0
-    assert not list(Path(cfg.paths.checkpoint).parent.glob(".*partial*"))
-
-
-def test_pipeline_run_collects_train_and_evaluate(cfg, tmp_path):
-    run_file = Path(cfg.paths.run)
-    run_id = tracking.start_pipeline_run(cfg, run_file)
-    train(cfg, run_id)
-    metrics = evaluate(cfg)
-    with tracking.pipeline_run(cfg, run_file):
-        mlflow.log_metric("test/acc", metrics["test/acc"])
-
-    assert (tmp_path / "mlflow.db").is_file()
-    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
-    assert run.data.params["trainer.max_epochs"] == "2"
-    assert run.data.params["model._target_"] == "cnnpipe.models.ChapterCNN"
-    assert {"train/loss", "val/acc", "test/acc"} <= set(run.data.metrics)
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
-    assert run.data.tags["mlflow.source.git.commit"]
-
-    assert 0 <= metrics["test/acc"] <= 1
-    assert set(metrics["test/per_class_acc"]) == set(
-        load_checkpoint(cfg.paths.checkpoint).hparams.class_names
+    assert {k: metrics[k] for k in HISTORY_KEYS} == {k: float(rows[-1][k]) for k in HISTORY_KEYS}
+    assert metrics["train/epochs"] == 2
+    assert metrics["train/images_per_second"] == pytest.approx(
+        160 * 2 / metrics["train/seconds"], rel=0.02
     )
-    lines = Path(cfg.paths.confusion_csv).read_text().splitlines()
-    assert lines[0] == "actual,predicted" and len(lines) == 51
-    assert Path(cfg.paths.confusion_png).read_bytes()[:4] == b"\x89PNG"
+    assert not list(Path(cfg.paths.checkpoint).parent.glob(".*partial*"))
 
 
 @pytest.mark.parametrize(
@@ -120,84 +91,6 @@ def test_schedule_with_an_empty_phase_is_refused_in_one_line(cfg):
     cfg.trainer.max_epochs, cfg.trainer.batch_size = 1, 40  # 4 steps, warm-up of exactly 1
     with pytest.raises(PipelineError, match="4 training steps with optim.pct_start=0.25"):
         train(cfg)
-    assert not Path(cfg.paths.checkpoint).exists()
-
-
-# Runs the train stage and kills it with SIGKILL in the middle of its third epoch.
-KILLED_IN_EPOCH_3 = """
-import os, signal, sys
-from omegaconf import OmegaConf
-from cnnpipe.module import ImageClassifier
-from cnnpipe.train import train
-
-step = ImageClassifier.training_step
-
-def step_then_die(self, batch, index):
-    if self.current_epoch == 2 and index == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, batch, index)
-
-ImageClassifier.training_step = step_then_die
-train(OmegaConf.load(sys.argv[1]), sys.argv[2])
-"""
-
-
-def test_run_killed_mid_training_resumes_from_its_last_checkpoint(cfg, tmp_path, capsys):
-    cfg.trainer.max_epochs = 4
-    uninterrupted = train(cfg)
-    rows = Path(cfg.paths.history).read_text()
-    for path in (cfg.paths.checkpoint, cfg.paths.history, cfg.paths.train_metrics):
-        Path(path).unlink()
-
-    run_file = Path(cfg.paths.run)
-    run_id = tracking.start_pipeline_run(cfg, run_file)
-    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_IN_EPOCH_3, str(tmp_path / "cfg.yaml"), run_id],
-        capture_output=True,
-    )
-    assert killed.returncode == -signal.SIGKILL
-    assert not Path(cfg.paths.checkpoint).exists(), "no half-trained model left as the output"
-    assert not Path(cfg.paths.train_metrics).exists()
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    assert len(client.get_metric_history(run_id, "val/acc")) == 2, "epochs 1 and 2 were logged"
-
-    other_recipe = OmegaConf.merge(cfg, {"optim": {"lr": 0.001}})
-    assert interrupted_run(other_recipe) is None, "another recipe starts afresh"
-    state = interrupted_run(cfg)
-    assert state["run_id"] == run_id
-    assert tracking.start_pipeline_run(cfg, run_file, state["run_id"]) == run_id
-    resumed = train(cfg, run_id)
-
-    assert "resuming the interrupted run" in capsys.readouterr().out
-    same = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc")
-    assert {k: resumed[k] for k in same} == {k: uninterrupted[k] for k in same}
-    strip_seconds = [line.rsplit(",", 1)[0] for line in rows.splitlines()]
-    resumed_rows = Path(cfg.paths.history).read_text().splitlines()
-    assert [line.rsplit(",", 1)[0] for line in resumed_rows] == strip_seconds
-    assert not Path(cfg.paths.resume).exists(), "finished runs leave no resume state"
-    assert len(client.get_metric_history(run_id, "val/acc")) == 4, "the same run goes on"
-
-
-def test_unreachable_store_stops_training_before_it_starts(cfg, monkeypatch):
-    OmegaConf.save(cfg, "params.yaml")
-    uri = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(SystemExit, match=f"cnnpipe train: error: MLflow store {uri} failed"):
-        cli.main(["train"])
-    assert not Path(cfg.paths.checkpoint).exists() and not Path(cfg.paths.resume).exists()
-
-
-def test_locked_sqlite_store_is_named_after_mlflows_wait(cfg, tmp_path):
-    OmegaConf.save(cfg, "params.yaml")
-    mlflow.MlflowClient(tracking.tracking_uri()).search_experiments()
-    lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")
-    with pytest.raises(SystemExit, match="database is locked.*stop the process locking") as exit:
-        cli.main(["train"])
-    lock.close()
-    assert "\n" not in str(exit.value)
     assert not Path(cfg.paths.checkpoint).exists()
 
 

@@ -1,28 +1,18 @@
 """Stage `baseline`: the dense network on raw pixels, trained and tested with the CNN's recipe."""
 
 import argparse
-import json
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import tracking
 from cnnpipe.config import load_params
 from cnnpipe.evaluate import evaluate
-from cnnpipe.files import atomic_path
 from cnnpipe.module import load_checkpoint
 from cnnpipe.train import train
 
 # The outputs train and evaluate write, moved into the baseline's own folder.
-OUTPUTS = [
-    "checkpoint",
-    "history",
-    "train_metrics",
-    "eval_metrics",
-    "confusion_csv",
-    "confusion_png",
-]
+OUTPUTS = ["checkpoint", "history", "confusion_csv", "confusion_png"]
 
 
 def baseline_config(cfg: DictConfig) -> DictConfig:
@@ -39,19 +29,20 @@ def train_baseline(cfg: DictConfig) -> dict:
     tested = evaluate(bcfg)
     module = load_checkpoint(bcfg.paths.checkpoint)
     return {
-        "params": sum(p.numel() for p in module.net.parameters()),
-        "val/acc": trained["val/acc"],
-        "test/acc": tested["test/acc"],
-        "train_seconds": trained["train_seconds"],
+        "baseline/params": sum(p.numel() for p in module.net.parameters()),
+        "baseline/val_acc": trained["val/acc"],
+        "baseline/test_acc": tested["test/acc"],
+        "baseline/train_seconds": trained["train/seconds"],
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe baseline", description=__doc__).parse_args(argv)
     cfg = load_params()
-    metrics = train_baseline(cfg)
-    with atomic_path(cfg.paths.baseline_metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        mlflow.log_metrics({f"baseline/{k}": v for k, v in metrics.items()})
-    print(f"dense baseline: {metrics['params']:,} parameters, test/acc {metrics['test/acc']:.4f}")
+    with tracking.stage_run(cfg, "baseline"):
+        metrics = train_baseline(cfg)
+        tracking.record(cfg.paths.baseline_metrics, metrics)
+    print(
+        f"dense baseline: {metrics['baseline/params']:,} parameters, "
+        f"test/acc {metrics['baseline/test_acc']:.4f}"
+    )

@@ -1,16 +1,19 @@
 """Stage `chapter`: the textbook chapter's claims about CNNs, each shown by a number or picture."""
 
 import argparse
+import base64
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from markdown_it import MarkdownIt
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnnpipe import tracking
@@ -18,6 +21,7 @@ from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint, predict_probs
+from cnnpipe.params_report import params_report
 
 
 def shift(images: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,15 +142,13 @@ def draw_curves(history_csv: Path, path: Path) -> None:
     save(fig, path)
 
 
-def draw_params(params_report: dict, path: Path) -> None:
+def draw_params(report: dict, path: Path) -> None:
     """Parameters on a log scale: the CNN's layers and total against dense layers on raw pixels."""
-    bars = {
-        f"CNN {name}": v["params"] for name, v in params_report["layers"].items() if v["params"]
-    }
-    bars["CNN total"] = params_report["total_params"]
+    bars = {f"CNN {r['layer']}": r["params"] for r in report["layers"] if r["params"]}
+    bars["CNN total"] = report["total_params"]
     colours = ["C0"] * len(bars)
-    for name, baseline in params_report["dense_baselines"].items():
-        bars[f"one dense layer {name}"] = baseline["params"]
+    for b in report["dense_baselines"]:
+        bars[f"one dense layer {b['input']}->{b['units']}"] = b["params"]
         colours.append("C3")
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 1))
     ax.barh(list(bars), list(bars.values()), color=colours)
@@ -177,23 +179,24 @@ def chapter(cfg: DictConfig) -> dict:
     conv = first_conv(module)
     x = normalise(module, images[:256])
     margin = max(c.shifts) + conv.kernel_size[0]
-    numbers: dict = {
-        "conv1_equivariance_error": {
-            str(k): round(equivariance_error(conv, x, k, margin), 8) for k in c.shifts
-        },
+    numbers = {
+        f"chapter/conv1_equivariance_error_shift{k}": round(
+            equivariance_error(conv, x, k, margin), 8
+        )
+        for k in c.shifts
     }
     cnn, dense = (
         Predictor(module, cfg.evaluate.tta_flip),
         Predictor(baseline, cfg.evaluate.tta_flip),
     )
     probs = predict_probs(cnn, images, batch)
-    numbers["shift_agreement"] = {
-        "cnn": shift_agreement(cnn, images, probs.argmax(1), c.shifts, batch),
-        "dense_baseline": shift_agreement(
-            dense, images, predict_probs(dense, images, batch).argmax(1), c.shifts, batch
-        ),
-    }
-    numbers["mistakes_shown"] = draw_mistakes(
+    for net, predictor, before in (
+        ("cnn", cnn, probs.argmax(1)),
+        ("dense", dense, predict_probs(dense, images, batch).argmax(1)),
+    ):
+        for k, agreement in shift_agreement(predictor, images, before, c.shifts, batch).items():
+            numbers[f"chapter/{net}_prediction_kept_shift{k}"] = agreement
+    numbers["chapter/mistakes_shown"] = draw_mistakes(
         images, labels, probs, names, c.mistakes, Path(cfg.paths.mistakes_png)
     )
     draw_filters(conv, Path(cfg.paths.filters_png))
@@ -201,7 +204,8 @@ def chapter(cfg: DictConfig) -> dict:
         module, images[: c.feature_map_images], c.maps_per_layer, Path(cfg.paths.feature_maps_png)
     )
     draw_curves(Path(cfg.paths.history), Path(cfg.paths.curves_png))
-    draw_params(json.loads(Path(cfg.paths.params_json).read_text()), Path(cfg.paths.params_png))
+    dense_baselines = OmegaConf.to_container(cfg.report.dense_baselines)
+    draw_params(params_report(module, dense_baselines), Path(cfg.paths.params_png))
     return numbers
 
 
@@ -216,18 +220,21 @@ def report(cfg: DictConfig, numbers: dict) -> str:
     def link(key: str) -> str:
         return Path(os.path.relpath(cfg.paths[key], here)).as_posix()
 
-    big = params["dense_baselines"]
-    agreement = numbers["shift_agreement"]
+    shifts = [str(k) for k in cfg.chapter.shifts]
+    dense_layers = [
+        (f"{h}x{w}x{ch}", units, f"model/dense_layer_{h}x{w}x{ch}_to_{units}")
+        for h, w, ch, units in cfg.report.dense_baselines
+    ]
     lines = [
         "# What the chapter claims, measured",
         "",
         "## 1. A dense layer on raw pixels explodes; convolutions stay small",
         "",
-        f"The whole CNN has {params['total_params']:,} parameters. "
+        f"The whole CNN has {params['model/params']:,} parameters. "
         + " ".join(
-            f"One dense layer from a {name.split('->')[0]} image to {name.split('->')[1]} units "
-            f"has {b['params']:,} ({b['times_model']:,}x the CNN)."
-            for name, b in big.items()
+            f"One dense layer from a {image} image to {units:,} units has "
+            f"{params[f'{key}_params']:,} ({params[f'{key}_times_model']:,}x the CNN)."
+            for image, units, key in dense_layers
         ),
         "",
         f"![parameters]({link('params_png')})",
@@ -238,10 +245,11 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "",
         "| Network | Parameters | Test accuracy | Training time |",
         "|---|---:|---:|---:|",
-        f"| CNN ({cfg.model._target_.rsplit('.', 1)[-1]}) | {params['total_params']:,} "
-        f"| {cnn_test['test/acc']:.2%} | {cnn_train['train_seconds']:.0f} s |",
-        f"| Dense ({cfg.baseline.model._target_.rsplit('.', 1)[-1]}) | {dense['params']:,} "
-        f"| {dense['test/acc']:.2%} | {dense['train_seconds']:.0f} s |",
+        f"| CNN ({cfg.model._target_.rsplit('.', 1)[-1]}) | {params['model/params']:,} "
+        f"| {cnn_test['test/acc']:.2%} | {cnn_train['train/seconds']:.0f} s |",
+        f"| Dense ({cfg.baseline.model._target_.rsplit('.', 1)[-1]}) "
+        f"| {dense['baseline/params']:,} | {dense['baseline/test_acc']:.2%} "
+        f"| {dense['baseline/train_seconds']:.0f} s |",
         "",
         "## 3. Filters learn to detect edges and colours",
         "",
@@ -257,19 +265,24 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "convolving a shifted image and shifting the convolved image, away from the borders "
         "(0 means exactly equivariant; a layer without weight sharing gives about 1):",
         "",
-        "| Shift (pixels) | " + " | ".join(numbers["conv1_equivariance_error"]) + " |",
-        "|---|" + "---:|" * len(numbers["conv1_equivariance_error"]),
+        "| Shift (pixels) | " + " | ".join(shifts) + " |",
+        "|---|" + "---:|" * len(shifts),
         "| Relative error | "
-        + " | ".join(f"{v:.1e}" for v in numbers["conv1_equivariance_error"].values())
+        + " | ".join(f"{numbers[f'chapter/conv1_equivariance_error_shift{k}']:.1e}" for k in shifts)
         + " |",
         "",
         "Tolerance: the share of test images whose predicted class survives a shift "
         "(right and down, zero fill). Pooling makes the CNN's prediction tolerant of small shifts:",
         "",
-        "| Shift (pixels) | " + " | ".join(agreement["cnn"]) + " |",
-        "|---|" + "---:|" * len(agreement["cnn"]),
-        "| CNN | " + " | ".join(f"{v:.1%}" for v in agreement["cnn"].values()) + " |",
-        "| Dense | " + " | ".join(f"{v:.1%}" for v in agreement["dense_baseline"].values()) + " |",
+        "| Shift (pixels) | " + " | ".join(shifts) + " |",
+        "|---|" + "---:|" * len(shifts),
+        *(
+            f"| {label} | " + " | ".join(f"{numbers[f'{key}_shift{k}']:.1%}" for k in shifts) + " |"
+            for label, key in (
+                ("CNN", "chapter/cnn_prediction_kept"),
+                ("Dense", "chapter/dense_prediction_kept"),
+            )
+        ),
         "",
         "## 6. Training pictures",
         "",
@@ -283,22 +296,29 @@ def report(cfg: DictConfig, numbers: dict) -> str:
     return "\n".join(lines)
 
 
+def self_contained_html(markdown: str, here: Path) -> str:
+    """The report as one HTML page with its pictures inside, for viewers that cannot follow a
+    relative link (MLflow's artifact view renders HTML, not Markdown images)."""
+
+    def inline(match: re.Match) -> str:
+        png = base64.b64encode(Path(os.path.normpath(here / match[1])).read_bytes()).decode()
+        return f'src="data:image/png;base64,{png}"'
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    style = "body{font-family:sans-serif;max-width:60em}img{max-width:100%}td,th{padding:0 .6em}"
+    return f"<!doctype html><meta charset=utf-8><style>{style}</style>{body}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
     cfg = load_params()
-    numbers = chapter(cfg)
-    with atomic_path(cfg.paths.chapter_metrics) as tmp:
-        tmp.write_text(json.dumps(numbers, indent=2) + "\n")
-    with atomic_path(cfg.paths.chapter_report) as tmp:
-        tmp.write_text(report(cfg, numbers))
-    pictures = ["params_png", "curves_png", "filters_png", "feature_maps_png", "mistakes_png"]
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        for key in pictures:
-            mlflow.log_artifact(cfg.paths[key], "chapter")
-        mlflow.log_artifact(cfg.paths.chapter_report, "chapter")
-        for k, v in numbers["conv1_equivariance_error"].items():
-            mlflow.log_metric(f"chapter/conv1_equivariance_error/shift{k}", v)
-        for net, values in numbers["shift_agreement"].items():
-            for k, v in values.items():
-                mlflow.log_metric(f"chapter/shift_agreement/{net}/shift{k}", v)
+    with tracking.stage_run(cfg, "chapter"):
+        numbers = chapter(cfg)
+        tracking.record(cfg.paths.chapter_metrics, numbers)
+        markdown = report(cfg, numbers)
+        with atomic_path(cfg.paths.chapter_report) as tmp:
+            tmp.write_text(markdown)
+        here = Path(cfg.paths.chapter_report).parent
+        mlflow.log_text(self_contained_html(markdown, here), "reports/chapter.html")
     print(f"wrote {cfg.paths.chapter_report}")

@@ -1,6 +1,7 @@
 """`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict`, `serve` and
 `runs`."""
 
+import errno
 import importlib
 import sys
 
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(COMMANDS[command]).main(rest)
     except PipelineError as error:
         sys.exit(f"cnnpipe {command}: error: {error}")
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        # Outputs are written under temporary names: nothing half-written is left behind.
+        sys.exit(
+            f"cnnpipe {command}: error: cannot write {error.filename or 'a file'} "
+            f"({error.strerror}); free some disk space, then run again"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import argparse
 import csv
-import json
 from pathlib import Path
 
 import mlflow
@@ -18,7 +17,7 @@ from cnnpipe.module import Predictor, load_checkpoint, predict_probs
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Score the checkpoint on the test set; write metrics JSON, confusion CSV and PNG."""
+    """Score the checkpoint on the test set: write the confusion CSV and PNG, return the metrics."""
     module = load_checkpoint(cfg.paths.checkpoint)
     names = module.hparams.class_names
     images, labels = read_split(Path(cfg.paths.data), "test")
@@ -31,16 +30,11 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = {
         "test/acc": round(float((predicted == labels).float().mean()), 6),
         "test/loss": round(float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)), 6),
-        "test/per_class_acc": {
-            name: round(float(acc), 6) for name, acc in zip(names, per_class, strict=True)
-        },
+        **{f"test/acc/{n}": round(float(a), 6) for n, a in zip(names, per_class, strict=True)},
     }
-
-    with atomic_path(cfg.paths.eval_metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     with atomic_path(cfg.paths.confusion_csv) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
+        writer.writerow(["true class", "predicted class"])
         writer.writerows([names[a], names[p]] for a, p in zip(labels, predicted, strict=True))
     fig, ax = confusion.plot(labels=names)
     fig.set_size_inches(8, 8)
@@ -51,17 +45,15 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def log_evaluation(cfg: DictConfig, metrics: dict) -> None:
-    """Into the active MLflow run: test metrics, per-class accuracy, the metrics file and plot."""
-    mlflow.log_metrics({"test/acc": metrics["test/acc"], "test/loss": metrics["test/loss"]})
-    mlflow.log_metrics({f"test/acc/{n}": a for n, a in metrics["test/per_class_acc"].items()})
-    for path in (cfg.paths.eval_metrics, cfg.paths.confusion_png):
-        mlflow.log_artifact(path, "evaluate")
+    """The test result: `paths.eval_metrics` and the active MLflow run, and the confusion plot."""
+    tracking.record(cfg.paths.eval_metrics, metrics)
+    mlflow.log_artifact(cfg.paths.confusion_png, "plots")
 
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe evaluate", description=__doc__).parse_args(argv)
     cfg = load_params()
-    metrics = evaluate(cfg)
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
+    with tracking.stage_run(cfg, "evaluate"):
+        metrics = evaluate(cfg)
         log_evaluation(cfg, metrics)
     print(f"test/acc {metrics['test/acc']:.4f}")

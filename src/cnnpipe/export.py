@@ -4,7 +4,6 @@ import argparse
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -72,18 +71,18 @@ def export_onnx(
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    module = load_checkpoint(cfg.paths.checkpoint)
-    run_file = Path(cfg.paths.run)
-    metadata = {
-        "class_names": json.dumps(module.hparams.class_names),
-        "input_description": INPUT_DESCRIPTION,
-        "tta_flip": str(cfg.evaluate.tta_flip).lower(),
-        "mlflow_run_id": tracking.read_run_id(run_file),
-        "git_commit": tracking.git_commit(),
-    }
-    path = Path(cfg.paths.onnx)
-    predictor = Predictor(module, cfg.evaluate.tta_flip)
-    export_onnx(predictor, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
-    with tracking.pipeline_run(cfg, run_file):
-        mlflow.log_metric("onnx/bytes", path.stat().st_size)
+    with tracking.stage_run(cfg, "export") as run:
+        module = load_checkpoint(cfg.paths.checkpoint)
+        commit, dirty = tracking.git_commit()
+        metadata = {
+            "class_names": json.dumps(module.hparams.class_names),
+            "input_description": INPUT_DESCRIPTION,
+            "tta_flip": str(cfg.evaluate.tta_flip).lower(),
+            "mlflow_run_id": run.info.run_id,
+            "git_commit": commit + ("-dirty" if dirty else ""),
+        }
+        path = Path(cfg.paths.onnx)
+        predictor = Predictor(module, cfg.evaluate.tta_flip)
+        checks = list(cfg.export.check_batch_sizes)
+        export_onnx(predictor, path, cfg.export.opset, metadata, checks)
     print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")

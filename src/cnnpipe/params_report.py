@@ -1,8 +1,6 @@
 """Stage `params_report`: parameters and multiply-accumulates per layer, against dense layers."""
 
 import argparse
-import json
-from pathlib import Path
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
@@ -69,19 +67,16 @@ def params_report(module: ImageClassifier, dense_baselines: list[list[int]]) -> 
 
 
 def to_metrics(report: dict) -> dict:
-    """Numbers only, keyed by name, as `dvc metrics show` wants them."""
-    return {
-        "total_params": report["total_params"],
-        "trainable_params": report["trainable_params"],
-        "total_macs": report["total_macs"],
-        "layers": {
-            r["layer"]: {"params": r["params"], "macs": r["macs"]} for r in report["layers"]
-        },
-        "dense_baselines": {
-            f"{b['input']}->{b['units']}": {"params": b["params"], "times_model": b["times_model"]}
-            for b in report["dense_baselines"]
-        },
+    """The numbers worth comparing between runs; the per-layer table is in the Markdown report."""
+    metrics = {
+        "model/params": report["total_params"],
+        "model/trainable_params": report["trainable_params"],
+        "model/macs": report["total_macs"],
     }
+    for b in report["dense_baselines"]:
+        name = f"model/dense_layer_{b['input']}_to_{b['units']}"
+        metrics |= {f"{name}_params": b["params"], f"{name}_times_model": b["times_model"]}
+    return metrics
 
 
 def to_markdown(report: dict, model_name: str) -> str:
@@ -118,15 +113,11 @@ def to_markdown(report: dict, model_name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe params-report", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    module = load_checkpoint(cfg.paths.checkpoint)
-    report = params_report(module, OmegaConf.to_container(cfg.report.dense_baselines))
-    with atomic_path(cfg.paths.params_json) as tmp:
-        tmp.write_text(json.dumps(to_metrics(report), indent=2) + "\n")
-    with atomic_path(cfg.paths.params_md) as tmp:
-        tmp.write_text(to_markdown(report, cfg.model._target_.rsplit(".", 1)[-1]))
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        mlflow.log_metrics(
-            {"params/total": report["total_params"], "macs/total": report["total_macs"]}
-        )
-        mlflow.log_artifact(cfg.paths.params_md, "params_report")
+    with tracking.stage_run(cfg, "params_report"):
+        module = load_checkpoint(cfg.paths.checkpoint)
+        report = params_report(module, OmegaConf.to_container(cfg.report.dense_baselines))
+        tracking.record(cfg.paths.params_json, to_metrics(report))
+        with atomic_path(cfg.paths.params_md) as tmp:
+            tmp.write_text(to_markdown(report, cfg.model._target_.rsplit(".", 1)[-1]))
+        mlflow.log_artifact(cfg.paths.params_md, "reports")
     print(f"{report['total_params']:,} parameters, {report['total_macs']:,} MACs per image")

@@ -1,7 +1,6 @@
 """Stage `parity`: the ONNX model in onnxruntime against the PyTorch checkpoint, on the test set."""
 
 import argparse
-import json
 from pathlib import Path
 
 import mlflow
@@ -18,7 +17,6 @@ from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.export import INPUT_NAME
-from cnnpipe.files import atomic_path
 from cnnpipe.module import Predictor, load_checkpoint, predict_probs
 
 CHAMPION = "champion"
@@ -68,29 +66,44 @@ def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> b
     return True
 
 
+def version_description(cfg: DictConfig, result: dict, params: int, link: str) -> str:
+    """What a registered version holds and how it was checked, for the registry's page."""
+    network = cfg.model._target_.rsplit(".", 1)[-1]
+    tta = ", flip test-time augmentation inside" if cfg.evaluate.tta_flip else ""
+    return (
+        f"{network} ({params:,} parameters) as ONNX: uint8 RGB images (N, 32, 32, 3) in, class "
+        f"probabilities out, preprocessing{tta}.\n\n"
+        f"- Test accuracy as deployed (this file in onnxruntime): "
+        f"**{result['onnx_test_acc']:.2%}** on {result['images']:,} test images\n"
+        f"- Parity with PyTorch: max |diff| {result['max_abs_diff']:.2e}, top-1 agreement "
+        f"{result['top1_agreement']:.2%}\n"
+        f"- [The pipeline run that made it]({link})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), cfg.evaluate.tta_flip)
-    onnx_path = Path(cfg.paths.onnx)
-    images, labels = read_split(Path(cfg.paths.data), "test")
-    result = compare(predictor, onnx_path, images, cfg.parity.batch_size, labels)
-    if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
-        raise PipelineError(
-            f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} "
-            f"(parity.atol {cfg.parity.atol:.0e}), top-1 agreement {result['top1_agreement']:.4%}"
-        )
-    with atomic_path(cfg.paths.parity_metrics) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with tracking.stage_run(cfg, "parity") as run:
+        module = load_checkpoint(cfg.paths.checkpoint)
+        predictor = Predictor(module, cfg.evaluate.tta_flip)
+        onnx_path = Path(cfg.paths.onnx)
+        images, labels = read_split(Path(cfg.paths.data), "test")
+        result = compare(predictor, onnx_path, images, cfg.parity.batch_size, labels)
+        if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
+            raise PipelineError(
+                f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} (parity.atol "
+                f"{cfg.parity.atol:.0e}), top-1 agreement {result['top1_agreement']:.4%}"
+            )
+        tracking.record(cfg.paths.parity_metrics, {f"parity/{k}": v for k, v in result.items()})
 
-    # Only a model that passed parity is logged with the ONNX flavour and registered.
-    example = images[:4].permute(0, 2, 3, 1).contiguous().numpy()
-    signature = infer_signature(example, onnx_probs(onnx_path, example, len(example)))
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        mlflow.log_metrics({f"parity/{k}": v for k, v in result.items()})
+        # Only a model that passed parity is logged with the ONNX flavour and registered.
+        example = images[:4].permute(0, 2, 3, 1).contiguous().numpy()
+        signature = infer_signature(example, onnx_probs(onnx_path, example, len(example)))
+        network = cfg.model._target_.rsplit(".", 1)[-1]
         info = mlflow.onnx.log_model(
             onnx.load(onnx_path),
-            name="model",
+            name=f"{network}-onnx",
             registered_model_name=cfg.mlflow.model_name,
             signature=signature,
             input_example=example,
@@ -98,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
             onnx_execution_providers=["CPUExecutionProvider"],
         )
         version = info.registered_model_version
-        promoted = promote(MlflowClient(), cfg.mlflow.model_name, version, result["onnx_test_acc"])
+        client = MlflowClient()
+        params = sum(p.numel() for p in module.net.parameters())
+        link = tracking.run_link(run.info.experiment_id, run.info.run_id)
+        description = version_description(cfg, result, params, link)
+        client.update_model_version(cfg.mlflow.model_name, version, description)
+        promoted = promote(client, cfg.mlflow.model_name, version, result["onnx_test_acc"])
     print(
         f"registered {cfg.mlflow.model_name} version {version}"
         + (f", now @{CHAMPION}" if promoted else f"; @{CHAMPION} stays on a more accurate version")

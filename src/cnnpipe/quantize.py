@@ -4,7 +4,6 @@ onnxruntime's static quantization (QDQ format, per-channel weights), calibrated 
 """
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
 import torch
 from omegaconf import DictConfig
 from onnxruntime.quantization import (
@@ -78,44 +78,74 @@ def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     q = cfg.quantize
-    train_images, _ = read_split(Path(cfg.paths.data), "train")
-    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
-    calibration = train_images[pick[: q.calibration_images]].permute(0, 2, 3, 1).contiguous()
-    test_images, test_labels = read_split(Path(cfg.paths.data), "test")
-    test_nhwc = test_images.permute(0, 2, 3, 1).contiguous().numpy()
+    with tracking.stage_run(cfg, "quantize") as run:
+        train_images, _ = read_split(Path(cfg.paths.data), "train")
+        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
+        calibration = train_images[pick[: q.calibration_images]].permute(0, 2, 3, 1).contiguous()
+        test_images, test_labels = read_split(Path(cfg.paths.data), "test")
+        test_nhwc = test_images.permute(0, 2, 3, 1).contiguous().numpy()
 
-    out_dir = Path(cfg.paths.int8)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    int8 = out_dir / "model.onnx"
-    quantize(Path(cfg.paths.onnx), int8, calibration.numpy())
-    fp32 = accuracy_and_speed(Path(cfg.paths.onnx), test_nhwc, test_labels.numpy(), q.batch_size)
-    quant = accuracy_and_speed(int8, test_nhwc, test_labels.numpy(), q.batch_size)
-    drop = fp32["test_acc"] - quant["test_acc"]
-    kept = drop <= q.max_accuracy_drop
-    if not kept:
-        int8.unlink()
-    metrics = {
-        "fp32": fp32,
-        "int8": quant,
-        "accuracy_drop": round(drop, 6),
-        "speedup": round(quant["images_per_second"] / fp32["images_per_second"], 3),
-        "kept": kept,
-    }
-    with atomic_path(cfg.paths.quantize_metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-        mlflow.log_metrics(
-            {
+        out_dir = Path(cfg.paths.int8)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside the output and swapped in at the end: a failure keeps the previous one.
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".int8-"))
+        try:
+            int8 = tmp / "model.onnx"
+            quantize(Path(cfg.paths.onnx), int8, calibration.numpy())
+            labels = test_labels.numpy()
+            fp32 = accuracy_and_speed(Path(cfg.paths.onnx), test_nhwc, labels, q.batch_size)
+            quant = accuracy_and_speed(int8, test_nhwc, labels, q.batch_size)
+            drop = fp32["test_acc"] - quant["test_acc"]
+            kept = drop <= q.max_accuracy_drop
+            if not kept:
+                int8.unlink()
+            metrics = {
                 "int8/test_acc": quant["test_acc"],
-                "int8/accuracy_drop": drop,
-                "int8/speedup": metrics["speedup"],
+                "int8/accuracy_drop": round(drop, 6),
+                "int8/images_per_second": quant["images_per_second"],
+                "int8/fp32_images_per_second": fp32["images_per_second"],
+                "int8/speedup": round(quant["images_per_second"] / fp32["images_per_second"], 3),
+                "int8/kept": kept,
             }
-        )
-        if kept:
-            mlflow.log_artifact(str(int8), "int8")
-    verdict = f"kept as {int8}" if kept else f"dropped: loses more than {q.max_accuracy_drop:.1%}"
+            tracking.record(cfg.paths.quantize_metrics, metrics)
+            if kept:
+                register(cfg, int8, metrics, run)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    verdict = (
+        f"kept as {out_dir / 'model.onnx'}"
+        if kept
+        else f"dropped: loses more than {q.max_accuracy_drop:.1%}"
+    )
     print(
         f"INT8 test/acc {quant['test_acc']:.4f} vs FP32 {fp32['test_acc']:.4f}, "
-        f"{metrics['speedup']:.2f}x images/s at batch {q.batch_size}; {verdict}"
+        f"{metrics['int8/speedup']:.2f}x images/s at batch {q.batch_size}; {verdict}"
+    )
+
+
+def register(cfg: DictConfig, int8: Path, metrics: dict, run: mlflow.ActiveRun) -> None:
+    """Log the kept INT8 model with the ONNX flavour and register it as `<model_name>-int8`, so
+    `models:/<model_name>-int8/<version>` serves it."""
+    network = cfg.model._target_.rsplit(".", 1)[-1]
+    name = f"{cfg.mlflow.model_name}-int8"
+    info = mlflow.onnx.log_model(
+        onnx.load(int8),
+        name=f"{network}-onnx-int8",
+        registered_model_name=name,
+        save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
+    link = tracking.run_link(run.info.experiment_id, run.info.run_id)
+    mlflow.MlflowClient().update_model_version(
+        name,
+        info.registered_model_version,
+        f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel weights), same "
+        f"input and output as `{cfg.mlflow.model_name}`.\n\n"
+        f"- Test accuracy as deployed: **{metrics['int8/test_acc']:.2%}** "
+        f"({metrics['int8/accuracy_drop'] * 100:.2f} points below FP32)\n"
+        f"- Images/s against FP32 at batch {cfg.quantize.batch_size}: "
+        f"{metrics['int8/speedup']:.2f}x\n"
+        f"- [The pipeline run that made it]({link})",
     )

@@ -1,7 +1,7 @@
 """The configuration's schema: unknown keys, wrong types and impossible values are refused up
 front, naming the key, before any stage does work."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -9,12 +9,17 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cnnpipe import PipelineError
 
+# Settings that say where things are or how fast they run, not what is computed: left out of the
+# MLflow params, so comparing runs shows only differences in the recipe.
+NOT_RECIPE = {"recipe": False}
+
 
 @dataclass
 class Data:
-    url: str
-    md5: str
-    timeout_s: float
+    # Where the archive comes from: the runs record the data by content (an MLflow dataset).
+    url: str = field(metadata=NOT_RECIPE)
+    md5: str = field(metadata=NOT_RECIPE)
+    timeout_s: float = field(metadata=NOT_RECIPE)
     val_size: int
     mean: list[float]
     std: list[float]
@@ -41,7 +46,7 @@ class Trainer:
     strategy: str
     deterministic: Any  # true, false or "warn", as Lightning takes it
     channels_last: bool
-    progress_bar_refresh_rate: int
+    progress_bar_refresh_rate: int = field(metadata=NOT_RECIPE)
 
 
 @dataclass
@@ -53,7 +58,7 @@ class MLflow:
 
 @dataclass
 class Evaluate:
-    batch_size: int
+    batch_size: int = field(metadata=NOT_RECIPE)
     tta_flip: bool
 
 
@@ -86,7 +91,7 @@ class Quantize:
 @dataclass
 class Parity:
     atol: float
-    batch_size: int
+    batch_size: int = field(metadata=NOT_RECIPE)
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Config:
     data: Data
     optim: Optim
     trainer: Trainer
-    mlflow: MLflow
+    mlflow: MLflow = field(metadata=NOT_RECIPE)
     evaluate: Evaluate
     report: Report
     export: Export
@@ -105,7 +110,7 @@ class Config:
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
-    paths: dict[str, str] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict, metadata=NOT_RECIPE)
 
 
 POSITIVE = [
@@ -116,6 +121,22 @@ POSITIVE = [
 ]  # fmt: skip
 NOT_NEGATIVE = ["data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop"]
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
+
+
+def recipe(cfg: DictConfig) -> dict:
+    """`cfg` as a plain dict without the NOT_RECIPE settings (nor keys the schema lacks, such as
+    Hydra's own node)."""
+
+    def keep(node: dict, schema: type) -> dict:
+        out = {}
+        for f in fields(schema):
+            if f.name not in node or f.metadata == NOT_RECIPE:
+                continue
+            out[f.name] = keep(node[f.name], f.type) if is_dataclass(f.type) else node[f.name]
+        return out
+
+    known = [f.name for f in fields(Config) if f.name in cfg]
+    return keep(OmegaConf.to_container(OmegaConf.masked_copy(cfg, known), resolve=True), Config)
 
 
 def validate(cfg: DictConfig) -> DictConfig:

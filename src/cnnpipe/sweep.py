@@ -12,9 +12,11 @@ from pathlib import Path
 import hydra
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from mlflow.entities import Param
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, tracking
@@ -27,7 +29,7 @@ from cnnpipe.train import log_training, train
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
 PARENT_ENV = "CNNPIPE_SWEEP_PARENT_RUN"
 # The summary's metric columns and their formats.
-SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train_summary/train_seconds": ".1f"}
+SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train/seconds": ".1f"}
 
 
 def job(cfg: DictConfig) -> dict:
@@ -47,23 +49,22 @@ def train_and_test(cfg: DictConfig) -> dict:
         if key != "data":
             cfg.paths[key] = str(out / path)
     overrides = " ".join(hc.overrides.task) or "(defaults)"
-    tags = {"mlflow.runName": overrides, "sweep.overrides": overrides}
+    tags = {"sweep.overrides": overrides}
     if hc.mode == RunMode.MULTIRUN and os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
-    run_id = tracking.start_pipeline_run(cfg, Path(cfg.paths.run), tags=tags)
-    with tracking.store_errors():
-        metrics = train(cfg, run_id)
+    with tracking.stage_run(cfg, "train", new=True, name=overrides, tags=tags) as run:
+        metrics = train(cfg, run.info.run_id)
+        log_training(cfg, metrics)
         test = evaluate(cfg)
-        with tracking.pipeline_run(cfg, Path(cfg.paths.run)):
-            log_training(cfg, metrics)
-            log_evaluation(cfg, test)
+        log_evaluation(cfg, test)
+    tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
     print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
     return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
 
 
-def summary_table(children: list) -> str:
-    """Markdown: one row per child run, best validation accuracy first; the overrides column
-    shows only what the sweep varied."""
+def summary_table(children: list, links: bool = False) -> str:
+    """Markdown: one row per child run, best validation accuracy first, with `links` to the runs
+    in the MLflow UI; the overrides column shows only what the sweep varied."""
     overrides = {r.info.run_id: r.data.tags.get("sweep.overrides", "").split() for r in children}
     values: dict[str, set[str]] = {}
     for items in overrides.values():
@@ -76,21 +77,48 @@ def summary_table(children: list) -> str:
         shown = [o for o in overrides[run.info.run_id] if o.partition("=")[0] in varied]
         m = run.data.metrics
         cells = [f"{m[k]:{f}}" if k in m else "-" for k, f in SUMMARY.items()]
-        lines.append(f"| {' '.join(shown) or '-'} | {' | '.join(cells)} | {run.info.run_id} |")
+        link = run.info.run_id
+        if links:
+            link = f"[{link}]({tracking.run_link(run.info.experiment_id, run.info.run_id)})"
+        lines.append(f"| {' '.join(shown) or '-'} | {' | '.join(cells)} | {link} |")
     return "\n".join(lines)
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep varies: `optim.lr=1e-3,3e-3 model=a,b seed=1` -> ["optim.lr", "model"]."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.get_key_element() for o in parsed if o.is_sweep_override()]
 
 
 class ParentRun(Callback):
     """The sweep's MLflow parent run: created before the first job, closed with a summary."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        tracking.use_experiment(config)
-        sweep = " ".join(config.hydra.overrides.task)
-        tags = {"mlflow.runName": f"sweep: {sweep}", "sweep.dir": str(config.hydra.sweep.dir)}
-        tags["mlflow.source.git.commit"] = tracking.git_commit()
+        experiment_id = tracking.use_experiment(config)
+        overrides = list(config.hydra.overrides.task)
+        varied = swept_keys(overrides)
+        commit, dirty = tracking.git_commit()
+        tags = {
+            "mlflow.runName": f"sweep: {' '.join(overrides)}",
+            "sweep.dir": str(config.hydra.sweep.dir),
+            "mlflow.source.name": "cnnpipe train --multirun",
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": commit,
+            tracking.DIRTY: str(dirty).lower(),
+            tracking.STAGE: "sweep",
+            **tracking.process_tags(),
+        }
+        # The base recipe every job shares; the varied keys are in the children.
+        base = {
+            key: value
+            for key, value in tracking.recipe_params(config).items()
+            if not any(key == v or key.startswith(f"{v}.") for v in varied)
+        }
+        base["sweep.varied"] = ", ".join(varied)
         with tracking.store_errors():
-            experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
-            run = mlflow.MlflowClient().create_run(experiment.experiment_id, tags=tags)
+            client = mlflow.MlflowClient()
+            run = client.create_run(experiment_id, tags=tags)
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in base.items()])
         os.environ[PARENT_ENV] = run.info.run_id
         print(f"sweep parent run {run.info.run_id}")
 
@@ -99,7 +127,7 @@ class ParentRun(Callback):
 
 
 def close_sweep(status: str) -> None:
-    """Log the summary table to the parent run and end it with `status`."""
+    """Log the summary table to the parent run, tag the best child, end with `status`."""
     parent = os.environ.pop(PARENT_ENV)
     client = mlflow.MlflowClient()
     with tracking.store_errors():
@@ -107,11 +135,18 @@ def close_sweep(status: str) -> None:
         children = client.search_runs(
             [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000
         )
-        table = summary_table(children)
+        table = summary_table(children, links=True)
         client.log_text(parent, table + "\n", "sweep_summary.md")
-        best = max((c.data.metrics.get("val/acc", 0) for c in children), default=0)
-        client.log_metric(parent, "best/val/acc", best)
+        finished = [c for c in children if "val/acc" in c.data.metrics]
+        if finished:
+            best = max(finished, key=lambda c: c.data.metrics["val/acc"])
+            client.set_tag(best.info.run_id, "sweep.best", "true")
+            client.set_tag(parent, "sweep.best_run", best.info.run_id)
+            client.log_metric(parent, "best/val/acc", best.data.metrics["val/acc"])
+        note = f"{len(children)} runs, best validation accuracy first:\n\n{table}"
+        client.set_tag(parent, "mlflow.note.content", note)
         client.set_terminated(parent, status)
+    table = summary_table(children)
     print(f"\nsweep {parent}: {len(children)} runs, best validation accuracy first\n{table}")
 
 

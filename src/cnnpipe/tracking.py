@@ -1,18 +1,34 @@
-"""The one MLflow run that all stages of a pipeline run log into."""
+"""The MLflow run of a pipeline run: name, params, lineage, results, and a status that is true."""
 
 import contextlib
 import json
+import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import psutil
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
 from cnnpipe.files import atomic_path
+from cnnpipe.schema import recipe
+
+# What a person needs to follow a run, beside MLflow's own tags.
+STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
+DIRTY = "git.dirty"
+HOST, PID, PID_STARTED = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
+
+# MLflow's INFO lines (database migrations, the system metrics thread) say nothing to a person,
+# and its database module logs a traceback for each error that store_errors() reports in a line.
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def repo_root() -> Path:
@@ -29,77 +45,96 @@ def tracking_uri(configured: str | None = None) -> str:
     )
 
 
-def git_commit() -> str:
-    """HEAD's commit, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+def git_commit() -> tuple[str, bool]:
+    """HEAD's commit ("unknown" outside git), and whether the code or conf/ differ from it.
+
+    params.yaml, dvc.lock and the stage outputs are left out: DVC changes them in every run, and
+    the run records the configuration itself.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True).returncode
+        code = ["src", "conf", "dvc.yaml", "pyproject.toml", "requirements.lock"]
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], capture_output=True)
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
+        return "unknown", False
+    return commit, diff.returncode != 0
+
+
+def _store_problem(error: Exception) -> str:
+    text = str(error).lower()
+    if "locked" in text:
+        return (
+            "the sqlite database is locked by another process (MLflow waited 20 s); wait for "
+            "that process or stop it, then run again"
+        )
+    if "readonly" in text or "read-only" in text:
+        return "the store is read-only; make it writable or point MLFLOW_TRACKING_URI elsewhere"
+    if "disk is full" in text or "no space" in text:
+        return "the disk is full; free some space, then run again"
+    if "disk i/o error" in text:
+        return "a disk I/O error (is the disk full or failing?); check it, then run again"
+    if "connection" in text or "max retries" in text or "refused" in text:
+        return "the server does not answer; start it or set MLFLOW_TRACKING_URI to another store"
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
+    return f"{first}; fix the store or set MLFLOW_TRACKING_URI to another one"
 
 
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """A store that is down, or an sqlite file locked past MLflow's 20 s wait, fails the stage in
+    """A store that is down, locked past MLflow's 20 s wait, read-only or full fails the stage in
     one line: a run that cannot be traced is not a pipeline result."""
     try:
         yield
-    except MlflowException as error:
-        reason = str(error).splitlines()[0][:300]
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        # Only the store's own I/O is the store's problem; other files have their own errors.
+        if type(error) is OSError and "database" not in str(error).lower():
+            raise
         raise PipelineError(
-            f"MLflow store {mlflow.get_tracking_uri()} failed ({reason}); start the server or "
-            "stop the process locking the database, then run again (MLFLOW_TRACKING_URI picks "
-            "another store)"
+            f"MLflow store {mlflow.get_tracking_uri()}: {_store_problem(error)}"
         ) from None
 
 
-def use_experiment(cfg: DictConfig) -> None:
+def use_experiment(cfg: DictConfig) -> str:
+    """Select the configured experiment, created on first use; returns its id."""
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.mlflow.experiment) is None and uri.startswith("sqlite:"):
-        # Artifacts go beside the database, not into a ./mlruns folder of whatever cwd is.
-        artifacts = Path(uri.removeprefix("sqlite:///")).with_name("mlartifacts")
-        mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # Artifacts go beside the database, not into a ./mlruns folder of whatever cwd is.
+            # (sqlite:///file:/path.db?mode=ro is SQLAlchemy's URI form of a database path.)
+            database = uri.removeprefix("sqlite:///").removeprefix("file:").split("?")[0]
+            location = Path(database).resolve().with_name("mlartifacts").as_uri()
+        # The UI then opens the experiment on its runs, not on GenAI traces.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        experiment_id = mlflow.create_experiment(cfg.mlflow.experiment, location, tags)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
-def _exp_tag() -> dict[str, str]:
-    """Under `dvc exp run`, the experiment's name, to match MLflow runs with `dvc exp show`."""
-    name = os.environ.get("DVC_EXP_NAME")
-    return {"dvc.exp_name": name} if name else {}
-
-
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """{"optim.lr": "0.005", ...}: MLflow params are flat strings."""
+def flatten(node: object, sep: str = ".", prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.005}} -> {"optim.lr": 0.005}; lists stay values."""
+    if not isinstance(node, dict):
+        return {prefix: node}
     out = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            out[prefix[:-1]] = str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    for key, value in node.items():
+        out.update(flatten(value, sep, f"{prefix}{sep}{key}" if prefix else str(key)))
     return out
 
 
-def start_pipeline_run(
-    cfg: DictConfig, run_file: Path, run_id: str | None = None, tags: dict | None = None
-) -> str:
-    """Start the pipeline's MLflow run (or reopen `run_id`, an interrupted one), log the
-    configuration, record the run id in `run_file`."""
-    tags = {"mlflow.source.git.commit": git_commit(), **_exp_tag(), **(tags or {})}
-    with store_errors():
-        use_experiment(cfg)
-        with mlflow.start_run(run_id=run_id, tags=tags) as run:
-            mlflow.log_params(flatten(cfg))
-    with atomic_path(run_file) as tmp:
-        tmp.write_text(json.dumps({"run_id": run.info.run_id}) + "\n")
-    return run.info.run_id
+def recipe_params(cfg: DictConfig) -> dict[str, str]:
+    """The recipe as MLflow params: {"optim.lr": "0.005", ...}, without paths and the like."""
+    return {key: str(value) for key, value in flatten(recipe(cfg)).items()}
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link inside the MLflow UI, for Markdown that the UI renders (descriptions, artifacts)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def read_run_id(run_file: Path) -> str:
@@ -111,12 +146,150 @@ def read_run_id(run_file: Path) -> str:
         ) from None
 
 
+def write_run_file(run_file: Path, run_id: str) -> None:
+    with atomic_path(run_file) as tmp:
+        tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a RUNNING run, so the next run can tell a killed one from a live one."""
+    me = psutil.Process()
+    return {HOST: socket.gethostname(), PID: str(me.pid), PID_STARTED: str(me.create_time())}
+
+
+def _alive(tags: dict) -> bool:
+    try:
+        return str(psutil.Process(int(tags[PID])).create_time()) == tags[PID_STARTED]
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def close_abandoned_runs(client: mlflow.MlflowClient, experiment_id: str, keep: str | None) -> None:
+    """Mark KILLED the RUNNING runs of this machine whose process is gone (killed, or the machine
+    went down): left as they are they would read RUNNING forever."""
+    running = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'",
+        max_results=1000,
+    )
+    for run in running:
+        if run.info.run_id != keep and not _alive(run.data.tags):
+            stage = run.data.tags.get(STAGE, "?")
+            client.set_tag(run.info.run_id, FAILED_STAGE, stage)
+            client.set_tag(run.info.run_id, ERROR, f"the {stage} process ended without finishing")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def describe(client: mlflow.MlflowClient, run_id: str) -> str:
+    """The run's description: what it is, how it ended, the headline numbers."""
+    run = client.get_run(run_id)
+    tags, m = run.data.tags, run.data.metrics
+    lines = []
+    if run.info.status in ("FAILED", "KILLED"):
+        stage = tags.get(FAILED_STAGE)
+        lines += [f"**{run.info.status} in stage `{stage}`**: {tags.get(ERROR)}", ""]
+    commit = tags.get("mlflow.source.git.commit", "unknown")[:10]
+    dirty = " **with uncommitted changes** to the code or conf/"
+    dirty = dirty if tags.get(DIRTY) == "true" else ""
+    lines.append(f"Code: commit `{commit}`{dirty}. Last stage: `{tags.get(STAGE)}`.")
+    headline = {
+        "test/acc": "test accuracy (as deployed)",
+        "val/acc": "validation accuracy",
+        "parity/max_abs_diff": "ONNX vs PyTorch max |diff|",
+        "model/params": "parameters",
+        "train/seconds": "training seconds",
+    }
+    shown = [f"- {text}: **{m[key]:.6g}** (`{key}`)" for key, text in headline.items() if key in m]
+    if shown:
+        lines += ["", *shown]
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
-def pipeline_run(cfg: DictConfig, run_file: Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that the train stage started."""
-    run_id = read_run_id(run_file)
+def stage_run(
+    cfg: DictConfig,
+    stage: str,
+    *,
+    new: bool = False,
+    run_id: str | None = None,
+    name: str | None = None,
+    tags: dict | None = None,
+    system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run a stage works in, RUNNING while it works: FINISHED if the block completes,
+    FAILED (naming the stage and the error) if it raises, KILLED on Ctrl-C.
+
+    `new`: start a run (or reopen `run_id`, an interrupted one) and log the recipe; otherwise
+    reopen the run recorded in `paths.run` by the train stage.
+    """
+    run_id = run_id if new else read_run_id(Path(cfg.paths.run))
+    commit, dirty = git_commit()
     with store_errors():
-        use_experiment(cfg)
-        with mlflow.start_run(run_id=run_id) as run:
-            mlflow.set_tags(_exp_tag())
+        experiment_id = use_experiment(cfg)
+        client = mlflow.MlflowClient()
+        close_abandoned_runs(client, experiment_id, keep=run_id)
+        all_tags = {STAGE: stage, **process_tags(), **(tags or {})}
+        if exp_name := os.environ.get("DVC_EXP_NAME"):
+            # Matches the run with `dvc exp show`.
+            all_tags["dvc.exp_name"] = exp_name
+        if new:
+            all_tags |= {
+                "mlflow.source.git.commit": commit,
+                DIRTY: str(dirty).lower(),
+                "mlflow.source.name": f"cnnpipe {stage}",
+                "mlflow.source.type": "LOCAL",
+            }
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else name or exp_name or default_name(cfg, commit, dirty),
+            tags=all_tags,
+            log_system_metrics=system_metrics,
+        )
+        for key in (FAILED_STAGE, ERROR):
+            if key in run.data.tags:
+                client.delete_tag(run.info.run_id, key)
+        if new:
+            mlflow.log_params(recipe_params(cfg))
+    try:
+        with store_errors():
             yield run
+            mlflow.log_text(OmegaConf.to_yaml(cfg), "lineage/params.yaml")
+            if os.environ.get("DVC_STAGE") and Path("dvc.lock").is_file():
+                # As DVC left it after the stages before this one.
+                mlflow.log_artifact("dvc.lock", "lineage")
+            mlflow.set_tag("mlflow.note.content", describe(client, run.info.run_id))
+            end(client, run.info.run_id, "FINISHED")
+    except BaseException as error:
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            mlflow.set_tags({FAILED_STAGE: stage, ERROR: message[:500]})
+            end(client, run.info.run_id, status)
+            note = describe(client, run.info.run_id)
+            client.set_tag(run.info.run_id, "mlflow.note.content", note)
+        raise
+
+
+def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
+    """End the active run; the process tags are only needed while it runs."""
+    for key in (HOST, PID, PID_STARTED):
+        client.delete_tag(run_id, key)
+    mlflow.end_run(status)
+
+
+def default_name(cfg: DictConfig, commit: str, dirty: bool) -> str:
+    """Such as `ChapterCNN 35 epochs @f5b2a33`, with `+dirty` when the code differs from it."""
+    name = f"{cfg.model._target_.rsplit('.', 1)[-1]} {cfg.trainer.max_epochs} epochs"
+    if commit == "unknown":
+        return name
+    return f"{name} @{commit[:7]}{'+dirty' if dirty else ''}"
+
+
+def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> None:
+    """A stage's result: `metrics` to the JSON file at `path` and, under the same names, to the
+    active MLflow run. `curves` are keys the run already has per epoch (the JSON holds their
+    final value), logged once, not again."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    if mlflow.active_run():
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})

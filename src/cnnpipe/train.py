@@ -7,19 +7,24 @@ import json
 import resource
 import shutil
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer, TQDMProgressBar
-from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
 from cnnpipe.data import CIFAR10DataModule
+from cnnpipe.fetch import data_digest, data_source
 from cnnpipe.files import atomic_path
 from cnnpipe.module import ImageClassifier
 
@@ -27,17 +32,31 @@ HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 
 
 class EpochHistory(pl.Callback):
-    """One row of epoch-level metrics per epoch, with the training time so far, for `dvc plots`."""
+    """One row of epoch-level metrics per epoch, with the training time so far, for `dvc plots`;
+    with `run_id`, the same values go to that MLflow run with step = epoch (1..N)."""
 
-    def __init__(self, timer: Timer) -> None:
-        self.timer, self.rows = timer, []
+    def __init__(self, timer: Timer, run_id: str | None = None) -> None:
+        self.timer, self.run_id, self.rows = timer, run_id, []
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # A resumed run already has the epochs the killed one logged: log each epoch once.
+        client = mlflow.MlflowClient()
+        self.logged = (
+            {m.step for m in client.get_metric_history(self.run_id, "val/acc")}
+            if self.run_id
+            else set()
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch + 1}
-        row.update({key: round(float(metrics[key]), 6) for key in HISTORY_KEYS if key in metrics})
-        row["seconds"] = round(self.timer.time_elapsed("train"), 2)
-        self.rows.append(row)
+        epoch = trainer.current_epoch + 1
+        values = {key: round(float(metrics[key]), 6) for key in HISTORY_KEYS if key in metrics}
+        seconds = round(self.timer.time_elapsed("train"), 2)
+        self.rows.append({"epoch": epoch, **values, "seconds": seconds})
+        if self.run_id and epoch not in self.logged:
+            now = int(time.time() * 1000)
+            batch = [Metric(key, value, now, epoch) for key, value in values.items()]
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=True)
 
     # Saved in checkpoints, so a resumed run's history starts at epoch 1, not where it resumed.
     def state_dict(self) -> dict:
@@ -88,9 +107,7 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
     return module
 
 
-def build_trainer(
-    cfg: DictConfig, logger: MLFlowLogger | bool, callbacks: list[pl.Callback], **overrides
-) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
     options = {
         "max_epochs": cfg.trainer.max_epochs,
         "precision": cfg.trainer.precision,
@@ -99,7 +116,9 @@ def build_trainer(
         "num_nodes": cfg.trainer.num_nodes,
         "strategy": cfg.trainer.strategy,
         "deterministic": cfg.trainer.deterministic,
-        "logger": logger,
+        # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
+        # not a second copy of the module's hyperparameters.
+        "logger": False,
         # Rich's bar (Lightning's default when rich is installed) redraws every step and costs
         # several percent of this small model's step time; tqdm redraws every few steps.
         "callbacks": [TQDMProgressBar(cfg.trainer.progress_bar_refresh_rate), *callbacks],
@@ -136,12 +155,18 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         cfg.seed,
     )
     data.setup("fit")
+    if run_id:
+        # The data by content: runs on the same data show the same digest, whatever URL
+        # fetched it.
+        data_dir = Path(cfg.paths.data)
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class twice and warns that it is ambiguous.
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(data_source(data_dir))
+        mlflow.log_input(MetaDataset(source, "cifar10", data_digest(data_dir)), "training")
     module = build_module(cfg, data.class_names)
     timer = Timer()
-    history = EpochHistory(timer)
-    logger = (
-        MLFlowLogger(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id) if run_id else False
-    )
+    history = EpochHistory(timer, run_id)
     # With no metric to monitor, the one checkpoint kept is the newest.
     checkpoint = resume_checkpoint(cfg)
     last = ModelCheckpoint(
@@ -150,7 +175,7 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    trainer = build_trainer(cfg, logger, [history, timer, last], enable_checkpointing=True)
+    trainer = build_trainer(cfg, [history, timer, last], enable_checkpointing=True)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint if resume else None)
     except PipelineError:
@@ -160,11 +185,14 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
 
     seconds = timer.time_elapsed("train")
     metrics = {
-        **{k: v for k, v in history.rows[-1].items() if k != "seconds"},
-        "train_seconds": round(seconds, 2),
-        "images_per_second": round(len(data.train_images) * trainer.current_epoch / seconds, 1),
+        **{k: v for k, v in history.rows[-1].items() if k not in ("epoch", "seconds")},
+        "train/epochs": history.rows[-1]["epoch"],
+        "train/seconds": round(seconds, 2),
+        "train/images_per_second": round(
+            len(data.train_images) * trainer.current_epoch / seconds, 1
+        ),
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "train/peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if not is_rank_zero:
         # Only joins the barrier inside save_checkpoint: rank 0 writes the file.
@@ -177,15 +205,13 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         writer = csv.DictWriter(f, fieldnames=["epoch", *HISTORY_KEYS, "seconds"])
         writer.writeheader()
         writer.writerows(history.rows)
-    with atomic_path(cfg.paths.train_metrics) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     shutil.rmtree(resume_dir)
     return metrics
 
 
 def log_training(cfg: DictConfig, metrics: dict) -> None:
-    """Into the active MLflow run: the training summary and the per-epoch history."""
-    mlflow.log_metrics({f"train_summary/{k}": v for k, v in metrics.items() if k != "epoch"})
+    """The training result: `paths.train_metrics` and the active MLflow run, and the history."""
+    tracking.record(cfg.paths.train_metrics, metrics, curves=tuple(HISTORY_KEYS))
     mlflow.log_artifact(cfg.paths.history, "plots")
 
 
@@ -200,16 +226,18 @@ def main(argv: list[str] | None = None) -> None:
         argv
     )
     cfg = load_params()
-    run_file = Path(cfg.paths.run)
     if rank_zero_only.rank != 0:
         # Another DDP process (started by Lightning, torchrun or SLURM): it trains, rank 0 logs.
         train(cfg)
         return
     resume = interrupted_run(cfg)
-    run_id = tracking.start_pipeline_run(cfg, run_file, resume and resume["run_id"])
-    with tracking.store_errors():
-        # Finished epochs survive a store failure here: the next run resumes from them.
-        metrics = train(cfg, run_id)
-    with tracking.pipeline_run(cfg, run_file):
+    # The run is RUNNING while training: a store that fails is found before the first epoch,
+    # and finished epochs survive a failure later (the next run resumes from them).
+    with tracking.stage_run(
+        cfg, "train", new=True, run_id=resume and resume["run_id"], system_metrics=True
+    ) as run:
+        metrics = train(cfg, run.info.run_id)
         log_training(cfg, metrics)
-    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train_seconds']:.0f}s")
+    # Only a finished training becomes the run that the later stages log into.
+    tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
+    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train/seconds']:.0f}s")
