@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test params lint lock
+.PHONY: install browser run test params lint lock
 
 install: $(VENV)/.installed
 
@@ -17,7 +17,12 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 run: install
 	dvc repro
 
-test: install
+# The browser tests drive Debian's chromium through Playwright, which cannot download a browser
+# of its own here.
+browser:
+	@command -v chromium > /dev/null || (apt-get update -qq && apt-get install -y -qq chromium > /dev/null)
+
+test: install browser
 	ruff check src tests bench
 	ruff format --check src tests bench
 	pytest

@@ -177,7 +177,12 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     quantized = json.loads((repo / "metrics/quantize.json").read_text())
     assert f"**{quantized['int8/test_acc']:.2%}**" in int8.description
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    served = mlflow.pyfunc.load_model("models:/cnnpipe-cifar10-int8/1").predict(images)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        served = mlflow.pyfunc.load_model("models:/cnnpipe-cifar10-int8/1").predict(images)
+    finally:
+        mlflow.set_tracking_uri(previous)
     (want,) = ort.InferenceSession(repo / "models/int8/model.onnx").run(None, {"images": images})
     np.testing.assert_allclose(np.asarray(list(served.values())[0]), want, atol=1e-6)
     assert (
@@ -247,7 +252,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         assert time.monotonic() < deadline, done
         time.sleep(3)
     assert re.search(r"two-epochs\s.*Success", done), run("dvc", "queue", "logs", "two-epochs")
-    shown = run("dvc", "exp", "show", "--csv", "--only-changed")
+    shown = run("dvc", "exp", "show", "--csv")
     header, *rows = list(csv.reader(io.StringIO(shown)))
     (row,) = [dict(zip(header, r, strict=True)) for r in rows if r[0] == "two-epochs"]
     assert row["trainer.max_epochs"] == "2" and float(row["metrics/eval.json:test/acc"]) >= 0

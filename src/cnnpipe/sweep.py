@@ -28,6 +28,8 @@ from cnnpipe.train import log_training, train
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
 PARENT_ENV = "CNNPIPE_SWEEP_PARENT_RUN"
+# The keys the sweep varies, so each job's run is named by its values of those alone.
+VARIED_ENV = "CNNPIPE_SWEEP_VARIED"
 # The summary's metric columns and their formats.
 SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train/seconds": ".1f"}
 
@@ -50,9 +52,12 @@ def train_and_test(cfg: DictConfig) -> dict:
             cfg.paths[key] = str(out / path)
     overrides = " ".join(hc.overrides.task) or "(defaults)"
     tags = {"sweep.overrides": overrides}
+    name = overrides
     if hc.mode == RunMode.MULTIRUN and os.environ.get(PARENT_ENV):
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
-    with tracking.stage_run(cfg, "train", new=True, name=overrides, tags=tags) as run:
+        varied = os.environ.get(VARIED_ENV, "").split(",")
+        name = " ".join(o for o in hc.overrides.task if o.partition("=")[0] in varied) or name
+    with tracking.stage_run(cfg, "train", new=True, name=name, tags=tags) as run:
         metrics = train(cfg, run.info.run_id)
         log_training(cfg, metrics)
         test = evaluate(cfg)
@@ -120,6 +125,7 @@ class ParentRun(Callback):
             run = client.create_run(experiment_id, tags=tags)
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in base.items()])
         os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[VARIED_ENV] = ",".join(varied)
         print(f"sweep parent run {run.info.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -129,6 +135,7 @@ class ParentRun(Callback):
 def close_sweep(status: str) -> None:
     """Log the summary table to the parent run, tag the best child, end with `status`."""
     parent = os.environ.pop(PARENT_ENV)
+    os.environ.pop(VARIED_ENV, None)
     client = mlflow.MlflowClient()
     with tracking.store_errors():
         experiment = client.get_run(parent).info.experiment_id

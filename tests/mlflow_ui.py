@@ -1,0 +1,156 @@
+"""The MLflow UI in a real headless browser, used as a person uses it: for tests/test_mlflow_ui.py
+and for the README's screenshots.
+
+    python tests/mlflow_ui.py RUN_ID CHILD_RUN_ID --out docs/images   # store: MLFLOW_TRACKING_URI
+
+Needs Debian's chromium (`apt-get install chromium`) and Playwright from pip; Playwright's own
+browser download is not used.
+"""
+
+import argparse
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from playwright.sync_api import Page, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+# MLflow 3 opens on its GenAI views and an assistant panel; a person picks "Model training" and
+# closes the panel once, and the browser remembers both.
+REMEMBERED = """
+localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'));
+localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+"""
+TIMEOUT_MS = 60_000
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, start_s: float = 120) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 for `store_uri`; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*cmd, "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not answer within {start_s} s") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def browser() -> Iterator[Page]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
+        context = chromium.new_context(viewport={"width": 1500, "height": 950})
+        context.add_init_script(REMEMBERED)
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield context.new_page()
+        finally:
+            chromium.close()
+
+
+def open_runs(page: Page, base: str, experiment_id: str) -> list[str]:
+    """The experiment's runs table; returns the run names it shows (sweeps collapsed)."""
+    page.goto(f"{base}/#/experiments/{experiment_id}")
+    page.get_by_text(re.compile(r"\d+ matching runs?")).wait_for()
+    names = page.locator("[role=gridcell][col-id='attributes.`Run Name`']")
+    names.first.wait_for()
+    # Each cell shows the run's colour code, then its name.
+    return [n.inner_text().strip().splitlines()[-1] for n in names.all()]
+
+
+def val_acc_chart(page: Page, base: str, experiment_id: str, run_id: str) -> dict:
+    """The run's "Model metrics" tab searched for val/acc: the x axis and the points drawn."""
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.get_by_placeholder("Search metric charts").fill("val/acc")
+    chart = page.locator(".js-plotly-plot")
+    chart.first.wait_for()
+    page.locator(".scatterlayer .point").first.wait_for()
+    return {
+        "charts": chart.count(),
+        "x_title": page.locator(".g-xtitle text").first.text_content(),
+        "x_ticks": [float(t.text_content()) for t in page.locator(".xtick text").all()],
+        "points": page.locator(".scatterlayer .point").count(),
+    }
+
+
+def compare(page: Page, base: str, experiment_id: str, names: list[str]) -> None:
+    """Tick the runs named (opening the sweeps their rows are in) and press Compare."""
+    open_runs(page, base, experiment_id)
+    for parent in page.get_by_role("row").filter(has_text="sweep:").all():
+        parent.get_by_role("button").first.click()
+    for name in names:
+        row = page.get_by_role("row").filter(has_text=name).first
+        row.get_by_role("checkbox", name=re.compile("toggle row selection")).check()
+    page.get_by_role("button", name="Compare").click()
+    page.get_by_text("Show diff only").first.wait_for()
+
+
+def params_shown_with_diff_only(page: Page, params: dict[str, dict[str, str]]) -> set[str]:
+    """On the compare page of the runs whose `params` are given (run id: params), switch the
+    parameters to "Show diff only"; returns the parameter keys still shown."""
+    keys = {key for p in params.values() for key in p}
+    same = sorted(k for k in keys if len({p.get(k) for p in params.values()}) == 1)
+    page.get_by_role("switch").first.click()
+    if same:  # the table has re-rendered when a row of equal values has gone
+        page.get_by_role("cell", name=same[0], exact=True).wait_for(state="detached")
+    shown = {row.inner_text().split("\t")[0].strip() for row in page.get_by_role("row").all()}
+    return shown & keys
+
+
+def main() -> None:
+    import mlflow
+
+    parser = argparse.ArgumentParser(description="Screenshots of the MLflow UI for the README")
+    parser.add_argument("run_id", help="the pipeline run")
+    parser.add_argument("child_run_id", help="a sweep child to compare it with")
+    parser.add_argument("--out", type=Path, default=Path("docs/images"))
+    args = parser.parse_args()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    run = mlflow.MlflowClient(uri).get_run(args.run_id)
+    child = mlflow.MlflowClient(uri).get_run(args.child_run_id)
+    experiment = run.info.experiment_id
+    args.out.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(uri) as base, browser() as page:
+        open_runs(page, base, experiment)
+        page.screenshot(path=args.out / "mlflow-runs.png")
+        page.goto(f"{base}/#/experiments/{experiment}/runs/{args.run_id}")
+        page.get_by_text("Description").first.wait_for()
+        page.screenshot(path=args.out / "mlflow-run.png")
+        val_acc_chart(page, base, experiment, args.run_id)
+        page.screenshot(path=args.out / "mlflow-val-acc.png")
+        compare(page, base, experiment, [run.info.run_name, child.info.run_name])
+        params_shown_with_diff_only(page, {r.info.run_id: r.data.params for r in (run, child)})
+        page.get_by_text("Parameters", exact=True).last.scroll_into_view_if_needed()
+        page.screenshot(path=args.out / "mlflow-compare.png")
+    print(f"wrote 4 screenshots to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
