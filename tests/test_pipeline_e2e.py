@@ -255,13 +255,13 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     shown = run("dvc", "exp", "show", "--csv")
     header, *rows = list(csv.reader(io.StringIO(shown)))
     (row,) = [dict(zip(header, r, strict=True)) for r in rows if r[0] == "two-epochs"]
-    assert row["trainer.max_epochs"] == "2" and float(row["metrics/eval.json:test/acc"]) >= 0
+    assert row["trainer.max_epochs"] == "2" and float(row["test/acc"]) >= 0
     (queued_run,) = client.search_runs(
         [mlflow_run.info.experiment_id], "tags.`dvc.exp_name` = 'two-epochs'"
     )
     assert queued_run.data.params["trainer.max_epochs"] == "2"
     assert queued_run.info.run_name == "two-epochs", "named as DVC names the experiment"
     assert queued_run.data.metrics["test/acc"] == pytest.approx(
-        float(row["metrics/eval.json:test/acc"])
+        float(row["test/acc"])
     )
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("*/mlflow.db")), "no store in a copy"

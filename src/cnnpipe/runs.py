@@ -27,11 +27,6 @@ def _metric(run: Run, key: str, fmt: str) -> str:
     return f"{run.data.metrics[key]:{fmt}}" if key in run.data.metrics else ""
 
 
-def _name(run: Run) -> str:
-    tags = run.data.tags
-    return tags.get("sweep.overrides") or tags.get("dvc.exp_name") or tags.get("mlflow.runName", "")
-
-
 def find_runs(client: mlflow.MlflowClient, experiment: str, last: int, sweep: str | None) -> list:
     """The `last` newest runs of `experiment`, or the children of sweep run `sweep` ("latest":
     the newest sweep)."""
@@ -58,7 +53,7 @@ def format_table(runs: list) -> str:
             time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
             run.info.status,
             *(cell(run) for cell in COLUMNS.values()),
-            _name(run),
+            run.info.run_name,
         ]
         for run in runs
     ]
