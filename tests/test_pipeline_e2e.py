@@ -261,7 +261,5 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     )
     assert queued_run.data.params["trainer.max_epochs"] == "2"
     assert queued_run.info.run_name == "two-epochs", "named as DVC names the experiment"
-    assert queued_run.data.metrics["test/acc"] == pytest.approx(
-        float(row["test/acc"])
-    )
+    assert queued_run.data.metrics["test/acc"] == pytest.approx(float(row["test/acc"]))
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("*/mlflow.db")), "no store in a copy"

@@ -215,6 +215,27 @@ def test_a_failed_train_stage_reads_failed_and_leaves_the_previous_results(proje
     assert client.get_run(bad.info.run_id).info.status == "FAILED"
 
 
+def test_a_later_stage_that_fails_marks_the_run_until_it_succeeds(project):
+    repo, _ = project
+    stage("train")
+    checkpoint = repo / "models/model.ckpt"
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(good[:5000])
+    with pytest.raises(SystemExit, match="cnnpipe evaluate: error: .* is not a cnnpipe checkpoint"):
+        stage("evaluate")
+    failed = the_run(repo)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["cnnpipe.failed_stage"] == "evaluate"
+    assert "**FAILED in stage `evaluate`**" in failed.data.tags["mlflow.note.content"]
+
+    checkpoint.write_bytes(good)
+    stage("evaluate")
+    mended = the_run(repo)
+    assert mended.info.status == "FINISHED"
+    assert not {"cnnpipe.failed_stage", "cnnpipe.error"} & set(mended.data.tags)
+    assert "FAILED" not in mended.data.tags["mlflow.note.content"]
+
+
 # The train stage, killed with SIGKILL in the middle of its third epoch.
 KILLED_IN_EPOCH_3 = """
 import os, signal
@@ -253,6 +274,7 @@ def four_epochs(project):
     return repo
 
 
+@pytest.mark.slow
 def test_a_killed_training_is_continued_by_the_resume(four_epochs):
     repo = four_epochs
     uninterrupted = train(load_params())
@@ -279,6 +301,7 @@ def test_a_killed_training_is_continued_by_the_resume(four_epochs):
     assert not Path(load_params().paths.resume).exists(), "finished runs leave no resume state"
 
 
+@pytest.mark.slow
 def test_a_killed_training_not_resumed_reads_killed(four_epochs):
     repo = four_epochs
     run_id = kill_training(repo)
@@ -315,6 +338,7 @@ def one_line_store_error(result: subprocess.CompletedProcess, uri: str, says: st
     assert says in result.stderr
 
 
+@pytest.mark.slow
 def test_a_store_that_is_down_read_only_or_full_fails_in_one_line(project):
     repo, _ = project
     db = repo / "mlflow.db"
@@ -351,6 +375,7 @@ def test_a_store_that_is_down_read_only_or_full_fails_in_one_line(project):
     assert not (repo / "models").exists() and not (repo / ".resume").exists()
 
 
+@pytest.mark.slow
 def test_a_locked_store_fails_in_one_line_after_mlflows_wait(project):
     repo, _ = project
     store(repo).search_experiments()

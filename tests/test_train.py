@@ -12,7 +12,7 @@ from cnnpipe import PipelineError
 from cnnpipe.config import compose_params
 from cnnpipe.evaluate import evaluate
 from cnnpipe.module import load_checkpoint
-from cnnpipe.train import HISTORY_KEYS, train
+from cnnpipe.train import HISTORY_KEYS, train, warn_if_bf16_is_emulated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,3 +128,14 @@ def _saved(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
+def test_emulated_bf16_is_named_before_training(cfg, monkeypatch, capsys, native, warned):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    cfg.trainer.precision = "bf16-mixed"
+    warn_if_bf16_is_emulated(cfg)
+    assert ("trainer.precision=32-true" in capsys.readouterr().out) == warned
+    cfg.trainer.precision = "32-true"
+    warn_if_bf16_is_emulated(cfg)
+    assert capsys.readouterr().out == ""

@@ -128,13 +128,28 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) ->
     return pl.Trainer(**{**options, **overrides})
 
 
+def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
+    """bf16 on a CPU without AVX-512 BF16 or AMX is emulated: on an AVX2-only AMD EPYC the
+    default recipe ran 1.06 steps/s in bf16-mixed against 10.65 in 32-true."""
+    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    bf16 = str(cfg.trainer.precision).startswith("bf16")
+    if on_cpu and bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print(
+            f"warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
+            f"trainer.precision={cfg.trainer.precision} trains about 10x slower here than "
+            "trainer.precision=32-true"
+        )
+
+
 def train(cfg: DictConfig, run_id: str | None = None) -> dict:
-    """Fit the model described by `cfg`; write checkpoint, history and metrics to `cfg.paths`.
+    """Fit the model described by `cfg`; write checkpoint and history to `cfg.paths`; return the
+    metrics.
 
     Every epoch saves a full checkpoint to `paths.resume`; a run of the same recipe that finds
     one (the previous run was killed) continues from it. The folder is removed on success.
     """
     pl.seed_everything(cfg.seed, workers=True)
+    warn_if_bf16_is_emulated(cfg)
     resume_dir = Path(cfg.paths.resume)
     resume = interrupted_run(cfg)
     # Under DDP every process runs this function; only rank 0 writes files and logs.
