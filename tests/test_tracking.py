@@ -132,7 +132,8 @@ def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     assert run.info.status == "FINISHED"
     assert running_tags["cnnpipe.stage"] == "train" and "cnnpipe.pid" not in running_tags
     assert run.data.tags["cnnpipe.stage"] == "evaluate"
-    assert "test accuracy (as deployed)" in run.data.tags["mlflow.note.content"]
+    test_acc = json.loads(Path("metrics/eval.json").read_text())["test/acc"]
+    assert f"test accuracy, as deployed: **{test_acc:.2%}**" in run.data.tags["mlflow.note.content"]
 
     # A change to the code shows in the next run's name and tags.
     (repo / "conf" / "optim" / "adamw_onecycle.yaml").write_text(

@@ -193,13 +193,17 @@ def describe(client: mlflow.MlflowClient, run_id: str) -> str:
     dirty = dirty if tags.get(DIRTY) == "true" else ""
     lines.append(f"Code: commit `{commit}`{dirty}. Last stage: `{tags.get(STAGE)}`.")
     headline = {
-        "test/acc": "test accuracy (as deployed)",
-        "val/acc": "validation accuracy",
-        "parity/max_abs_diff": "ONNX vs PyTorch max |diff|",
-        "model/params": "parameters",
-        "train/seconds": "training seconds",
+        "test/acc": ("test accuracy, as deployed", "{:.2%}"),
+        "val/acc": ("validation accuracy", "{:.2%}"),
+        "parity/max_abs_diff": ("ONNX vs PyTorch, largest difference", "{:.1e}"),
+        "model/params": ("parameters", "{:,.0f}"),
+        "train/seconds": ("training time", "{:,.0f} s"),
     }
-    shown = [f"- {text}: **{m[key]:.6g}** (`{key}`)" for key, text in headline.items() if key in m]
+    shown = [
+        f"- {text}: **{form.format(m[key])}** (`{key}`)"
+        for key, (text, form) in headline.items()
+        if key in m
+    ]
     if shown:
         lines += ["", *shown]
     return "\n".join(lines)
