@@ -29,7 +29,11 @@ def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
     result = run_cli("export", cwd=tmp_path)
     assert result.returncode == 1
-    assert "no checkpoint at models/model.ckpt; run `dvc repro train`" in result.stderr
+    # The stage opens the training's MLflow run first: that is what is missing before training.
+    assert result.stderr == (
+        "cnnpipe export: error: no MLflow run recorded in models/mlflow_run.json; "
+        "run `dvc repro train`\n"
+    )
 
 
 def test_unknown_command_prints_usage(tmp_path):

@@ -1,5 +1,6 @@
 import hashlib
 import http.server
+import json
 import tarfile
 import threading
 import time
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cnnpipe import PipelineError
-from cnnpipe.fetch import BATCH_FILES, fetch
+from cnnpipe.fetch import BATCH_FILES, SOURCE_FILE, fetch
 from conftest import add_member, make_archive
 
 
@@ -18,7 +19,11 @@ def test_fetch_over_http_extracts_all_batches(tmp_path, archive, http_server):
     (www / path.name).write_bytes(path.read_bytes())
     dest = tmp_path / "data" / "cifar-10-batches-py"
     fetch(f"{base}/{path.name}", md5, dest)
-    assert sorted(p.name for p in dest.iterdir()) == sorted(BATCH_FILES)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*BATCH_FILES, SOURCE_FILE])
+    assert json.loads((dest / SOURCE_FILE).read_text()) == {
+        "url": f"{base}/{path.name}",
+        "md5": md5,
+    }
     assert [p.name for p in dest.parent.iterdir()] == [dest.name], "no temporary files left"
 
 
@@ -169,4 +174,4 @@ def test_extra_members_are_not_extracted(tmp_path):
     md5 = make_archive(path, per_batch=2, test=2, extra=extra)
     dest = tmp_path / "data" / "x"
     fetch(str(path), md5, dest)
-    assert sorted(p.name for p in dest.iterdir()) == sorted(BATCH_FILES)
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*BATCH_FILES, SOURCE_FILE])
