@@ -249,13 +249,15 @@ def stage_run(
             tags=all_tags,
             log_system_metrics=system_metrics,
         )
-        for key in (FAILED_STAGE, ERROR):
-            if key in run.data.tags:
-                client.delete_tag(run.info.run_id, key)
-        if new:
-            mlflow.log_params(recipe_params(cfg))
+    # From here on the run is ours to end: whatever fails ends it FAILED (MLflow's exit hook
+    # would end a run left open FINISHED).
     try:
         with store_errors():
+            for key in (FAILED_STAGE, ERROR):
+                if key in run.data.tags:
+                    client.delete_tag(run.info.run_id, key)
+            if new:
+                mlflow.log_params(recipe_params(cfg))
             yield run
             mlflow.log_text(OmegaConf.to_yaml(cfg), "lineage/params.yaml")
             if os.environ.get("DVC_STAGE") and Path("dvc.lock").is_file():
