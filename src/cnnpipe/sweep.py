@@ -68,24 +68,16 @@ def train_and_test(cfg: DictConfig) -> dict:
 
 
 def summary_table(children: list, links: bool = False) -> str:
-    """Markdown: one row per child run, best validation accuracy first, with `links` to the runs
-    in the MLflow UI; the overrides column shows only what the sweep varied."""
-    overrides = {r.info.run_id: r.data.tags.get("sweep.overrides", "").split() for r in children}
-    values: dict[str, set[str]] = {}
-    for items in overrides.values():
-        for item in items:
-            key, _, value = item.partition("=")
-            values.setdefault(key, set()).add(value)
-    varied = {key for key, seen in values.items() if len(seen) > 1}
+    """Markdown: one row per child run (named by what the sweep varied), best validation
+    accuracy first, with `links` to the runs in the MLflow UI."""
     lines = ["| overrides | val/acc | test/acc | train s | run |", "|---|---:|---:|---:|---|"]
     for run in sorted(children, key=lambda r: -r.data.metrics.get("val/acc", -1)):
-        shown = [o for o in overrides[run.info.run_id] if o.partition("=")[0] in varied]
         m = run.data.metrics
         cells = [f"{m[k]:{f}}" if k in m else "-" for k, f in SUMMARY.items()]
         link = run.info.run_id
         if links:
             link = f"[{link}]({tracking.run_link(run.info.experiment_id, run.info.run_id)})"
-        lines.append(f"| {' '.join(shown) or '-'} | {' | '.join(cells)} | {link} |")
+        lines.append(f"| {run.info.run_name} | {' | '.join(cells)} | {link} |")
     return "\n".join(lines)
 
 

@@ -117,13 +117,13 @@ def use_experiment(cfg: DictConfig) -> str:
     return experiment_id
 
 
-def flatten(node: object, sep: str = ".", prefix: str = "") -> dict:
+def flatten(node: object, prefix: str = "") -> dict:
     """{"optim": {"lr": 0.005}} -> {"optim.lr": 0.005}; lists stay values."""
     if not isinstance(node, dict):
         return {prefix: node}
     out = {}
     for key, value in node.items():
-        out.update(flatten(value, sep, f"{prefix}{sep}{key}" if prefix else str(key)))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
