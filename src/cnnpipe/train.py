@@ -40,12 +40,10 @@ class EpochHistory(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # A resumed run already has the epochs the killed one logged: log each epoch once.
-        client = mlflow.MlflowClient()
-        self.logged = (
-            {m.step for m in client.get_metric_history(self.run_id, "val/acc")}
-            if self.run_id
-            else set()
-        )
+        self.logged = set()
+        if self.run_id:
+            history = mlflow.MlflowClient().get_metric_history(self.run_id, "val/acc")
+            self.logged = {m.step for m in history}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
