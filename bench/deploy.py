@@ -12,21 +12,19 @@ import io
 import json
 import statistics
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-import uvicorn
 from PIL import Image
 
 from cnnpipe.export import export_onnx
 from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint
 from cnnpipe.predict import Classifier
 from cnnpipe.quantize import quantize
-from cnnpipe.serve import create_app
+from cnnpipe.serve import create_app, running
 
 
 def throughput(run, images: np.ndarray, repeats: int) -> float:
@@ -51,13 +49,6 @@ def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:
 
 def service(model: Path, image: bytes, requests: int, clients: int) -> tuple[float, float, int]:
     """Requests/s, p99 latency (ms) and failures for single-image POSTs from `clients` threads."""
-    config = uvicorn.Config(create_app(str(model)), host="127.0.0.1", port=0, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/predict"
 
     def one(_: int) -> float | None:
         request = urllib.request.Request(url, data=image, headers={"Content-Type": "image/png"})
@@ -69,12 +60,12 @@ def service(model: Path, image: bytes, requests: int, clients: int) -> tuple[flo
             return None
         return (time.perf_counter() - start) * 1000
 
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        times = list(pool.map(one, range(requests)))
-    seconds = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(create_app(str(model))) as base:
+        url = f"{base}/predict"
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            times = list(pool.map(one, range(requests)))
+        seconds = time.perf_counter() - start
     ok = [t for t in times if t is not None]
     return len(ok) / seconds, statistics.quantiles(ok, n=100)[98], len(times) - len(ok)
 

@@ -135,6 +135,29 @@ def export_random_model(path: Path, class_names: list[str], tta_flip: bool = Tru
     torch.manual_seed(0)
     net = {"_target_": "cnnpipe.models.ChapterCNN"}
     module = ImageClassifier(net, class_names, [0.5] * 3, [0.25] * 3)
-    metadata = {"class_names": json.dumps(class_names)}
+    metadata = {
+        "class_names": json.dumps(class_names),
+        "model_name": "cnnpipe-test",
+        "test_accuracy": "0.5",
+        "tta_flip": str(tta_flip).lower(),
+    }
     export_onnx(Predictor(module, tta_flip), path, 18, metadata, [1])
+    return path
+
+
+def foreign_model(path: Path, class_names: list[str]) -> Path:
+    """A valid ONNX model with cnnpipe's metadata that takes (N, classes) floats, not images."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = ["N", len(class_names)]
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"])],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"class_names": json.dumps(class_names)})
+    onnx.save(model, path)
     return path

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cnnpipe.predict import Classifier, decode
-from conftest import export_random_model
+from conftest import export_random_model, foreign_model
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -93,6 +93,18 @@ def test_missing_truncated_or_foreign_model_is_one_line(tmp_path, images, model_
         )
 
 
+def test_a_model_of_another_shape_is_refused_in_one_line(tmp_path, images):
+    folder, _ = images
+    other = foreign_model(tmp_path / "other.onnx", CLASSES)
+    result = run_predict(other, folder / "rgb.png")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"cnnpipe predict: error: {other} takes float (N, 10) and returns float (N, 10); cnnpipe "
+        "needs uint8 (N, 32, 32, 3) images in and float (N, 10) out, one probability per class "
+        "name: export the model with `cnnpipe export`\n"
+    )
+
+
 def test_predict_path_imports_no_training_stack():
     code = (
         "import sys, cnnpipe.cli, cnnpipe.predict; "
@@ -121,6 +133,23 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 def test_unusual_modes_decode_to_rgb(image, fmt):
     pixels, _ = decode(encode(image, fmt))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "deep, fmt",
+    [
+        (lambda gray: Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+        (lambda gray: Image.fromarray(gray.astype(np.int32) * 257), "TIFF"),
+        (lambda gray: Image.fromarray(gray.astype(np.float32) / 255), "TIFF"),
+    ],
+    ids=["16-bit", "32-bit", "float"],
+)
+def test_deep_gray_decodes_like_its_8_bit_version(deep, fmt):
+    gray = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
+    image = deep(gray)
+    assert image.mode in ("I;16", "I", "F")
+    pixels, _ = decode(encode(image, fmt))
+    assert np.array_equal(pixels, decode(encode(Image.fromarray(gray), "PNG"))[0])
 
 
 def test_cmyk_red_stays_red():

@@ -1,21 +1,26 @@
 """The HTTP service, started with uvicorn on a free local port and called over real HTTP."""
 
+import hashlib
+import http.client
 import io
 import json
+import re
 import socket
-import threading
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from cnnpipe import PipelineError
 from cnnpipe.predict import Classifier
-from cnnpipe.serve import create_app
-from conftest import export_random_model
+from cnnpipe.serve import create_app, running
+from conftest import export_random_model, foreign_model
 
 CLASSES = [f"class{i}" for i in range(10)]
 LIMIT = 200_000
@@ -31,16 +36,8 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_path):
     app = create_app(str(model_path), LIMIT, top_k=2, body_timeout_s=TIMEOUT_S)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(app, header_timeout_s=TIMEOUT_S) as url:
+        yield url
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -52,7 +49,8 @@ def png(pixels: np.ndarray) -> bytes:
 def call(url: str, data: bytes | None = None, content_type: str | None = None):
     headers = {"Content-Type": content_type} if content_type else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers)) as r:
+        request = urllib.request.Request(url, data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -67,10 +65,75 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def test_health_and_metadata(server):
-    assert call(f"{server}/health") == (200, {"status": "ok"})
+def test_probes_and_metadata(server, model_path):
+    assert call(f"{server}/health/live") == (200, {"status": "alive"})
+    status, ready = call(f"{server}/health/ready")
+    assert status == 200 and ready["status"] == "ready" and ready["model"] == "cnnpipe-test"
+    assert call(f"{server}/health") == (status, ready)
     status, meta = call(f"{server}/metadata")
     assert status == 200 and meta["class_names"] == CLASSES and meta["max_body_bytes"] == LIMIT
+    model = meta["model"]
+    assert (model["name"], model["version"], model["test_accuracy"]) == ("cnnpipe-test", None, 0.5)
+    assert model["input"] == {"name": "images", "datatype": "uint8", "shape": [-1, 32, 32, 3]}
+    assert model["output"] == {"name": "probabilities", "datatype": "float32", "shape": [-1, 10]}
+    assert model["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+
+
+def test_openapi_describes_the_routes_for_programs(server):
+    status, spec = call(f"{server}/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.")
+    assert {p: sorted(ops) for p, ops in spec["paths"].items()} == {
+        "/health/live": ["get"],
+        "/health/ready": ["get"],
+        "/metadata": ["get"],
+        "/predict": ["post"],
+    }
+    predict = spec["paths"]["/predict"]["post"]
+    assert {"image/*", "multipart/form-data"} == set(predict["requestBody"]["content"])
+    assert {"200", "400", "408", "413", "415"} == {str(code) for code in predict["responses"]}
+
+
+def samples(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_was_served(model_path):
+    # A server of its own: the counts start at zero.
+    with running(create_app(str(model_path), LIMIT)) as url:
+        image = png(np.zeros((32, 32, 3), dtype=np.uint8))
+        for _ in range(3):
+            assert call(f"{url}/predict", image, "image/png")[0] == 200
+        assert call(f"{url}/predict", *multipart([("a.png", image)] * 4))[0] == 200
+        assert call(f"{url}/predict", b"hello", "text/plain")[0] == 415
+        assert call(f"{url}/no/such/page") == (
+            404,
+            {"error": "Not Found; the routes are in /openapi.json"},
+        )
+        got = samples(url)
+    requests = "cnnpipe_http_requests_total"
+    assert got[(requests, (("method", "POST"), ("route", "/predict"), ("status", "200")))] == 4
+    assert got[(requests, (("method", "POST"), ("route", "/predict"), ("status", "415")))] == 1
+    assert got[(requests, (("method", "GET"), ("route", "other"), ("status", "404")))] == 1
+    assert got[("cnnpipe_images_classified_total", ())] == 3 + 4
+    latency = "cnnpipe_http_request_duration_seconds"
+    assert got[(f"{latency}_count", (("route", "/predict"),))] == 5
+    assert got[(f"{latency}_bucket", (("le", "+Inf"), ("route", "/predict")))] == 5
+    info = next(labels for name, labels in got if name == "cnnpipe_model_info")
+    assert dict(info)["name"] == "cnnpipe-test" and dict(info)["file"] == str(model_path)
+
+
+def test_page_is_served_without_anything_from_elsewhere(server):
+    with urllib.request.urlopen(f"{server}/", timeout=30) as response:
+        page = response.read().decode()
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert 'type="file"' in page and "http://" not in page and "https://" not in page
 
 
 def test_raw_image_gets_the_models_probabilities(server, model_path):
@@ -126,6 +189,59 @@ def test_stalled_body_gets_408_while_other_clients_are_served(server):
     stalled.close()
     assert answer.startswith("HTTP/1.1 408") and "not received within 1 s" in answer
     assert TIMEOUT_S <= time.perf_counter() - start < TIMEOUT_S + 5
+
+
+def trickle(url: str, head: bytes, every_s: float, limit_s: float) -> tuple[str, float]:
+    """Send `head` a byte every `every_s`; the server's answer and when it came (or hung up)."""
+    host, port = url.removeprefix("http://").split(":")
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port))) as client:
+        client.settimeout(every_s)
+        for byte in head:
+            if time.perf_counter() - start > limit_s:
+                break
+            try:
+                client.sendall(bytes([byte]))
+                return client.recv(4096).decode(), time.perf_counter() - start
+            except TimeoutError:  # nothing back yet: send the next byte
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    return "", time.perf_counter() - start
+
+
+def test_trickled_headers_are_cut_off_at_the_header_timeout(server):
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    answer, seconds = trickle(server, head, every_s=0.1, limit_s=10)
+    assert answer.startswith("HTTP/1.1 408") and "headers not received within 1 s" in answer
+    assert TIMEOUT_S <= seconds < TIMEOUT_S + 2
+    assert call(f"{server}/health/live")[0] == 200, "other clients are served"
+
+
+def test_headers_on_time_are_answered_on_a_kept_alive_connection(server):
+    connection = http.client.HTTPConnection(server.removeprefix("http://"), timeout=10)
+    sockets = []
+    for _ in range(3):
+        connection.request("GET", "/health/live")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b'{"status":"alive"}')
+        sockets.append(connection.sock)
+        time.sleep(TIMEOUT_S * 0.6)  # longer than the deadline in all, within it for each request
+    connection.close()
+    assert sockets[0] is sockets[1] is sockets[2], "one connection served all three"
+
+
+def test_a_model_of_another_shape_is_refused_at_start(tmp_path):
+    other = foreign_model(tmp_path / "other.onnx", CLASSES)
+    want = (
+        f"{other} takes float (N, 10) and returns float (N, 10); cnnpipe needs uint8 (N, 32, 32, 3)"
+    )
+    with pytest.raises(PipelineError, match=re.escape(want)):
+        create_app(str(other))
+    cnnpipe = [sys.executable, "-m", "cnnpipe.cli", "serve", str(other), "--port", "0"]
+    result = subprocess.run(cnnpipe, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith(f"cnnpipe serve: error: {want}")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_many_files_at_once_are_served_up_to_the_part_limit(server):

@@ -68,6 +68,13 @@ def export_onnx(
     return proto
 
 
+def test_accuracy(eval_metrics: Path) -> float:
+    try:
+        return float(json.loads(eval_metrics.read_text())["test/acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"no test/acc in {eval_metrics}; run `dvc repro evaluate`") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         metadata = {
             "class_names": json.dumps(module.hparams.class_names),
             "input_description": INPUT_DESCRIPTION,
+            "model_name": cfg.mlflow.model_name,
+            # What `cnnpipe serve` shows: evaluate scored the same Predictor this file computes.
+            "test_accuracy": str(test_accuracy(Path(cfg.paths.eval_metrics))),
             "tta_flip": str(cfg.evaluate.tta_flip).lower(),
             "mlflow_run_id": run.info.run_id,
             "git_commit": commit + ("-dirty" if dirty else ""),

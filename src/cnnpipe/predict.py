@@ -46,7 +46,9 @@ class Classifier:
             raise PipelineError(
                 f"{path} has no class_names metadata; export it with `cnnpipe export`"
             )
-        return cls(session, json.loads(metadata["class_names"]))
+        class_names = json.loads(metadata["class_names"])
+        check_signature(path, session, len(class_names))
+        return cls(session, class_names)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N, 32, 32, 3) uint8 RGB -> (N, classes) probabilities."""
@@ -65,6 +67,34 @@ class Classifier:
         ]
 
 
+def describe(arg: ort.NodeArg) -> str:
+    """'uint8 (N, 32, 32, 3)': a named or unknown axis is shown as N."""
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in arg.shape)
+    return f"{arg.type.removeprefix('tensor(').removesuffix(')')} ({dims})"
+
+
+def check_signature(path: Path | str, session: ort.InferenceSession, classes: int) -> None:
+    """Refuse, in one line, a model that does not take and return what `cnnpipe export` writes:
+    onnxruntime would otherwise fail on every request with its own traceback."""
+    expected = ("uint8 (N, 32, 32, 3)", f"float (N, {classes})")
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    got = (", ".join(map(describe, inputs)), ", ".join(map(describe, outputs)))
+    if got != expected:
+        raise PipelineError(
+            f"{path} takes {got[0]} and returns {got[1]}; cnnpipe needs {expected[0]} images "
+            f"in and {expected[1]} out, one probability per class name: export the model with "
+            "`cnnpipe export`"
+        )
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) gray scaled to 8 bits, float from 0-1: Pillow's convert()
+    clips them at 255 instead, so a 16-bit gray picture would come out nearly white."""
+    pixels = np.asarray(image)
+    scaled = np.clip(pixels, 0, 1) * 255 if image.mode == "F" else np.clip(pixels, 0, 65535) / 257
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
+
+
 def decode(data: bytes) -> tuple[np.ndarray, str | None]:
     """Image bytes -> (32, 32, 3) uint8 RGB, and a note when the image had to be resized.
 
@@ -75,6 +105,8 @@ def decode(data: bytes) -> tuple[np.ndarray, str | None]:
             if image.width * image.height > MAX_PIXELS:
                 raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
             image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                image = to_8bit(image)
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"not a readable image ({error.__class__.__name__})") from None
