@@ -1,26 +1,53 @@
+import json
+
 import numpy as np
 import onnx
+import pytest
+import torch
 
+from cnnpipe.module import ImageClassifier, Predictor
 from cnnpipe.predict import Classifier
-from cnnpipe.quantize import quantize
-from conftest import export_random_model
+from cnnpipe.quantize import QuantizableModel, quantize
 
 CLASSES = [f"c{i}" for i in range(10)]
 
 
-def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path):
-    fp32, int8 = tmp_path / "model.onnx", tmp_path / "int8.onnx"
-    export_random_model(fp32, CLASSES)
-    images = np.random.default_rng(0).integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
-    quantize(fp32, int8, images[:64])
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.manual_seed(0)
+    net = {"_target_": "cnnpipe.models.ChapterCNN"}
+    return Predictor(ImageClassifier(net, CLASSES, [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]), True)
 
-    ops = {node.op_type for node in onnx.load(int8).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    weights = [t for t in onnx.load(int8).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+@pytest.mark.parametrize("tta_flip", [True, False])
+def test_rearranged_model_computes_the_predictors_function(predictor, tta_flip):
+    predictor = Predictor(predictor.classifier, tta_flip)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    rearranged = QuantizableModel(predictor)
+    assert rearranged.folded, "ChapterCNN's first convolution has no padding"
+    order = [type(m).__name__ for m in rearranged.net.children()][:3]
+    assert order == ["Conv2d", "ReLU", "MaxPool2d"]
+    with torch.inference_mode():
+        assert torch.allclose(rearranged(images), predictor(images), atol=1e-6)
+
+
+def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, predictor):
+    int8 = tmp_path / "int8.onnx"
+    images = np.random.default_rng(0).integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
+    metadata = {"class_names": json.dumps(CLASSES), "model_name": "m"}
+    quantize(predictor, int8, images[:64], metadata)
+
+    model = onnx.load(int8)
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MaxPool"} <= ops
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights, "weights are stored as int8"
-    a = Classifier.load(fp32).probabilities(images)
-    b = Classifier.load(int8).probabilities(images)
-    assert Classifier.load(int8).class_names == CLASSES
-    assert np.abs(a - b).max() < 0.05
-    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
-    assert not list(tmp_path.glob(".*partial*"))
+    assert max(np.abs(onnx.numpy_helper.to_array(w)).max() for w in weights) <= 64, "7-bit"
+    quant = Classifier.load(int8)
+    assert quant.session.get_modelmeta().custom_metadata_map == metadata
+    with torch.inference_mode():
+        want = predictor(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    got = quant.probabilities(images)
+    assert np.abs(got - want).max() < 0.05
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]

@@ -85,6 +85,7 @@ class Chapter:
 class Quantize:
     calibration_images: int
     max_accuracy_drop: float
+    min_speedup: float
     batch_size: int
 
 
