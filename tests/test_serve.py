@@ -252,3 +252,32 @@ def test_many_files_at_once_are_served_up_to_the_part_limit(server):
     assert status == 200 and len(answer["predictions"]) == 256
     status, answer = call(f"{server}/predict", *multipart([("x.png", small)] * 257))
     assert status == 400 and "Too many files" in answer["error"]
+
+
+def test_a_registered_version_is_served_with_its_name_version_and_alias(
+    tmp_path, model_path, monkeypatch
+):
+    import mlflow
+    import onnx
+
+    from cnnpipe.serve import fetch_registered
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        for _ in range(2):
+            mlflow.onnx.log_model(onnx.load(model_path), name="m", registered_model_name="cnn")
+    mlflow.MlflowClient().set_registered_model_alias("cnn", "champion", "2")
+
+    path, registered = fetch_registered("models:/cnn@champion")
+    assert registered == {"name": "cnn", "version": "2", "alias": "champion"}
+    assert fetch_registered("models:/cnn/1")[1] == {"name": "cnn", "version": "1", "alias": None}
+    with running(create_app(path, registered=registered)) as url:
+        model = call(f"{url}/metadata")[1]["model"]
+    assert (model["name"], model["version"], model["alias"]) == ("cnn", "2", "champion")
+    assert model["test_accuracy"] == 0.5, "the file's own metadata"
+    with pytest.raises(
+        PipelineError, match=r"^models:/cnn/7: Model Version .* not found in sqlite"
+    ):
+        fetch_registered("models:/cnn/7")

@@ -1,4 +1,6 @@
-"""`cnnpipe serve MODEL.onnx`: an HTTP service for the exported model (Starlette on uvicorn).
+"""`cnnpipe serve MODEL`: an HTTP service for the exported model (Starlette on uvicorn).
+
+MODEL is the ONNX file or a registered version: models:/NAME/VERSION or models:/NAME@ALIAS.
 
 GET / is a page for people: choose or drop images, see their top classes. For programs: POST
 /predict takes one image as the raw body (Content-Type image/* or application/octet-stream) or one
@@ -7,7 +9,7 @@ or more as multipart/form-data files; GET /metadata describes the model, /health
 Errors are JSON: 404 and 405 for other routes and methods, 413 for bodies over the limit, 408 for
 requests whose headers or body do not arrive in time (slow or stalled clients), 415 for other
 content types, 400 for bad images.
-Like predict, it imports no torch, Lightning or MLflow.
+Like predict, it imports no torch, Lightning or MLflow (MLflow only to fetch a models:/ URI).
 """
 
 import argparse
@@ -92,16 +94,51 @@ def decode_all(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), notes
 
 
-def model_metadata(path: str, classifier: Classifier) -> dict:
-    """What /metadata and the page say about the model, from the file `cnnpipe export` wrote."""
+def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
+    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version's ONNX file, downloaded from the
+    MLflow store (MLFLOW_TRACKING_URI, else ./mlflow.db as the pipeline's default), and its
+    name, version and alias."""
+    import mlflow  # here only: serving a file needs no MLflow
+
+    from cnnpipe.tracking import store_errors, tracking_uri
+
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    name, _, number = (name, "", "") if at else name.rpartition("/")
+    if not name or not (alias or number):
+        raise PipelineError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    with store_errors():
+        try:
+            found = (
+                client.get_model_version_by_alias(name, alias)
+                if alias
+                else client.get_model_version(name, number)
+            )
+        except mlflow.MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            reason = error.message.splitlines()[0]
+            raise PipelineError(f"{uri}: {reason} in {mlflow.get_tracking_uri()}") from None
+        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}")
+    return str(Path(folder) / "model.onnx"), {
+        "name": name,
+        "version": str(found.version),
+        "alias": alias or (found.aliases[0] if found.aliases else None),
+    }
+
+
+def model_metadata(path: str, classifier: Classifier, registered: dict | None) -> dict:
+    """What /metadata and the page say about the model: from the file `cnnpipe export` wrote, and
+    for a registered version its name, version and alias."""
     meta = classifier.session.get_modelmeta().custom_metadata_map
     (input_,), (output,) = classifier.session.get_inputs(), classifier.session.get_outputs()
     accuracy = meta.get("test_accuracy")
+    registered = registered or {}
     return {
-        "name": meta.get("model_name"),
-        # Known only for a registered model; parity registers this file's copy.
-        "version": None,
-        "alias": None,
+        "name": registered.get("name", meta.get("model_name")),
+        "version": registered.get("version"),
+        "alias": registered.get("alias"),
         "test_accuracy": float(accuracy) if accuracy else None,
         "tta_flip": meta.get("tta_flip") == "true",
         "file": path,
@@ -163,13 +200,18 @@ class Metrics:
 
 
 def create_app(
-    model_path: str, max_body_bytes: int = 10 << 20, top_k: int = 3, body_timeout_s: float = 10
+    model_path: str,
+    max_body_bytes: int = 10 << 20,
+    top_k: int = 3,
+    body_timeout_s: float = 10,
+    registered: dict | None = None,
 ) -> Starlette:
+    """The service for the ONNX file at `model_path`; `registered` names its registry version."""
     classifier = Classifier.load(model_path)
     # One inference before the port opens: a model that loads but cannot run fails here, at
     # start, and the first request does not pay for onnxruntime's first-run allocations.
     classifier.probabilities(np.zeros((1, SIZE, SIZE, 3), np.uint8))
-    model = model_metadata(model_path, classifier)
+    model = model_metadata(model_path, classifier, registered)
     registry = CollectorRegistry()
     images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
     Info("cnnpipe_model", "The model being served", registry=registry).info(
@@ -400,7 +442,9 @@ def running(app: Starlette, header_timeout_s: float = 10, start_s: float = 30) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cnnpipe serve", description=__doc__)
-    parser.add_argument("model", help="the exported ONNX file, e.g. models/model.onnx")
+    parser.add_argument(
+        "model", help="the exported ONNX file (models/model.onnx) or models:/NAME@ALIAS"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-body-mb", type=float, default=10)
@@ -409,5 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--header-timeout-s", type=float, default=10)
     args = parser.parse_args(argv)
     max_body = int(args.max_body_mb * (1 << 20))
-    app = create_app(args.model, max_body, args.top_k, args.body_timeout_s)
+    path, registered = args.model, None
+    if path.startswith("models:/"):
+        path, registered = fetch_registered(path)
+    app = create_app(path, max_body, args.top_k, args.body_timeout_s, registered)
     server(app, args.host, args.port, args.header_timeout_s).run()
