@@ -140,6 +140,9 @@ def images_per_second(
         run(batch)  # warm up
     for _ in range(rounds):
         for name, run in runs.items():
+            # onnxruntime's idle threads spin for a while after a run, taking the cores from the
+            # next model measured: a pause lets them sleep first.
+            time.sleep(0.1)
             start = time.perf_counter()
             for _ in range(4):
                 run(batch)
