@@ -51,3 +51,33 @@ def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, predictor):
     assert np.abs(got - want).max() < 0.05
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]
+
+
+@pytest.mark.slow
+def test_stage_drops_an_int8_model_that_is_not_fast_enough_and_says_why(project, capsys):
+    from cnnpipe import cli
+    from cnnpipe.config import compose_params
+
+    repo, tiny = project
+    for stage in ("train", "evaluate", "export"):
+        cli.main([stage])
+    verdicts = {}
+    for bar in ("quantize.min_speedup=100", "quantize.min_speedup=0"):
+        params = compose_params([*tiny, bar, "quantize.max_accuracy_drop=1"], repo / "conf")
+        (repo / "params.yaml").write_text(params)
+        capsys.readouterr()
+        cli.main(["quantize"])
+        metrics = json.loads((repo / "metrics/quantize.json").read_text())
+        verdicts[bar] = (
+            capsys.readouterr().out.strip().splitlines()[-1],
+            metrics["int8/kept"],
+            (repo / "models/int8/model.onnx").is_file(),
+        )
+        speedup = metrics["int8/speedup"]
+    line, kept, exists = verdicts["quantize.min_speedup=100"]
+    assert not kept and not exists
+    assert line.endswith("x the FP32 images/s, under quantize.min_speedup 100x")
+    assert "; dropped: it runs at " in line
+    line, kept, exists = verdicts["quantize.min_speedup=0"]
+    assert kept and exists and line.endswith("kept as models/int8/model.onnx")
+    assert f"{speedup:.2f}x the FP32 images/s at batch 256" in line

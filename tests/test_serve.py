@@ -281,3 +281,46 @@ def test_a_registered_version_is_served_with_its_name_version_and_alias(
         PipelineError, match=r"^models:/cnn/7: Model Version .* not found in sqlite"
     ):
         fetch_registered("models:/cnn/7")
+
+
+def test_open_inference_protocol_infers_like_predict(server, model_path):
+    for probe in ("/v2/health/live", "/v2/health/ready", "/v2/models/cnnpipe-test/ready"):
+        with urllib.request.urlopen(f"{server}{probe}", timeout=30) as response:
+            assert response.status == 200
+    status, meta = call(f"{server}/v2/models/cnnpipe-test")
+    assert status == 200 and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+    assert meta["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASSES)]}
+    ]
+    images = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    tensor = {"name": "images", "shape": [2, 32, 32, 3], "datatype": "UINT8"}
+    request = {"inputs": [{**tensor, "data": images.reshape(-1).tolist()}]}
+    status, answer = call(
+        f"{server}/v2/models/cnnpipe-test/infer", json.dumps(request).encode(), "application/json"
+    )
+    assert status == 200 and answer["model_name"] == "cnnpipe-test"
+    (output,) = answer["outputs"]
+    assert output["shape"] == [2, len(CLASSES)] and output["datatype"] == "FP32"
+    want = Classifier.load(model_path).probabilities(images)
+    np.testing.assert_allclose(np.reshape(output["data"], (2, -1)), want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "path, tensor, status, message",
+    [
+        ("cnnpipe-test", {"datatype": "FP32"}, 400, "datatype must be UINT8, not FP32"),
+        ("cnnpipe-test", {"shape": [1, 28, 28, 1]}, 400, "shape must be [N, 32, 32, 3]"),
+        ("cnnpipe-test", {"data": [0] * 5}, 400, "data has 5 values; shape [1, 32, 32, 3] needs"),
+        ("cnnpipe-test", {"data": [300] * 3072}, 400, "UINT8 data must be in 0-255"),
+        ("resnet", {}, 404, "no model resnet; this server has cnnpipe-test"),
+    ],
+    ids=["datatype", "shape", "size", "range", "model"],
+)
+def test_open_inference_protocol_refuses_bad_tensors_in_one_line(
+    server, path, tensor, status, message
+):
+    good = {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}
+    body = json.dumps({"inputs": [{**good, **tensor}]}).encode()
+    got, answer = call(f"{server}/v2/models/{path}/infer", body, "application/json")
+    assert got == status and answer["error"].startswith(message)

@@ -5,7 +5,8 @@ MODEL is the ONNX file or a registered version: models:/NAME/VERSION or models:/
 GET / is a page for people: choose or drop images, see their top classes. For programs: POST
 /predict takes one image as the raw body (Content-Type image/* or application/octet-stream) or one
 or more as multipart/form-data files; GET /metadata describes the model, /health/live and
-/health/ready are the probes, /metrics is in Prometheus' text format, /openapi.json the API.
+/health/ready are the probes, /metrics is in Prometheus' text format, /openapi.json the API, and
+/v2/... the Open Inference Protocol (KServe v2: open_inference.py).
 Errors are JSON: 404 and 405 for other routes and methods, 413 for bodies over the limit, 408 for
 requests whose headers or body do not arrive in time (slow or stalled clients), 415 for other
 content types, 400 for bad images.
@@ -45,29 +46,11 @@ from starlette.schemas import SchemaGenerator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from cnnpipe import PipelineError
+from cnnpipe import PipelineError, open_inference
+from cnnpipe.http_body import BodyTooLarge, error, read_body
 from cnnpipe.predict import SIZE, Classifier, decode
 
 PAGE = files("cnnpipe").joinpath("page.html").read_text()
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused as soon as it passes `limit` bytes, whatever Content-Length claims, or
-    TimeoutError if it takes over `timeout_s`: a client trickling bytes must not hold a
-    connection and its buffer forever."""
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise BodyTooLarge
-    body = bytearray()
-    async with asyncio.timeout(timeout_s):
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise BodyTooLarge
-    return bytes(body)
 
 
 async def parse_multipart(request: Request, body: bytes) -> FormData:
@@ -75,10 +58,6 @@ async def parse_multipart(request: Request, body: bytes) -> FormData:
         yield body
 
     return await MultiPartParser(request.headers, chunks(), max_files=256, max_fields=256).parse()
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def decode_all(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[str]]:
@@ -355,6 +334,7 @@ def create_app(
         Route("/predict", predict, methods=["POST"]),
         Route("/openapi.json", openapi, include_in_schema=False),
         Route("/metrics", metrics, include_in_schema=False),
+        *open_inference.routes(classifier, model, max_body_bytes, body_timeout_s),
     ]
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
