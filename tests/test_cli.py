@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,27 @@ def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
 def test_unknown_command_prints_usage(tmp_path):
     result = run_cli("frobnicate", cwd=tmp_path)
     assert result.returncode == 1 and "usage: cnnpipe" in result.stderr
+
+
+def test_config_errors_are_one_line(tmp_path):
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    cases = [
+        (("params", "trainer.foo=1"), None, "cnnpipe params: error: conf/ has no setting "
+         "trainer.foo; see params.yaml for the settings there are"),
+        (("params", "trainer=tpu"), None, "cnnpipe params: error: In 'config': Could not find "
+         "'trainer/tpu' Available options in 'trainer': cpu ddp gpu"),
+        (("fetch",), "data:\n  url: [oops\n", "cnnpipe fetch: error: params.yaml is not valid "
+         "YAML (expected ',' or ']', but got '<stream end>' at line 3, column 1); fix it, or "
+         "remake it with `cnnpipe params`"),
+        (("evaluate",), "data:\n\turl: x\n", "cnnpipe evaluate: error: params.yaml is not valid "
+         "YAML (found character '\\t' that cannot start any token at line 2, column 1); fix it, "
+         "or remake it with `cnnpipe params`"),
+        (("train",), "", "cnnpipe train: error: no params.yaml here; run the stages in the "
+         "repository root, or make it with `cnnpipe params`"),
+    ]  # fmt: skip
+    for args, params, message in cases:
+        (tmp_path / "params.yaml").unlink(missing_ok=True)
+        if params:
+            (tmp_path / "params.yaml").write_text(params)
+        result = run_cli(*args, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (1, message + "\n"), args

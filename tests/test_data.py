@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from cnnpipe import PipelineError
+from cnnpipe.cifar_files import read_class_names, unpickle
 from cnnpipe.data import (
     BatchLoader,
     CIFAR10DataModule,
     random_crop,
     random_flip,
     read_batch,
-    read_class_names,
     read_split,
-    unpickle,
 )
 
 

@@ -1,11 +1,14 @@
 import hashlib
 import http.server
 import json
+import os
+import pickle
 import tarfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cnnpipe import PipelineError
@@ -175,3 +178,43 @@ def test_extra_members_are_not_extracted(tmp_path):
     dest = tmp_path / "data" / "x"
     fetch(str(path), md5, dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted([*BATCH_FILES, SOURCE_FILE])
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (pickle.dumps(RunsCode()), "is not a safe CIFAR batch (refusing to load posix.system)"),
+        (
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
+            "labels must lie in 0..9",
+        ),
+    ],
+    ids=["runs-code", "bad-labels"],
+)
+def test_an_archive_of_unsafe_batches_never_replaces_good_data(
+    tmp_path, archive, monkeypatch, payload, reason
+):
+    monkeypatch.chdir(tmp_path)
+    good, md5 = archive
+    dest = tmp_path / "data" / "cifar-10-batches-py"
+    fetch(str(good), md5, dest)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(good) as source, tarfile.open(bad, "w:gz") as tar:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith("data_batch_3"):
+                data = payload
+            add_member(tar, member.name, data)
+    want = f"{bad.as_uri()}: cifar-10-batches-py/data_batch_3 {reason}; {dest} was left as it was"
+    with pytest.raises(PipelineError) as error:
+        fetch(str(bad), hashlib.md5(bad.read_bytes()).hexdigest(), dest)
+    assert str(error.value) == want.replace("data_batch_3 labels", "data_batch_3: labels")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert not (tmp_path / "pwned").exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["cifar-10-batches-py"]

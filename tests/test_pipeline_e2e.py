@@ -142,7 +142,14 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     run("git", "commit", "-qm", "pipeline")
     commit = run("git", "rev-parse", "HEAD").strip()
 
-    run("dvc", "repro")
+    repro = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert repro.returncode == 0, f"dvc repro failed:\n{repro.stdout}\n{repro.stderr}"
+    # What a person reads while it runs: progress and results, not Lightning's advertisements
+    # for other services nor a library's deprecation notice.
+    shown = repro.stdout + repro.stderr
+    (tmp_path / "repro.log").write_text(shown)
+    assert "Epoch 1: 100%" in shown and "test/acc" in shown
+    assert "💡" not in shown and "LeafSpec" not in shown and "Traceback" not in shown
     for name in OUTPUTS:
         assert (repo / name).is_file(), f"{name} missing"
     params = json.loads((repo / "metrics/params.json").read_text())

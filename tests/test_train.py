@@ -31,8 +31,11 @@ def cfg(tmp_path, data_dir, monkeypatch):
     return OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
 
 
-def test_train_writes_checkpoint_history_and_metrics(cfg):
+def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
     metrics = train(cfg)
+    out, err = capfd.readouterr()
+    assert "Epoch 1: 100%" in out + err, "the progress bar"
+    assert "💡" not in out + err and "to estimate number of stepping batches" not in out + err
     module = load_checkpoint(cfg.paths.checkpoint)
     assert sum(p.numel() for p in module.parameters()) == 122_570
     assert module.hparams.class_names[0] == "airplane"

@@ -1,11 +1,15 @@
 """Compose conf/ into params.yaml, and load the configuration a stage runs with."""
 
 import argparse
+import re
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from cnnpipe import PipelineError
 from cnnpipe.files import atomic_path
 from cnnpipe.schema import validate
 
@@ -15,15 +19,40 @@ PARAMS_FILE = Path("params.yaml")
 
 def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
     """The composed configuration as YAML, written exactly as `dvc exp run` writes params.yaml."""
-    with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
+    if not (conf_dir / "config.yaml").is_file():
+        raise PipelineError(f"no {conf_dir / 'config.yaml'}; run this in the repository root")
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except HydraException as error:
+        # Hydra suggests `+key=value` for a key conf/ lacks; the schema would refuse that too.
+        if unknown := re.match(r"Could not override '([^']+)'", str(error)):
+            raise PipelineError(
+                f"conf/ has no setting {unknown[1]}; see params.yaml for the settings there are"
+            ) from None
+        message = str(error).split("Config search path")[0]  # the paths Hydra searched
+        raise PipelineError(" ".join(message.split())) from None
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
 
 
 def load_params(path: Path = PARAMS_FILE) -> DictConfig:
     """params.yaml, checked against the schema before a stage does any work."""
-    return validate(OmegaConf.load(path))
+    try:
+        return validate(OmegaConf.load(path))
+    except FileNotFoundError:
+        raise PipelineError(
+            f"no {path} here; run the stages in the repository root, or make it with "
+            "`cnnpipe params`"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise PipelineError(
+            f"{path} is not valid YAML ({problem}{where}); fix it, or remake it with "
+            "`cnnpipe params`"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,78 +1,26 @@
-"""Read CIFAR-10 batch files safely and serve them from memory, augmented batch by batch."""
+"""Serve the CIFAR-10 batch files from memory, augmented batch by batch."""
 
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from cnnpipe import PipelineError
-
-TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_BATCH = "test_batch"
-META = "batches.meta"
-
-# What numpy arrays need to unpickle, under both the numpy 1 and the numpy 2 module names.
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
+from cnnpipe.cifar_files import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Pickle is code: only the numpy constructors a CIFAR batch needs may be called."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[module, name]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
-
-
-def unpickle(path: Path) -> dict:
-    """Load a CIFAR pickle (Python 2 or 3) with str keys, refusing anything that is not data."""
-    try:
-        with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise PipelineError(
-            f"{path} is not a safe CIFAR batch ({error}); run `dvc repro fetch`"
-        ) from None
-    if not isinstance(obj, dict):
-        raise PipelineError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def read_batch(path: Path, num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,) from one batch file."""
-    batch = unpickle(path)
-    data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-        raise PipelineError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
-    if data.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) or len(labels) != len(data):
-        raise PipelineError(f"{path}: expected (N, 3072) images and N labels, got {data.shape}")
-    labels = torch.tensor(labels, dtype=torch.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise PipelineError(f"{path}: labels must lie in 0..{num_classes - 1}")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
+    data, labels = load_batch(path)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
 def read_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     names = TRAIN_BATCHES if split == "train" else [TEST_BATCH]
     parts = [read_batch(Path(data_dir) / name) for name in names]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def read_class_names(data_dir: Path) -> list[str]:
-    names = unpickle(Path(data_dir) / META).get("label_names")
-    if not isinstance(names, list) or not names:
-        raise PipelineError(f"{data_dir / META} has no label_names")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from cnnpipe import PipelineError
+from cnnpipe.cifar_files import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
 from cnnpipe.config import load_params
 
 ARCHIVE_DIR = "cifar-10-batches-py"
@@ -99,6 +100,15 @@ def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
         missing = [name for name in BATCH_FILES if not (batches / name).is_file()]
         if missing:
             raise PipelineError(f"{url} has no {ARCHIVE_DIR}/{', '.join(missing)}")
+        # Read as train will read them, before they replace anything: a batch that is not data
+        # (a pickle that would run code, wrong shapes or labels) must not cost the good data.
+        try:
+            read_class_names(batches)
+            for name in [*TRAIN_BATCHES, TEST_BATCH]:
+                load_batch(batches / name)
+        except PipelineError as error:
+            reason = str(error).replace(f"{batches}/", f"{ARCHIVE_DIR}/")
+            raise PipelineError(f"{url}: {reason}; {dest} was left as it was") from None
         (batches / SOURCE_FILE).write_text(json.dumps({"url": url, "md5": md5}) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         batches.rename(dest)

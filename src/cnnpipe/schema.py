@@ -120,7 +120,9 @@ POSITIVE = [
     "chapter.mistakes", "chapter.feature_map_images", "chapter.maps_per_layer",
     "quantize.calibration_images", "quantize.batch_size", "parity.atol", "parity.batch_size",
 ]  # fmt: skip
-NOT_NEGATIVE = ["data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop"]
+NOT_NEGATIVE = [
+    "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
+]  # fmt: skip
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
 
 

@@ -4,6 +4,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import resource
 import shutil
 import sys
@@ -29,6 +30,17 @@ from cnnpipe.files import atomic_path
 from cnnpipe.module import ImageClassifier
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
+
+# The terminal is for people: Lightning advertises other logging services at every fit, says how
+# it counts steps, and its pytree helper trips torch's deprecation of LeafSpec. None of it is
+# for the person training; progress, results and errors stay.
+NOISE = ("💡 Tip: ", "Loading `train_dataloader` to estimate number of stepping batches")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith(NOISE)
+)
+warnings.filterwarnings(
+    "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
 
 
 class EpochHistory(pl.Callback):
