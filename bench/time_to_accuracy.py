@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from cnnpipe.cifar_files import META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.config import compose_params
-from cnnpipe.data import META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.evaluate import evaluate
 from cnnpipe.train import train
 

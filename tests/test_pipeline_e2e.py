@@ -148,7 +148,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     # for other services nor a library's deprecation notice.
     shown = repro.stdout + repro.stderr
     (tmp_path / "repro.log").write_text(shown)
-    assert "Epoch 1: 100%" in shown and "test/acc" in shown
+    assert "Epoch 0: 100%" in shown and "test/acc" in shown
     assert "💡" not in shown and "LeafSpec" not in shown and "Traceback" not in shown
     for name in OUTPUTS:
         assert (repo / name).is_file(), f"{name} missing"

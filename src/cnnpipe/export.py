@@ -50,6 +50,8 @@ def export_onnx(
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         external_data=False,
         dynamo=True,
+        # Its eight progress lines per export say nothing a person needs; errors still raise.
+        verbose=False,
     )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata)

@@ -189,7 +189,12 @@ def create_app(
     classifier = Classifier.load(model_path)
     # One inference before the port opens: a model that loads but cannot run fails here, at
     # start, and the first request does not pay for onnxruntime's first-run allocations.
-    classifier.probabilities(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    try:
+        classifier.probabilities(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    except Exception as failure:  # onnxruntime raises its own untyped exceptions
+        text = str(failure).strip()
+        reason = text.splitlines()[0] if text else repr(failure)
+        raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
     model = model_metadata(model_path, classifier, registered)
     registry = CollectorRegistry()
     images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
