@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from cnnpipe.export import export_onnx
-from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint
+from cnnpipe.module import Predictor, load_checkpoint, untrained
 from cnnpipe.predict import Classifier
 from cnnpipe.quantize import images_per_second, quantize
 from cnnpipe.serve import create_app, running
@@ -79,10 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             names = [str(i) for i in range(10)]
-            module = ImageClassifier(
-                {"_target_": "cnnpipe.models.ChapterCNN"}, names, [0.5] * 3, [0.25] * 3
-            )
-            predictor = Predictor(module, tta_flip=True)
+            predictor = Predictor(untrained(names), tta_flip=True)
             model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
             export_onnx(predictor, model, 18, {"class_names": json.dumps(names)}, [1])
         else:

@@ -168,14 +168,13 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
 
 def tiny_model(folder: Path) -> Path:
     from cnnpipe.export import export_onnx
-    from cnnpipe.module import ImageClassifier, Predictor
+    from cnnpipe.module import Predictor, untrained
 
     names = [str(i) for i in range(10)]
-    module = ImageClassifier(
-        {"_target_": "cnnpipe.models.ChapterCNN"}, names, [0.5] * 3, [0.25] * 3
-    )
     path = folder / "model.onnx"
-    export_onnx(Predictor(module, True), path, 18, {"class_names": json.dumps(names)}, [1])
+    export_onnx(
+        Predictor(untrained(names), True), path, 18, {"class_names": json.dumps(names)}, [1]
+    )
     return path
 
 

@@ -7,7 +7,7 @@
 
 usage: python bench/throughput.py [--data data/cifar-10-batches-py] [OVERRIDE ...]
        python bench/throughput.py --tiny          # random data, seconds: the CI smoke test
-Overrides are Hydra overrides of conf/ (e.g. trainer.precision=32-true trainer.batch_size=512).
+Overrides are Hydra overrides of conf/ (e.g. trainer.precision=32-true loader.batch_size=512).
 The three are run in turn, `--repeats` times, and the median of each is compared.
 """
 
@@ -41,7 +41,7 @@ def project_loader(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) 
     return BatchLoader(
         images,
         labels,
-        cfg.trainer.batch_size,
+        cfg.loader.batch_size,
         shuffle=True,
         crop_padding=cfg.data.crop_padding,
         flip=cfg.data.flip,
@@ -131,9 +131,9 @@ def tutorial_loop(cfg: DictConfig, images, labels, steps: int, warmup: int) -> f
     )
     dataset = PILImages(images, labels, transform)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.trainer.batch_size, shuffle=True, num_workers=2
+        dataset, batch_size=cfg.loader.batch_size, shuffle=True, num_workers=2
     )
-    net = build_module(OmegaConf.merge(cfg, {"trainer": {"channels_last": False}}), CLASSES).net
+    net = build_module(OmegaConf.merge(cfg, {"loader": {"channels_last": False}}), CLASSES).net
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -162,7 +162,7 @@ def main() -> None:
     if args.tiny:
         images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
         labels = torch.randint(0, 10, (512,))
-        cfg.trainer.batch_size, steps, repeats, warmup = 64, 4, 1, 1
+        cfg.loader.batch_size, steps, repeats, warmup = 64, 4, 1, 1
     else:
         images, labels = read_split(Path(args.data), "train")
 
@@ -174,10 +174,10 @@ def main() -> None:
             runs[name].append(loop(cfg, images, labels, steps, warmup))
     rate = {name: statistics.median(values) for name, values in runs.items()}
 
-    t = cfg.trainer
     print(
-        f"\nmodel {cfg.model._target_}, batch {t.batch_size}, precision {t.precision}, "
-        f"channels_last {t.channels_last}, {torch.get_num_threads()} threads, "
+        f"\nmodel {cfg.model._target_}, batch {cfg.loader.batch_size}, "
+        f"precision {cfg.trainer.precision}, channels_last {cfg.loader.channels_last}, "
+        f"{torch.get_num_threads()} threads, "
         f"{steps} timed steps x {repeats} repeats (median)"
     )
     for name, value in rate.items():

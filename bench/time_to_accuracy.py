@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cnnpipe.cifar_files import META, TEST_BATCH, TRAIN_BATCHES
-from cnnpipe.config import compose_params
+from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.evaluate import evaluate
 from cnnpipe.train import train
 
@@ -52,8 +52,7 @@ def main() -> None:
             write_random_batches(data, per_batch=64)
             overrides = ["trainer.max_epochs=2", "data.val_size=64", *overrides]
         cfg = OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
-        cfg.paths = {key: str(Path(tmp) / value) for key, value in cfg.paths.items()}
-        cfg.paths.data = str(data)
+        cfg = outputs_under(OmegaConf.merge(cfg, {"paths": {"data": str(data)}}), tmp)
         metrics = train(cfg)
         history = (Path(cfg.paths.history)).read_text().splitlines()
         test = evaluate(cfg)

@@ -5,20 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from cnnpipe.baseline import baseline_config, train_baseline
 from cnnpipe.chapter import chapter, equivariance_error, report, self_contained_html, shift
-from cnnpipe.config import compose_params
 from cnnpipe.evaluate import evaluate
 from cnnpipe.models import ChapterCNN, DenseBaseline
 from cnnpipe.module import load_checkpoint
 from cnnpipe.params_report import params_report, to_metrics
 from cnnpipe.tracking import record
 from cnnpipe.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import composed
 
 
 def test_shift_moves_content_right_and_down_with_zero_fill():
@@ -51,7 +48,7 @@ def pipeline_cfg(tmp_path, data_dir, monkeypatch):
     """A 1-epoch run of train, evaluate, params report and baseline on the tiny data set."""
     monkeypatch.chdir(tmp_path)
     overrides = [f"paths.data={data_dir}", "trainer.max_epochs=1", "data.val_size=40"]
-    cfg = OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
+    cfg = composed(*overrides)
     record(cfg.paths.train_metrics, train(cfg))
     record(cfg.paths.eval_metrics, evaluate(cfg))
     report_ = params_report(load_checkpoint(cfg.paths.checkpoint), cfg.report.dense_baselines)

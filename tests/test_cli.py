@@ -1,11 +1,9 @@
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from cnnpipe.config import compose_params
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def run_cli(*args, cwd):
@@ -16,7 +14,7 @@ def run_cli(*args, cwd):
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     params = compose_params(
-        ["data.url=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
+        ["fetch.url=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
     )
     (tmp_path / "params.yaml").write_text(params)
     result = run_cli("fetch", cwd=tmp_path)

@@ -1,17 +1,43 @@
+import shutil
+import subprocess
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from cnnpipe.config import compose_params
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def shipped_conf(dest: Path) -> Path:
+    """conf/ as committed: without this machine's conf/local/."""
+    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    return dest / "conf"
 
 
-def test_params_yaml_is_the_composed_default():
+def test_params_yaml_is_the_composed_default(tmp_path):
     committed = (ROOT / "params.yaml").read_text()
-    assert committed == compose_params(conf_dir=ROOT / "conf"), (
+    assert committed == compose_params(conf_dir=shipped_conf(tmp_path)), (
         "params.yaml drifted from conf/: run `make params` and commit it"
     )
+
+
+def test_local_settings_go_over_everything_but_the_command_line(tmp_path):
+    conf = shipped_conf(tmp_path)
+    (conf / "local").mkdir()
+    md5 = "5912d72513c2fa989e976f23c36e7bc6"
+    local = f"fetch:\n  url: /archives/cifar-10-python.tar.gz\n  md5: {md5}\nseed: 7\n"
+    (conf / "local" / "default.yaml").write_text(local)
+    cfg = OmegaConf.create(compose_params(["seed=3"], conf_dir=conf))
+    assert cfg.fetch.url == "/archives/cifar-10-python.tar.gz" and cfg.fetch.md5 == md5
+    assert cfg.seed == 3
+    assert cfg.fetch.timeout_s == 60, "the rest of the node stays"
+
+
+def test_gitignore_keeps_local_settings_out_of_git():
+    ignored = subprocess.run(
+        ["git", "check-ignore", "conf/local/default.yaml"], cwd=ROOT, capture_output=True
+    )
+    assert ignored.returncode == 0
 
 
 def test_overrides_compose_into_params():
@@ -25,8 +51,8 @@ def test_overrides_compose_into_params():
 
 def test_default_points_at_the_official_archive():
     cfg = OmegaConf.load(ROOT / "params.yaml")
-    assert cfg.data.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert cfg.data.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert cfg.fetch.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert cfg.fetch.md5 == "c58f30108f718f92721af3b95e74349a"
 
 
 def test_dvc_composes_params_through_hydra():

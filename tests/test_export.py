@@ -7,21 +7,15 @@ import pytest
 import torch
 
 from cnnpipe.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from cnnpipe.module import ImageClassifier, Predictor, predict_probs
+from cnnpipe.module import Predictor, predict_probs, untrained
 from cnnpipe.parity import compare
 
 CLASSES = [f"class{i}" for i in range(10)]
-MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-
-
-def random_module(seed: int, target: str = "cnnpipe.models.ChapterCNN") -> ImageClassifier:
-    torch.manual_seed(seed)
-    return ImageClassifier({"_target_": target}, CLASSES, MEAN, STD)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta_flip"])
 def exported(request, tmp_path_factory):
-    predictor = Predictor(random_module(0), tta_flip=request.param)
+    predictor = Predictor(untrained(CLASSES, seed=0), tta_flip=request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     metadata = {"class_names": json.dumps(CLASSES), "mlflow_run_id": "abc", "git_commit": "123"}
     export_onnx(predictor, path, 18, metadata, [1, 5])
@@ -69,7 +63,7 @@ def test_output_is_probabilities(exported):
 
 
 def test_flip_tta_makes_predictions_mirror_invariant():
-    module = random_module(1)
+    module = untrained(CLASSES, seed=1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     tta, plain = Predictor(module, tta_flip=True), Predictor(module, tta_flip=False)
     mirrored = images.flip(3)
@@ -79,14 +73,14 @@ def test_flip_tta_makes_predictions_mirror_invariant():
 
 def test_parity_notices_a_different_model(exported):
     predictor, path = exported
-    other = Predictor(random_module(2), tta_flip=predictor.tta_flip)
+    other = Predictor(untrained(CLASSES, seed=2), tta_flip=predictor.tta_flip)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     assert compare(other, path, images, batch_size=32)["max_abs_diff"] > 1e-5
 
 
 @pytest.mark.parametrize("target", ["cnnpipe.models.ChapterCNNBatchNorm", "cnnpipe.models.ResNet9"])
 def test_other_models_export_with_parity(tmp_path, target):
-    module = random_module(3, target)
+    module = untrained(CLASSES, target, seed=3)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):

@@ -13,7 +13,7 @@ import pytest
 
 from cnnpipe import PipelineError
 from cnnpipe.fetch import BATCH_FILES, SOURCE_FILE, fetch
-from conftest import add_member, make_archive
+from tests.helpers import add_member, make_archive
 
 
 def test_fetch_over_http_extracts_all_batches(tmp_path, archive, http_server):
@@ -51,7 +51,10 @@ def test_bad_checksum_leaves_nothing_behind(tmp_path, archive, http_server):
 
 def test_unreachable_host_says_how_to_use_a_local_copy(tmp_path, http_server):
     base, _ = http_server
-    with pytest.raises(PipelineError, match="data.url=/path/to/cifar-10-python.tar.gz") as error:
+    with pytest.raises(
+        PipelineError,
+        match="fetch.url and fetch.md5 at an archive on disk in conf/local/default.yaml",
+    ) as error:
         fetch(f"{base}/missing.tar.gz", "0" * 32, tmp_path / "data" / "x")
     assert "\n" not in str(error.value)
     assert list((tmp_path / "data").iterdir()) == []
@@ -152,7 +155,7 @@ def misbehaving_server():
 @pytest.mark.parametrize(
     "path, message",
     [
-        ("/stall", "sent nothing for 0.5 s; try again later or raise data.timeout_s"),
+        ("/stall", "sent nothing for 0.5 s; try again later or raise fetch.timeout_s"),
         ("/cut", r"stopped part way \(400 of 1000 bytes\); run the stage again"),
         ("/cut-unsized", "md5 of .* is [0-9a-f]{32}, expected"),
     ],

@@ -6,7 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow_ui import (
+
+from cnnpipe import cli
+from cnnpipe.tracking import read_run_id
+from tests.helpers import store
+from tests.mlflow_ui import (
     CHROMIUM,
     browser,
     compare,
@@ -15,10 +19,6 @@ from mlflow_ui import (
     params_shown_with_diff_only,
     val_acc_chart,
 )
-
-from cnnpipe import cli
-from cnnpipe.tracking import read_run_id
-from conftest import store
 
 
 @pytest.mark.slow

@@ -20,9 +20,8 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import free_port, make_archive
+from tests.helpers import ROOT, free_port, make_archive
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = [
     "data/cifar-10-batches-py/test_batch",
     "models/model.ckpt",
@@ -36,7 +35,7 @@ OUTPUTS = [
     "plots/confusion.csv",
     "plots/confusion.png",
     "reports/params.md",
-    "models/baseline/model.ckpt",
+    "models/baseline/models/model.ckpt",
     "metrics/baseline.json",
     "metrics/chapter.json",
     "reports/chapter.md",
@@ -125,12 +124,15 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
 
+    # The archive's place as an offline user gives it, once: `cnnpipe params`, `dvc exp run -S`
+    # and queued experiments must all keep it.
+    local = f"fetch:\n  url: {base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
+    (repo / "conf/local").mkdir()
+    (repo / "conf/local/default.yaml").write_text(local)
     overrides = [
-        f"data.url={base}/cifar-10-python.tar.gz",
-        f"data.md5={md5}",
         "data.val_size=40",
         "trainer.max_epochs=1",
-        "trainer.batch_size=64",
+        "loader.batch_size=64",
         "evaluate.batch_size=16",
         # Keep the INT8 model whatever it loses or gains on the tiny data, to see it registered.
         "quantize.max_accuracy_drop=1.0",
@@ -230,7 +232,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
 
     # A bad value costs nothing: DVC would delete the outputs before the stage fails.
     kept = {name: (repo / name).read_bytes() for name in OUTPUTS}
-    for bad in ("data.md5=00000000000000000000000000000000", "trainer.max_epochs=abc"):
+    for bad in ("fetch.md5=00000000000000000000000000000000", "trainer.max_epochs=abc"):
         tried = [*(o for o in overrides if not o.startswith(bad.split("=")[0])), bad]
         failed = subprocess.run(
             ["dvc", "exp", "run", *(arg for o in tried for arg in ("-S", o))],

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cnnpipe.predict import Classifier, decode
-from conftest import export_random_model, foreign_model
+from tests.helpers import export_random_model, foreign_model
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from cnnpipe.module import ImageClassifier, Predictor
+from cnnpipe.module import Predictor, untrained
 from cnnpipe.predict import Classifier
 from cnnpipe.quantize import QuantizableModel, quantize
 
@@ -14,9 +14,7 @@ CLASSES = [f"c{i}" for i in range(10)]
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    torch.manual_seed(0)
-    net = {"_target_": "cnnpipe.models.ChapterCNN"}
-    return Predictor(ImageClassifier(net, CLASSES, [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]), True)
+    return Predictor(untrained(CLASSES), True)
 
 
 @pytest.mark.parametrize("tta_flip", [True, False])

@@ -18,9 +18,8 @@ from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
 from cnnpipe.tracking import recipe_params
-from conftest import free_port
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -41,6 +40,7 @@ def sweep_runs(repo: Path) -> tuple[mlflow.entities.Run, list[mlflow.entities.Ru
     return parent, children
 
 
+@pytest.mark.slow
 def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
     repo, tiny = project
     out = cnnpipe(
@@ -97,6 +97,7 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
     assert len(cnnpipe("runs", "--last", "2").stdout.splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_parallel_sweep_on_sqlite_loses_nothing(project):
     repo, tiny = project
     cnnpipe(
@@ -115,6 +116,7 @@ def test_parallel_sweep_on_sqlite_loses_nothing(project):
         assert {"test/acc", "train/seconds"} <= set(child.data.metrics)
 
 
+@pytest.mark.slow
 def test_a_failed_job_fails_the_sweep_in_one_line_and_closes_its_parent(project):
     repo, tiny = project
     result = subprocess.run(
@@ -168,7 +170,7 @@ print(f"RANK {rank_zero_only.rank} {trainer.world_size} {trainer.num_training_ba
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(project):
     repo, tiny = project
-    ddp = ["trainer=ddp", "trainer.max_epochs=2", "trainer.batch_size=32"]
+    ddp = ["trainer=ddp", "trainer.max_epochs=2", "loader.batch_size=32"]
     params = compose_params([*tiny, *ddp], conf_dir=repo / "conf")
     (repo / "params.yaml").write_text(params)
     (repo / "ddp_job.py").write_text(DDP_JOB)

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cnnpipe import PipelineError
 from cnnpipe.predict import Classifier
 from cnnpipe.serve import create_app, running
-from conftest import export_random_model, foreign_model
+from tests.helpers import export_random_model, foreign_model
 
 CLASSES = [f"class{i}" for i in range(10)]
 LIMIT = 200_000

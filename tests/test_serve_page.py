@@ -10,7 +10,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from cnnpipe.predict import Classifier, decode
 from cnnpipe.serve import create_app, running
-from conftest import export_random_model
+from tests.helpers import export_random_model
 
 CHROMIUM = "/usr/bin/chromium"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

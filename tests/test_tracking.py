@@ -22,7 +22,7 @@ from cnnpipe.config import load_params
 from cnnpipe.fetch import BATCH_FILES, fetch
 from cnnpipe.tracking import read_run_id, recipe_params, tracking_uri
 from cnnpipe.train import HISTORY_KEYS, train
-from conftest import free_port, store
+from tests.helpers import free_port, store
 
 
 def git(repo: Path, *args: str) -> str:
@@ -60,7 +60,8 @@ def test_recipe_params_leave_out_paths_locations_and_speed_settings(project):
     composed = yaml.safe_load(Path("params.yaml").read_text())
     assert params["optim.lr"] == str(composed["optim"]["lr"])
     assert params["data.mean"] == str(composed["data"]["mean"])
-    left_out = {"data.url", "data.md5", "data.timeout_s", "trainer.progress_bar_refresh_rate"}
+    left_out = {"fetch.url", "fetch.md5", "fetch.timeout_s"}
+    left_out |= {"callbacks.progress_bar._target_", "callbacks.progress_bar.refresh_rate"}
     left_out |= {"evaluate.batch_size", "parity.batch_size"}
     assert not left_out & set(params)
     assert not [k for k in params if k.startswith(("paths.", "mlflow."))]

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.config import compose_params
+from cnnpipe.data import CIFAR10DataModule, read_split
 from cnnpipe.evaluate import evaluate
-from cnnpipe.module import load_checkpoint
-from cnnpipe.train import HISTORY_KEYS, train, warn_if_bf16_is_emulated
-
-ROOT = Path(__file__).resolve().parents[1]
+from cnnpipe.module import Predictor, load_checkpoint, predict_probs
+from cnnpipe.train import HISTORY_KEYS, build_trainer, train, warn_if_bf16_is_emulated
+from tests.helpers import composed
 
 
 @pytest.fixture
@@ -25,10 +23,10 @@ def cfg(tmp_path, data_dir, monkeypatch):
     overrides = [
         f"paths.data={data_dir}",
         "trainer.max_epochs=2",
-        "trainer.batch_size=64",
+        "loader.batch_size=64",
         "data.val_size=40",
     ]
-    return OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
+    return composed(*overrides)
 
 
 def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
@@ -56,19 +54,28 @@ def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
     [
         (["model=chapter_cnn_bn"], "ChapterCNNBatchNorm"),
         (["model=resnet9", "model.width=4"], "ResNet9"),
-        (["trainer.precision=bf16-mixed", "trainer.channels_last=false"], "ChapterCNN"),
+        (["trainer.precision=bf16-mixed", "loader.channels_last=false"], "ChapterCNN"),
     ],
     ids=["batchnorm", "resnet9", "bf16-nchw"],
 )
 def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, network):
     monkeypatch.chdir(tmp_path)
     base = [f"paths.data={data_dir}", "trainer.max_epochs=1", "data.val_size=40"]
-    cfg = OmegaConf.create(compose_params(base + overrides, conf_dir=ROOT / "conf"))
+    cfg = composed(*base, *overrides)
     metrics = train(cfg)
-    assert 0 <= metrics["val/acc"] <= 1
     module = load_checkpoint(cfg.paths.checkpoint)
     assert type(module.net).__name__ == network
-    assert evaluate(cfg)["test/acc"] >= 0
+    # The reported accuracies are the saved network's, recomputed here on both splits.
+    data = CIFAR10DataModule(cfg.paths.data, 64, cfg.data.val_size, 0, False, cfg.seed)
+    data.setup("fit")
+    bf16 = cfg.trainer.precision.startswith("bf16")
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        predicted = module.eval()(data.val_images).argmax(1)
+    assert metrics["val/acc"] == pytest.approx((predicted == data.val_labels).float().mean().item())
+    images, labels = read_split(Path(cfg.paths.data), "test")
+    predictor = Predictor(module, cfg.evaluate.tta_flip)
+    predicted = predict_probs(predictor, images, 64).argmax(1)
+    assert evaluate(cfg)["test/acc"] == pytest.approx((predicted == labels).float().mean().item())
 
 
 def test_same_seed_gives_the_same_metrics(cfg):
@@ -81,7 +88,7 @@ def test_same_seed_gives_the_same_metrics(cfg):
 def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg):
     cfg.optim.lr = 1e30
     # An interrupted bar would otherwise print itself after pytest's summary.
-    cfg.trainer.progress_bar_refresh_rate = 0
+    cfg.callbacks.progress_bar.refresh_rate = 0
     with pytest.raises(
         PipelineError, match=r"training diverged: train/loss is (nan|inf).*optim.lr"
     ):
@@ -91,7 +98,7 @@ def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg):
 
 
 def test_schedule_with_an_empty_phase_is_refused_in_one_line(cfg):
-    cfg.trainer.max_epochs, cfg.trainer.batch_size = 1, 40  # 4 steps, warm-up of exactly 1
+    cfg.trainer.max_epochs, cfg.loader.batch_size = 1, 40  # 4 steps, warm-up of exactly 1
     with pytest.raises(PipelineError, match="4 training steps with optim.pct_start=0.25"):
         train(cfg)
     assert not Path(cfg.paths.checkpoint).exists()
@@ -142,3 +149,18 @@ def test_emulated_bf16_is_named_before_training(cfg, monkeypatch, capsys, native
     cfg.trainer.precision = "32-true"
     warn_if_bf16_is_emulated(cfg)
     assert capsys.readouterr().out == ""
+
+
+def test_a_trainer_argument_is_one_line_in_conf(cfg):
+    cfg.trainer.gradient_clip_val = 0.5
+    assert build_trainer(cfg, []).gradient_clip_val == 0.5
+
+
+def test_an_unknown_trainer_argument_is_refused_in_one_line(cfg):
+    cfg.trainer.max_epoch = 3
+    with pytest.raises(PipelineError) as error:
+        train(cfg)
+    assert str(error.value) == (
+        "trainer.max_epoch is not an argument of pytorch_lightning.Trainer; see its "
+        "documentation for the ones there are"
+    )

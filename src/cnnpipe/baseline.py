@@ -1,25 +1,19 @@
 """Stage `baseline`: the dense network on raw pixels, trained and tested with the CNN's recipe."""
 
 import argparse
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import tracking
-from cnnpipe.config import load_params
+from cnnpipe.config import load_params, outputs_under
 from cnnpipe.evaluate import evaluate
 from cnnpipe.module import load_checkpoint
 from cnnpipe.train import train
 
-# The outputs train and evaluate write, moved into the baseline's own folder.
-OUTPUTS = ["checkpoint", "history", "confusion_csv", "confusion_png"]
-
 
 def baseline_config(cfg: DictConfig) -> DictConfig:
     """`cfg` with the baseline network in place of the model and its outputs in paths.baseline."""
-    folder = Path(cfg.paths.baseline)
-    paths = {key: str(folder / Path(cfg.paths[key]).name) for key in OUTPUTS}
-    return OmegaConf.merge(cfg, {"model": cfg.baseline.model, "paths": paths})
+    return outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
 
 
 def train_baseline(cfg: DictConfig) -> dict:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnnpipe import tracking
+from cnnpipe.baseline import baseline_config
 from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
@@ -170,7 +171,7 @@ def save(fig, path: Path) -> None:
 def chapter(cfg: DictConfig) -> dict:
     """Draw every picture and measure every number; return the numbers."""
     module = load_checkpoint(cfg.paths.checkpoint)
-    baseline = load_checkpoint(str(Path(cfg.paths.baseline) / Path(cfg.paths.checkpoint).name))
+    baseline = load_checkpoint(baseline_config(cfg).paths.checkpoint)
     names = module.hparams.class_names
     images, labels = read_split(Path(cfg.paths.data), "test")
     c = cfg.chapter

@@ -30,8 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: cnnpipe {{{','.join(COMMANDS)}}} [--help]")
     command, rest = argv[0], argv[1:]
+    module = COMMANDS[command]
+    if command == "train" and rest and rest[0] not in ("-h", "--help"):
+        # With overrides, training is a Hydra job outside DVC (cnnpipe.sweep imports cnnpipe.train).
+        module = "cnnpipe.sweep"
     try:
-        importlib.import_module(COMMANDS[command]).main(rest)
+        importlib.import_module(module).main(rest)
     except PipelineError as error:
         sys.exit(f"cnnpipe {command}: error: {error}")
     except OSError as error:

@@ -36,6 +36,13 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def outputs_under(cfg: DictConfig, folder: str | Path) -> DictConfig:
+    """`cfg` with every output path moved under `folder`, the data left where it is: a sweep's
+    job, the baseline stage and the benches each write a whole pipeline's outputs elsewhere."""
+    moved = {key: str(Path(folder) / path) for key, path in cfg.paths.items() if key != "data"}
+    return OmegaConf.merge(cfg, {"paths": moved})
+
+
 def load_params(path: Path = PARAMS_FILE) -> DictConfig:
     """params.yaml, checked against the schema before a stage does any work."""
     try:

@@ -51,11 +51,11 @@ def download(url: str, dest: Path, timeout_s: float) -> str:
         reason = getattr(error, "reason", error)
         if isinstance(reason, TimeoutError):
             raise PipelineError(
-                f"{url} sent nothing for {timeout_s:g} s; try again later or raise data.timeout_s"
+                f"{url} sent nothing for {timeout_s:g} s; try again later or raise fetch.timeout_s"
             ) from None
         raise PipelineError(
-            f"cannot read {url} ({reason}). Offline? Copy cifar-10-python.tar.gz here and run "
-            "`dvc exp run -S data.url=/path/to/cifar-10-python.tar.gz`"
+            f"cannot read {url} ({reason}). Offline? Point fetch.url and fetch.md5 at an archive "
+            "on disk in conf/local/default.yaml, then run `cnnpipe params` (README, Offline)"
         ) from None
     if size is not None and dest.stat().st_size != size:
         raise PipelineError(stopped.format(f"{dest.stat().st_size} of {size}"))
@@ -93,7 +93,7 @@ def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
         if got != md5:
             raise PipelineError(
                 f"md5 of {url} is {got}, expected {md5}: the file is corrupt or another version; "
-                "download it again or set data.md5 if you trust it"
+                "download it again or set fetch.md5 if you trust it"
             )
         extract(archive, Path(tmp) / "extracted")
         batches = Path(tmp) / "extracted" / ARCHIVE_DIR
@@ -134,5 +134,5 @@ def data_source(data_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(prog="cnnpipe fetch", description=__doc__).parse_args(argv)
     cfg = load_params()
-    fetch(cfg.data.url, cfg.data.md5, Path(cfg.paths.data), cfg.data.timeout_s)
+    fetch(cfg.fetch.url, cfg.fetch.md5, Path(cfg.paths.data), cfg.fetch.timeout_s)
     print(f"fetched {cfg.paths.data}")

@@ -17,7 +17,8 @@ from cnnpipe import PipelineError
 class ImageClassifier(pl.LightningModule):
     """Normalises uint8 (N, 3, H, W) images itself, so a checkpoint alone can be exported.
 
-    `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10}.
+    `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10};
+    `optim` is conf/optim's node: lr, weight_decay, pct_start, label_smoothing.
     """
 
     def __init__(
@@ -26,10 +27,7 @@ class ImageClassifier(pl.LightningModule):
         class_names: list[str],
         mean: list[float],
         std: list[float],
-        lr: float = 5e-3,
-        weight_decay: float = 0.05,
-        pct_start: float = 0.25,
-        label_smoothing: float = 0.1,
+        optim: dict,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -48,7 +46,9 @@ class ImageClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(
+            logits, labels, label_smoothing=self.hparams.optim["label_smoothing"]
+        )
         # update() only accumulates; calling the metric would also compute a per-batch value.
         self.train_acc.update(logits, labels)
         # sync_dist: under DDP the epoch's loss is averaged over all processes' shards.
@@ -62,7 +62,7 @@ class ImageClassifier(pl.LightningModule):
         if loss is not None and not torch.isfinite(loss):
             raise PipelineError(
                 f"training diverged: train/loss is {float(loss)} in epoch {self.current_epoch + 1}"
-                f"; lower optim.lr (now {self.hparams.lr})"
+                f"; lower optim.lr (now {self.hparams.optim['lr']})"
             )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
@@ -73,22 +73,35 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        hp = self.hparams.optim
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"]
+        )
         steps = self.trainer.estimated_stepping_batches
         # OneCycleLR divides by zero when a phase ends where the one before it did: a warm-up of
         # exactly one step or a decay of none, which only tiny runs meet.
-        warmup = hp.pct_start * steps
+        warmup = hp["pct_start"] * steps
         if math.isclose(warmup, 1) or math.isclose(warmup, steps - 1):
             raise PipelineError(
-                f"{steps} training steps with optim.pct_start={hp.pct_start} give the one-cycle "
-                "schedule an empty phase; change trainer.max_epochs, trainer.batch_size or "
+                f"{steps} training steps with optim.pct_start={hp['pct_start']} give the one-cycle "
+                "schedule an empty phase; change trainer.max_epochs, loader.batch_size or "
                 "optim.pct_start"
             )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.lr, total_steps=steps, pct_start=hp.pct_start
+            optimizer, max_lr=hp["lr"], total_steps=steps, pct_start=hp["pct_start"]
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def untrained(
+    class_names: list[str], net: str = "cnnpipe.models.ChapterCNN", seed: int = 0
+) -> ImageClassifier:
+    """`net` with seeded random weights, for tests and benches that need a model, not a trained
+    one. Its normalisation differs per channel, as CIFAR-10's does."""
+    torch.manual_seed(seed)
+    return ImageClassifier(
+        {"_target_": net}, class_names, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], optim={}
+    )
 
 
 class Predictor(nn.Module):
@@ -129,8 +142,10 @@ def load_checkpoint(path: str) -> ImageClassifier:
         raise PipelineError(f"no checkpoint at {path}; run `dvc repro train`")
     try:
         return ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as error:
-        if isinstance(error, KeyError):
+    except (RuntimeError, OSError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as error:
+        if isinstance(error, TypeError):
+            reason = "it was made by an older cnnpipe, with other hyperparameters"
+        elif isinstance(error, KeyError):
             reason = f"it has no {error} entry"
         elif isinstance(error, (EOFError, OSError)):
             reason = "the file is empty, truncated or unreadable"

@@ -15,11 +15,14 @@ NOT_RECIPE = {"recipe": False}
 
 
 @dataclass
+class Fetch:
+    url: str
+    md5: str
+    timeout_s: float
+
+
+@dataclass
 class Data:
-    # Where the archive comes from: the runs record the data by content (an MLflow dataset).
-    url: str = field(metadata=NOT_RECIPE)
-    md5: str = field(metadata=NOT_RECIPE)
-    timeout_s: float = field(metadata=NOT_RECIPE)
     val_size: int
     mean: list[float]
     std: list[float]
@@ -36,17 +39,9 @@ class Optim:
 
 
 @dataclass
-class Trainer:
-    max_epochs: int
+class Loader:
     batch_size: int
-    precision: str
-    accelerator: str
-    devices: int
-    num_nodes: int
-    strategy: str
-    deterministic: Any  # true, false or "warn", as Lightning takes it
     channels_last: bool
-    progress_bar_refresh_rate: int = field(metadata=NOT_RECIPE)
 
 
 @dataclass
@@ -97,9 +92,11 @@ class Parity:
 
 @dataclass
 class Config:
+    # Where the archive comes from: the runs record the data by content (an MLflow dataset).
+    fetch: Fetch = field(metadata=NOT_RECIPE)
     data: Data
     optim: Optim
-    trainer: Trainer
+    loader: Loader
     mlflow: MLflow = field(metadata=NOT_RECIPE)
     evaluate: Evaluate
     report: Report
@@ -110,13 +107,16 @@ class Config:
     seed: int
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
+    # pytorch_lightning.Trainer's arguments, which it checks itself (train.build_trainer).
+    trainer: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict, metadata=NOT_RECIPE)
     baseline: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict, metadata=NOT_RECIPE)
 
 
 POSITIVE = [
-    "data.timeout_s", "data.val_size", "optim.lr", "trainer.max_epochs", "trainer.batch_size",
-    "trainer.devices", "trainer.num_nodes", "evaluate.batch_size", "export.opset",
+    "fetch.timeout_s", "data.val_size", "optim.lr", "trainer.max_epochs", "loader.batch_size",
+    "evaluate.batch_size", "export.opset",
     "chapter.mistakes", "chapter.feature_map_images", "chapter.maps_per_layer",
     "quantize.calibration_images", "quantize.batch_size", "parity.atol", "parity.batch_size",
 ]  # fmt: skip
@@ -156,7 +156,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         )
     problems = []
     for key in POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
+        if not OmegaConf.select(cfg, key, default=0) > 0:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must be > 0")
     for key in NOT_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
@@ -165,7 +165,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         problems.append(f"optim.pct_start={cfg.optim.pct_start} must lie between 0 and 1")
     if not 0 <= cfg.optim.label_smoothing < 1:
         problems.append(f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
-    if cfg.trainer.precision not in PRECISIONS:
+    if cfg.trainer.get("precision", "32-true") not in PRECISIONS:
         problems.append(
             f"trainer.precision={cfg.trainer.precision} is not one of {sorted(PRECISIONS)}"
         )

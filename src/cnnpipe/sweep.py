@@ -20,7 +20,7 @@ from mlflow.entities import Param
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, tracking
-from cnnpipe.config import CONF_DIR
+from cnnpipe.config import CONF_DIR, outputs_under
 from cnnpipe.evaluate import evaluate, log_evaluation
 from cnnpipe.schema import validate
 from cnnpipe.train import log_training, train
@@ -45,11 +45,7 @@ def job(cfg: DictConfig) -> dict:
 
 def train_and_test(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    cfg = validate(cfg)
-    for key, path in cfg.paths.items():
-        if key != "data":
-            cfg.paths[key] = str(out / path)
+    cfg = outputs_under(validate(cfg), hc.runtime.output_dir)
     overrides = " ".join(hc.overrides.task) or "(defaults)"
     tags = {"sweep.overrides": overrides}
     name = overrides

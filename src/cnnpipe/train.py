@@ -5,9 +5,9 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import resource
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -15,12 +15,14 @@ from pathlib import Path
 import mlflow
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, Timer, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
@@ -28,6 +30,7 @@ from cnnpipe.data import CIFAR10DataModule
 from cnnpipe.fetch import data_digest, data_source
 from cnnpipe.files import atomic_path
 from cnnpipe.module import ImageClassifier
+from cnnpipe.sources import source_files
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 
@@ -78,11 +81,12 @@ class EpochHistory(pl.Callback):
 
 def fingerprint(cfg: DictConfig) -> str:
     """What a run must share with an interrupted one to resume it: data, network, recipe and
-    this package's code (a checkpoint left by older code is not resumed by newer code)."""
-    keys = ["seed", "data", "model", "optim", "trainer"]
+    the code that trains (a checkpoint left by older code is not resumed by newer code): the
+    keys and files the train stage depends on in dvc.yaml."""
+    keys = ["seed", "data", "model", "optim", "loader", "trainer"]
     recipe = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    for source in source_files(__name__):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 
@@ -107,35 +111,37 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
         class_names=class_names,
         mean=list(cfg.data.mean),
         std=list(cfg.data.std),
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        pct_start=cfg.optim.pct_start,
-        label_smoothing=cfg.optim.label_smoothing,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
     )
-    if cfg.trainer.channels_last:
+    if cfg.loader.channels_last:
         module = module.to(memory_format=torch.channels_last)
     return module
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
+    """`cfg.trainer` passed whole to pl.Trainer, with `cfg.callbacks` and the stage's own."""
     options = {
-        "max_epochs": cfg.trainer.max_epochs,
-        "precision": cfg.trainer.precision,
-        "accelerator": cfg.trainer.accelerator,
-        "devices": cfg.trainer.devices,
-        "num_nodes": cfg.trainer.num_nodes,
-        "strategy": cfg.trainer.strategy,
-        "deterministic": cfg.trainer.deterministic,
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
         # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
         # not a second copy of the module's hyperparameters.
         "logger": False,
-        # Rich's bar (Lightning's default when rich is installed) redraws every step and costs
-        # several percent of this small model's step time; tqdm redraws every few steps.
-        "callbacks": [TQDMProgressBar(cfg.trainer.progress_bar_refresh_rate), *callbacks],
+        "callbacks": [*instantiate(cfg.callbacks).values(), *callbacks],
         "enable_checkpointing": False,
         "enable_model_summary": False,
+        **overrides,
     }
-    return pl.Trainer(**{**options, **overrides})
+    try:
+        return pl.Trainer(**options)
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if not unknown:
+            raise
+        raise PipelineError(
+            f"trainer.{unknown[1]} is not an argument of pytorch_lightning.Trainer; see its "
+            "documentation for the ones there are"
+        ) from None
+    except MisconfigurationException as error:
+        raise PipelineError(f"conf/trainer: {str(error).splitlines()[0]}") from None
 
 
 def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
@@ -173,7 +179,7 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         (resume_dir / "state.json").write_text(json.dumps(state) + "\n")
     data = CIFAR10DataModule(
         cfg.paths.data,
-        cfg.trainer.batch_size,
+        cfg.loader.batch_size,
         cfg.data.val_size,
         cfg.data.crop_padding,
         cfg.data.flip,
@@ -241,11 +247,6 @@ def log_training(cfg: DictConfig, metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] not in ("-h", "--help"):
-        from cnnpipe import sweep
-
-        return sweep.main(argv)
     epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
     argparse.ArgumentParser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(
         argv

@@ -1,0 +1,107 @@
+"""Helpers the tests share: tiny CIFAR-10 archives in the official layout, small ONNX models,
+free ports, composed configs. Fixtures are in conftest.py."""
+
+import hashlib
+import io
+import json
+import pickle
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from cnnpipe.config import compose_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def composed(*overrides: str, conf_dir: Path = ROOT / "conf") -> DictConfig:
+    """conf/ composed with `overrides`, as `cnnpipe params` writes it."""
+    return OmegaConf.create(compose_params(list(overrides), conf_dir=conf_dir))
+
+
+def batch_payload(n: int, seed: int) -> bytes:
+    """A batch whose class is visible in the pixels, so a model can learn something from it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    data = rng.integers(0, 64, (n, 3072), dtype=np.uint8)
+    data += (labels[:, None] * 19).astype(np.uint8)
+    entry = {
+        "batch_label": f"batch {seed}",
+        "labels": labels.tolist(),
+        "data": data,
+        "filenames": [f"{i}.png" for i in range(n)],
+    }
+    return pickle.dumps(entry, protocol=4)
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_archive(path: Path, per_batch: int = 40, test: int = 50, extra=None) -> str:
+    """Write a CIFAR-10 archive with 5 x `per_batch` training and `test` test images; return md5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for k in range(1, 6):
+            add_member(tar, f"cifar-10-batches-py/data_batch_{k}", batch_payload(per_batch, k))
+        add_member(tar, "cifar-10-batches-py/test_batch", batch_payload(test, 0))
+        meta = {"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
+        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=4))
+        if extra:
+            extra(tar)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# Small enough for seconds of training, large enough that a one-cycle schedule has its phases.
+TINY = ["trainer.max_epochs=2", "loader.batch_size=64", "data.val_size=40"]
+
+
+def store(repo: Path):
+    """The MLflow client of a `project` folder's store."""
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_random_model(path: Path, class_names: list[str], tta_flip: bool = True) -> Path:
+    """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
+    from cnnpipe.export import export_onnx
+    from cnnpipe.module import Predictor, untrained
+
+    metadata = {
+        "class_names": json.dumps(class_names),
+        "model_name": "cnnpipe-test",
+        "test_accuracy": "0.5",
+        "tta_flip": str(tta_flip).lower(),
+    }
+    export_onnx(Predictor(untrained(class_names), tta_flip), path, 18, metadata, [1])
+    return path
+
+
+def foreign_model(path: Path, class_names: list[str]) -> Path:
+    """A valid ONNX model with cnnpipe's metadata that takes (N, classes) floats, not images."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = ["N", len(class_names)]
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"])],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"class_names": json.dumps(class_names)})
+    onnx.save(model, path)
+    return path
