@@ -62,3 +62,12 @@ def test_config_errors_are_one_line(tmp_path):
             (tmp_path / "params.yaml").write_text(params)
         result = run_cli(*args, cwd=tmp_path)
         assert (result.returncode, result.stderr) == (1, message + "\n"), args
+
+
+def test_training_without_data_names_the_stage_to_run(tmp_path):
+    (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
+    result = run_cli("train", cwd=tmp_path)
+    assert result.stderr.splitlines()[-1] == (
+        "cnnpipe train: error: no data/cifar-10-batches-py/data_batch_1; run `dvc repro fetch`"
+    )
+    assert "Traceback" not in result.stderr and result.returncode == 1

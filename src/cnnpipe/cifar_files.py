@@ -38,6 +38,8 @@ def unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise PipelineError(f"no {path}; run `dvc repro fetch`") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
         raise PipelineError(f"{path} is not a safe CIFAR batch ({error})") from None
     if not isinstance(obj, dict):
