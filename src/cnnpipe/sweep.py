@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from mlflow.entities import Param
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, tracking
+from cnnpipe import PipelineError, search, tracking
 from cnnpipe.config import CONF_DIR, outputs_under
 from cnnpipe.evaluate import evaluate, log_evaluation
 from cnnpipe.schema import validate
@@ -44,6 +44,7 @@ def job(cfg: DictConfig) -> dict:
 
 
 def train_and_test(cfg: DictConfig) -> dict:
+    """A grid job trains and tests; a search's trial trains with pruning and is never tested."""
     hc = HydraConfig.get()
     cfg = outputs_under(validate(cfg), hc.runtime.output_dir)
     overrides = " ".join(hc.overrides.task) or "(defaults)"
@@ -53,12 +54,23 @@ def train_and_test(cfg: DictConfig) -> dict:
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
         varied = os.environ.get(VARIED_ENV, "").split(",")
         name = " ".join(o for o in hc.overrides.task if o.partition("=")[0] in varied) or name
+    trial = search.job_trial(hc, cfg.mlflow.tracking_uri) if search.is_search(hc) else None
+    callbacks = ()
+    if trial:
+        name, callbacks = search.trial_name(trial), (search.Pruning(trial),)
+        tags |= {"optuna.trial": str(trial.number), "optuna.study": trial.study.study_name}
     with tracking.stage_run(cfg, "train", new=True, name=name, tags=tags) as run:
-        metrics = train(cfg, run.info.run_id)
+        metrics = train(cfg, run.info.run_id, callbacks)
         log_training(cfg, metrics)
-        test = evaluate(cfg)
-        log_evaluation(cfg, test)
+        if trial:
+            mlflow.set_tag("optuna.state", "COMPLETE")
+        else:
+            test = evaluate(cfg)
+            log_evaluation(cfg, test)
     tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
+    if trial:
+        print(f"[{name}] val/acc {metrics['val/acc']:.4f}")
+        return {"val/acc": metrics["val/acc"]}
     print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
     return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
 
@@ -66,14 +78,19 @@ def train_and_test(cfg: DictConfig) -> dict:
 def summary_table(children: list, links: bool = False) -> str:
     """Markdown: one row per child run (named by what the sweep varied), best validation
     accuracy first, with `links` to the runs in the MLflow UI."""
-    lines = ["| overrides | val/acc | test/acc | train s | run |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "| overrides | val/acc | test/acc | train s | status | run |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for run in sorted(children, key=lambda r: -r.data.metrics.get("val/acc", -1)):
         m = run.data.metrics
         cells = [f"{m[k]:{f}}" if k in m else "-" for k, f in SUMMARY.items()]
+        # A pruned trial's run is KILLED: it did not finish.
+        status = run.data.tags.get("optuna.state", run.info.status)
         link = run.info.run_id
         if links:
             link = f"[{link}]({tracking.run_link(run.info.experiment_id, run.info.run_id)})"
-        lines.append(f"| {run.info.run_name} | {' | '.join(cells)} | {link} |")
+        lines.append(f"| {run.info.run_name} | {' | '.join(cells)} | {status} | {link} |")
     return "\n".join(lines)
 
 
@@ -90,9 +107,25 @@ class ParentRun(Callback):
         experiment_id = tracking.use_experiment(config)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides)
+        sweeper = search.resolve_sweeper(config) if search.is_search(config.hydra) else None
+        if sweeper:
+            varied += [key for key in sweeper.params if key not in varied]
+            study = search.open_study(sweeper, config.mlflow.tracking_uri)
+            # A rerun that continues the study continues its parent run too.
+            if previous := search.remembered_parent(study):
+                with tracking.store_errors():
+                    client = mlflow.MlflowClient()
+                    client.update_run(previous, status="RUNNING")
+                    for key, value in tracking.process_tags().items():
+                        client.set_tag(previous, key, value)
+                os.environ[PARENT_ENV] = previous
+                os.environ[VARIED_ENV] = ",".join(varied)
+                print(f"search parent run {previous}, continued")
+                return
         commit, dirty = tracking.git_commit()
+        kind = f"search {sweeper.study_name}" if sweeper else "sweep"
         tags = {
-            "mlflow.runName": f"sweep: {' '.join(overrides)}",
+            "mlflow.runName": f"{kind}: {' '.join(overrides)}",
             "sweep.dir": str(config.hydra.sweep.dir),
             "mlflow.source.name": "cnnpipe train --multirun",
             "mlflow.source.type": "LOCAL",
@@ -108,13 +141,15 @@ class ParentRun(Callback):
             if not any(key == v or key.startswith(f"{v}.") for v in varied)
         }
         base["sweep.varied"] = ", ".join(varied)
+        if sweeper:
+            base |= search.parent_params(sweeper)
         with tracking.store_errors():
             client = mlflow.MlflowClient()
             run = client.create_run(experiment_id, tags=tags)
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in base.items()])
         os.environ[PARENT_ENV] = run.info.run_id
         os.environ[VARIED_ENV] = ",".join(varied)
-        print(f"sweep parent run {run.info.run_id}")
+        print(f"{kind} parent run {run.info.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         close_sweep("FINISHED")
@@ -132,9 +167,12 @@ def close_sweep(status: str) -> None:
         )
         table = summary_table(children, links=True)
         client.log_text(parent, table + "\n", "sweep_summary.md")
-        finished = [c for c in children if "val/acc" in c.data.metrics]
+        finished = [c for c in children if c.info.status == "FINISHED"]
+        # A search has named its best trial (the study breaks ties its own way).
+        best_trial = client.get_run(parent).data.tags.get("search.best_trial")
+        ranked = [c for c in finished if c.data.tags.get("optuna.trial") == best_trial]
         if finished:
-            best = max(finished, key=lambda c: c.data.metrics["val/acc"])
+            best = (ranked or [max(finished, key=lambda c: c.data.metrics["val/acc"])])[0]
             client.set_tag(best.info.run_id, "sweep.best", "true")
             client.set_tag(parent, "sweep.best_run", best.info.run_id)
             client.log_metric(parent, "best/val/acc", best.data.metrics["val/acc"])

@@ -266,7 +266,9 @@ def stage_run(
             mlflow.set_tag("mlflow.note.content", describe(client, run.info.run_id))
             end(client, run.info.run_id, "FINISHED")
     except BaseException as error:
+        # An error may say how its run ends (a pruned trial: KILLED, it did not finish).
         status = "FAILED" if isinstance(error, Exception) else "KILLED"
+        status = getattr(error, "mlflow_status", status)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         with contextlib.suppress(Exception):  # the store itself may be what failed
             mlflow.set_tags({FAILED_STAGE: stage, ERROR: message[:500]})

@@ -157,9 +157,11 @@ def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
         )
 
 
-def train(cfg: DictConfig, run_id: str | None = None) -> dict:
-    """Fit the model described by `cfg`; write checkpoint and history to `cfg.paths`; return the
-    metrics.
+def train(
+    cfg: DictConfig, run_id: str | None = None, callbacks: tuple[pl.Callback, ...] = ()
+) -> dict:
+    """Fit the model described by `cfg`, with `callbacks` besides the stage's own; write checkpoint
+    and history to `cfg.paths`; return the metrics.
 
     Every epoch saves a full checkpoint to `paths.resume`; a run of the same recipe that finds
     one (the previous run was killed) continues from it. The folder is removed on success.
@@ -206,7 +208,7 @@ def train(cfg: DictConfig, run_id: str | None = None) -> dict:
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    trainer = build_trainer(cfg, [history, timer, last], enable_checkpointing=True)
+    trainer = build_trainer(cfg, [history, timer, last, *callbacks], enable_checkpointing=True)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint if resume else None)
     except PipelineError:

@@ -1,0 +1,1 @@
+"""cnnpipe's Optuna sweeper for Hydra: `hydra/sweeper=cnnpipe_optuna`, on current Optuna."""
