@@ -19,10 +19,12 @@ from hydra.utils import instantiate
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
@@ -196,7 +198,13 @@ def train(
             # MLflow registers its local-file source class twice and warns that it is ambiguous.
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
             source = resolve_dataset_source(data_source(data_dir))
-        mlflow.log_input(MetaDataset(source, "cifar10", data_digest(data_dir)), "training")
+        dataset = MetaDataset(source, "cifar10", data_digest(data_dir))
+        try:
+            mlflow.log_input(dataset, "training")
+        except (MlflowException, SQLAlchemyError):
+            # Parallel jobs on a new store can both find the dataset missing and both insert
+            # it; the second insert fails, and once more it finds the first one's row.
+            mlflow.log_input(dataset, "training")
     module = build_module(cfg, data.class_names)
     timer = Timer()
     history = EpochHistory(timer, run_id)

@@ -15,12 +15,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.cnnpipe_optuna.optuna_sweeper.OptunaSweeper"
+    # Chosen as hydra/sweeper/sampler=tpe|random and hydra/sweeper/pruner=median|hyperband|none.
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    sampler: Any = MISSING
+    pruner: Any = MISSING
     # Trials to finish (complete or pruned); a rerun continues the study up to this many.
     n_trials: int = 16
     # Trials launched at once: the launcher runs them in parallel (joblib's n_jobs, SLURM jobs).
@@ -28,32 +32,38 @@ class OptunaSweeperConf:
     study_name: str = "cnnpipe"
     # null: sqlite optuna.db beside mlflow.db; or an SQLAlchemy URL; or a Hydra node.
     storage: Any = None
-    sampler: Any = field(
-        default_factory=lambda: {
-            "_target_": "optuna.samplers.TPESampler",
-            "multivariate": True,
-            "seed": 0,
-        }
-    )
-    pruner: Any = field(
-        default_factory=lambda: {
-            "_target_": "optuna.pruners.MedianPruner",
-            "n_startup_trials": 4,
-            "n_warmup_steps": 2,
-        }
-    )
     # Key -> Hydra sweep syntax: interval(...), tag(log, interval(...)), choice(...), range(...).
     params: dict[str, str] = field(default_factory=dict)
 
 
-ConfigStore.instance().store(
+SAMPLERS = {
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "multivariate": True, "seed": 0},
+    "random": {"_target_": "optuna.samplers.RandomSampler", "seed": 0},
+}
+PRUNERS = {
+    # Stops a trial below the median of earlier trials at the same epoch: from epoch 2 on, once
+    # 4 trials have finished.
+    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 4,
+               "n_warmup_steps": 2},
+    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1,
+                  "reduction_factor": 3},
+    "none": {"_target_": "optuna.pruners.NopPruner"},
+}  # fmt: skip
+
+store = ConfigStore.instance()
+store.store(
     group="hydra/sweeper", name="cnnpipe_optuna", node=OptunaSweeperConf, provider="cnnpipe"
 )
+for name, node in SAMPLERS.items():
+    store.store(group="hydra/sweeper/sampler", name=name, node=node, provider="cnnpipe")
+for name, node in PRUNERS.items():
+    store.store(group="hydra/sweeper/pruner", name=name, node=node, provider="cnnpipe")
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
+    def __init__(self, **_: Any) -> None:
+        # Hydra passes the settings above; sweep() reads them resolved from the composed config.
+        pass
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
