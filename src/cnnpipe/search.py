@@ -158,13 +158,15 @@ def enqueue_composed(
     return True
 
 
-def settle_interrupted(study: optuna.Study) -> int:
+def settle_interrupted(study: optuna.Study, space: dict[str, BaseDistribution]) -> int:
     """Trials a killed search left RUNNING will never report: fail them and queue their values
-    again, so the search continues where it stopped. Returns how many there were."""
+    again (those that had all of them), so the search continues where it stopped. Returns how
+    many there were."""
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params)
+        if set(trial.params) == set(space):
+            study.enqueue_trial(trial.params)
     return len(stale)
 
 

@@ -86,7 +86,7 @@ class OptunaSweeper(Sweeper):
             study.set_user_attr(search.PARENT_ATTR, parent)
         if not study.trials and search.enqueue_composed(study, space, self.config):
             print(f"study {study.study_name}: trial 0 is the composed config")
-        if stale := search.settle_interrupted(study):
+        if stale := search.settle_interrupted(study, space):
             print(f"study {study.study_name}: {stale} interrupted trials queued again")
         done = len(search.finished(study))
         if done:
