@@ -4,13 +4,16 @@ free ports, composed configs. Fixtures are in conftest.py."""
 import hashlib
 import io
 import json
+import os
 import pickle
 import socket
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import optuna
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.config import compose_params
@@ -117,3 +120,20 @@ class PruneOddTrials(optuna.pruners.BasePruner):
 
     def prune(self, study, trial) -> bool:
         return trial.number % 2 == 1
+
+
+class Rendezvous(pl.Callback):
+    """Holds each training at its start until `parties` trainings have started, or fails it after
+    `deadline_s`: jobs that pass it ran at the same time, whatever the machine's speed."""
+
+    def __init__(self, folder: str, parties: int = 2, deadline_s: float = 300) -> None:
+        self.folder, self.parties, self.deadline_s = Path(folder), parties, deadline_s
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + self.deadline_s
+        while len(list(self.folder.iterdir())) < self.parties:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no other training started within {self.deadline_s} s")
+            time.sleep(0.1)

@@ -185,12 +185,17 @@ def test_a_killed_search_continues_to_n_trials_without_repeating_a_trial(project
 @pytest.mark.slow
 def test_two_joblib_workers_share_one_study_and_lose_nothing(project):
     repo, tiny = project
+    started = repo / "started"
+    # Each training waits at its start for another one: the two workers must overlap.
     search(
         repo, *tiny, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
         "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
+        "+callbacks.rendezvous._target_=tests.helpers.Rendezvous",
+        f"+callbacks.rendezvous.folder={started}",
     )  # fmt: skip
     trials = study(repo).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert len(list(started.iterdir())) >= 2, "trainings in two processes at once"
     parent, children = runs(repo)
     assert sorted(children) == [0, 1, 2, 3]
     first, second = children[0].info, children[1].info
