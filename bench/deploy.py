@@ -1,11 +1,13 @@
-"""Deployment speed: onnxruntime FP32 vs PyTorch eager, INT8 vs FP32, and the HTTP service.
+"""Deployment speed: onnxruntime FP32 vs PyTorch eager, INT8 vs FP32, the cost of the test-time
+views, and the HTTP service.
 
 usage: python bench/deploy.py [--model models/model.onnx] [--int8 models/int8/model.onnx]
        python bench/deploy.py --tiny      # random weights, seconds: the CI smoke test
 The ONNX file and the checkpoint are the pipeline's outputs (`dvc repro`). The INT8 model is the
 quantize stage's, or, where the stage dropped it, made here the same way (calibrated on the
 benchmark's random batch, which changes its accuracy, not its speed). With --tiny a random network
-is exported to a temporary folder instead. Everything is measured in this one process.
+is exported to a temporary folder instead. The test-time views' cost: the same network exported
+without them, side by side. Everything is measured in this one process.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import torch
 from PIL import Image
 
 from cnnpipe.export import export_onnx
-from cnnpipe.module import Predictor, load_checkpoint, untrained
+from cnnpipe.module import Predictor, describe_tta, load_checkpoint, untrained
 from cnnpipe.predict import Classifier
 from cnnpipe.quantize import images_per_second, quantize
 from cnnpipe.serve import create_app, running
@@ -79,17 +81,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             names = [str(i) for i in range(10)]
-            predictor = Predictor(untrained(names), tta_flip=True)
+            predictor = Predictor(untrained(names), flip=True, shift=1)
             model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
             export_onnx(predictor, model, 18, {"class_names": json.dumps(names)}, [1])
         else:
             model, int8 = Path(args.model), Path(args.int8)
-            tta = Classifier.load(model).session.get_modelmeta().custom_metadata_map["tta_flip"]
-            predictor = Predictor(load_checkpoint(args.checkpoint), tta_flip=tta == "true")
+            meta = Classifier.load(model).session.get_modelmeta().custom_metadata_map
+            flip, shift = meta["tta_flip"] == "true", int(meta.get("tta_shift", 0))
+            predictor = Predictor(load_checkpoint(args.checkpoint), flip, shift)
+        metadata = Classifier.load(model).session.get_modelmeta().custom_metadata_map
         if not int8.is_file():
             int8 = Path(tmp) / "int8.onnx"
-            metadata = Classifier.load(model).session.get_modelmeta().custom_metadata_map
             quantize(predictor, int8, batch[:64], metadata)
+        one_view = Path(tmp) / "one_view.onnx"
+        export_onnx(Predictor(predictor.classifier), one_view, 18, metadata, [1])
 
         fp32, q8 = Classifier.load(model), Classifier.load(int8)
 
@@ -107,6 +112,7 @@ def main() -> None:
             "pytorch eager NCHW": eager_nchw,
             "onnxruntime fp32": fp32.probabilities,
             "onnxruntime int8": q8.probabilities,
+            "onnxruntime fp32 1 view": Classifier.load(one_view).probabilities,
         }
         rates = images_per_second(runs, batch, rounds)
         lat = {
@@ -118,7 +124,8 @@ def main() -> None:
         rps, p99, failed = service(model, png.getvalue(), requests, clients=4)
 
     fp32_rate, int8_rate = rates["onnxruntime fp32"], rates["onnxruntime int8"]
-    print(f"\nbatch 256, tta_flip={predictor.tta_flip}, {torch.get_num_threads()} threads")
+    tta = describe_tta(predictor.flip, predictor.shift)
+    print(f"\nbatch 256, {tta}, {torch.get_num_threads()} threads")
     for name, rate in rates.items():
         print(f"  {name:>18}: {rate:9.0f} images/s")
     print(
@@ -126,6 +133,8 @@ def main() -> None:
     )
     print(f"onnxruntime fp32 / eager NCHW    = {fp32_rate / rates['pytorch eager NCHW']:.2f}")
     print(f"onnxruntime int8 / fp32          = {int8_rate / fp32_rate:.2f}  (goal >= 1.5)")
+    one = rates["onnxruntime fp32 1 view"]
+    print(f"onnxruntime fp32 / fp32 1 view   = {fp32_rate / one:.2f}  (the cost of {tta})")
     for name, (p50, p99_) in lat.items():
         print(f"batch 1 latency {name:>17}: p50 {p50:.3f} ms, p99 {p99_:.3f} ms")
     print(

@@ -78,7 +78,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def export_random_model(path: Path, class_names: list[str], tta_flip: bool = True) -> Path:
+def export_random_model(
+    path: Path, class_names: list[str], flip: bool = True, shift: int = 0
+) -> Path:
     """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
     from cnnpipe.export import export_onnx
     from cnnpipe.module import Predictor, untrained
@@ -87,9 +89,10 @@ def export_random_model(path: Path, class_names: list[str], tta_flip: bool = Tru
         "class_names": json.dumps(class_names),
         "model_name": "cnnpipe-test",
         "test_accuracy": "0.5",
-        "tta_flip": str(tta_flip).lower(),
+        "tta_flip": str(flip).lower(),
+        "tta_shift": str(shift),
     }
-    export_onnx(Predictor(untrained(class_names), tta_flip), path, 18, metadata, [1])
+    export_onnx(Predictor(untrained(class_names), flip, shift), path, 18, metadata, [1])
     return path
 
 

@@ -10,9 +10,9 @@ import pytest
 from tests.helpers import ROOT
 
 
-def run_bench(name: str, tmp_path: Path) -> str:
+def run_bench(name: str, tmp_path: Path, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / name), "--tiny"],
+        [sys.executable, str(ROOT / "bench" / name), "--tiny", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -33,13 +33,21 @@ def test_throughput_prints_both_ratios(tmp_path):
     assert re.search(r"project / tutorial = [\d.]+", out)
 
 
-def test_time_to_accuracy_prints_a_curve_and_the_test_accuracy(tmp_path):
-    out = run_bench("time_to_accuracy.py", tmp_path)
-    epochs = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
-    assert [e[0] for e in epochs] == ["1", "2"]
-    assert float(epochs[1][2]) >= float(epochs[0][2]), "training time only grows"
-    assert re.search(r"test/acc [\d.]+ \(tta_flip=True\), training \d+ s", out)
-    assert re.search(r"peak memory \d+ MB", out)
+def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
+    # Any accuracy reaches 0%: the first epoch is the one to report, with its own time.
+    out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0")
+    runs = re.findall(r"^(old|new): (.*)\nepoch .*\n((?:\s+\d+ .*\n)+)", out, re.M)
+    assert [r[0] for r in runs] == ["old", "new"]
+    assert "optim.whiten=false" in runs[0][1] and "optim.whiten" not in runs[1][1]
+    summary = dict(re.findall(r"^(old|new) +(\d+ +[\d.]+ +\d+ +\d+ +\d+)$", out, re.M))
+    for name, _, table in runs:
+        rows = [line.split() for line in table.splitlines()]
+        assert [r[0] for r in rows] == ["1", "2"]
+        assert float(rows[1][3]) >= float(rows[0][3]), "training time only grows"
+        epochs, test_acc, _, to_target, seconds = summary[name].split()
+        assert (epochs, to_target) == ("2", "1")
+        assert abs(int(seconds) - float(rows[0][3])) <= 0.55, "the first epoch's time"
+    assert re.search(r"new / old: 1.00x the epochs, [\d.]+x the seconds", out)
 
 
 def test_deploy_benchmark_prints_every_figure(tmp_path):
@@ -48,6 +56,10 @@ def test_deploy_benchmark_prints_every_figure(tmp_path):
         assert re.search(rf"{name}:\s+\d+ images/s", out), name
     assert re.search(r"onnxruntime fp32 / pytorch eager = [\d.]+", out)
     assert re.search(r"onnxruntime int8 / fp32\s+= [\d.]+", out)
+    rates = dict(re.findall(r"^\s*(onnxruntime fp32|onnxruntime fp32 1 view):\s+(\d+)", out, re.M))
+    cost = float(re.search(r"fp32 / fp32 1 view\s+= ([\d.]+)  \(the cost of 6 test-time", out)[1])
+    ratio = int(rates["onnxruntime fp32"]) / int(rates["onnxruntime fp32 1 view"])
+    assert cost == pytest.approx(ratio, abs=0.01)
     assert re.search(r"onnxruntime fp32: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"\d+ requests/s, p99 [\d.]+ ms, 0 failed", out)
 

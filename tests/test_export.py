@@ -13,9 +13,9 @@ from cnnpipe.parity import compare
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "tta_flip"])
+@pytest.fixture(scope="module", params=[(False, 0), (True, 1)], ids=["plain", "six_views"])
 def exported(request, tmp_path_factory):
-    predictor = Predictor(untrained(CLASSES, seed=0), tta_flip=request.param)
+    predictor = Predictor(untrained(CLASSES, seed=0), *request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     metadata = {"class_names": json.dumps(CLASSES), "mlflow_run_id": "abc", "git_commit": "123"}
     export_onnx(predictor, path, 18, metadata, [1, 5])
@@ -65,15 +65,29 @@ def test_output_is_probabilities(exported):
 def test_flip_tta_makes_predictions_mirror_invariant():
     module = untrained(CLASSES, seed=1)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    tta, plain = Predictor(module, tta_flip=True), Predictor(module, tta_flip=False)
+    tta, plain = Predictor(module, flip=True), Predictor(module)
     mirrored = images.flip(3)
     torch.testing.assert_close(predict_probs(tta, images, 8), predict_probs(tta, mirrored, 8))
     assert not torch.allclose(predict_probs(plain, images, 8), predict_probs(plain, mirrored, 8))
 
 
+def test_shift_tta_averages_the_six_views_computed_by_hand():
+    module = untrained(CLASSES, seed=1).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    views = []
+    for image in (images, images.flip(3)):
+        down_right, up_left = torch.zeros_like(image), torch.zeros_like(image)
+        down_right[:, :, 1:, 1:] = image[:, :, :-1, :-1]
+        up_left[:, :, :-1, :-1] = image[:, :, 1:, 1:]
+        views += [image, down_right, up_left]
+    with torch.inference_mode():
+        expected = torch.stack([module(v).softmax(1) for v in views]).mean(0)
+        torch.testing.assert_close(Predictor(module, flip=True, shift=1)(images), expected)
+
+
 def test_parity_notices_a_different_model(exported):
     predictor, path = exported
-    other = Predictor(untrained(CLASSES, seed=2), tta_flip=predictor.tta_flip)
+    other = Predictor(untrained(CLASSES, seed=2), predictor.flip, predictor.shift)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     assert compare(other, path, images, batch_size=32)["max_abs_diff"] > 1e-5
 
@@ -86,7 +100,7 @@ def test_other_models_export_with_parity(tmp_path, target):
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
-    predictor = Predictor(module, tta_flip=True)
+    predictor = Predictor(module, flip=True, shift=1)
     export_onnx(predictor, tmp_path / "m.onnx", 18, {}, [1, 3])
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     result = compare(predictor, tmp_path / "m.onnx", images, batch_size=16)

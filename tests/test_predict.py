@@ -17,7 +17,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_random_model(path, CLASSES, tta_flip=True)
+    return export_random_model(path, CLASSES, flip=True, shift=1)
 
 
 @pytest.fixture

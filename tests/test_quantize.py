@@ -14,12 +14,12 @@ CLASSES = [f"c{i}" for i in range(10)]
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor(untrained(CLASSES), True)
+    return Predictor(untrained(CLASSES), flip=True, shift=1)
 
 
-@pytest.mark.parametrize("tta_flip", [True, False])
-def test_rearranged_model_computes_the_predictors_function(predictor, tta_flip):
-    predictor = Predictor(predictor.classifier, tta_flip)
+@pytest.mark.parametrize("flip, shift", [(True, 1), (True, 0), (False, 0)])
+def test_rearranged_model_computes_the_predictors_function(predictor, flip, shift):
+    predictor = Predictor(predictor.classifier, flip, shift)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     rearranged = QuantizableModel(predictor)
     assert rearranged.folded, "ChapterCNN's first convolution has no padding"

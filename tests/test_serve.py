@@ -30,7 +30,7 @@ TIMEOUT_S = 1.0
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_random_model(path, CLASSES, tta_flip=False)
+    return export_random_model(path, CLASSES, flip=False)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,15 @@ import pickle
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from cnnpipe import PipelineError
 from cnnpipe.data import CIFAR10DataModule, read_split
 from cnnpipe.evaluate import evaluate
-from cnnpipe.module import Predictor, load_checkpoint, predict_probs
+from cnnpipe.models import ChapterCNN, DenseBaseline
+from cnnpipe.module import Predictor, load_checkpoint, predict_probs, whiten_first_conv
 from cnnpipe.train import HISTORY_KEYS, build_trainer, train, warn_if_bf16_is_emulated
 from tests.helpers import composed
 
@@ -73,7 +76,7 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
         predicted = module.eval()(data.val_images).argmax(1)
     assert metrics["val/acc"] == pytest.approx((predicted == data.val_labels).float().mean().item())
     images, labels = read_split(Path(cfg.paths.data), "test")
-    predictor = Predictor(module, cfg.evaluate.tta_flip)
+    predictor = Predictor(module, **cfg.evaluate.tta)
     predicted = predict_probs(predictor, images, 64).argmax(1)
     assert evaluate(cfg)["test/acc"] == pytest.approx((predicted == labels).float().mean().item())
 
@@ -164,3 +167,52 @@ def test_an_unknown_trainer_argument_is_refused_in_one_line(cfg):
         "trainer.max_epoch is not an argument of pytorch_lightning.Trainer; see its "
         "documentation for the ones there are"
     )
+
+
+class WeightsAfterEachStep(pl.Callback):
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, module, *_) -> None:
+        self.steps.append({k: v.detach().clone() for k, v in module.net.state_dict().items()})
+
+
+def test_the_checkpoint_holds_the_moving_average_of_the_weights(cfg):
+    cfg.optim.ema_decay = 0.9
+    recorder = WeightsAfterEachStep()
+    train(cfg, callbacks=(recorder,))
+    # AveragedModel starts from the weights after the first step, then decays towards each step's.
+    average = recorder.steps[0]
+    for weights in recorder.steps[1:]:
+        average = {k: 0.9 * average[k] + 0.1 * weights[k] for k in average}
+    saved = load_checkpoint(cfg.paths.checkpoint).net.state_dict()
+    for key, value in average.items():
+        torch.testing.assert_close(saved[key], value)
+    assert not torch.allclose(saved["conv1.weight"], recorder.steps[-1]["conv1.weight"])
+
+
+def test_whitened_first_conv_decorrelates_its_input_patches():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    images[:, 1] = images[:, 0] // 2 + images[:, 1] // 2  # correlated channels
+    mean = torch.full((1, 3, 1, 1), 120.0)
+    std = torch.full((1, 3, 1, 1), 60.0)
+    net = ChapterCNN()
+    whiten_first_conv(net, images, mean, std)
+    with torch.no_grad():
+        out = F.conv2d((images.float() - mean) / std, net.conv1.weight)
+    features = out.permute(1, 0, 2, 3).flatten(1)
+    half = features[:16]
+    # +/- pairs, zero bias, and the first half's covariance is the identity but for the eps.
+    torch.testing.assert_close(features[16:], -half)
+    assert (net.conv1.bias == 0).all()
+    patches = F.unfold((images.float() - mean) / std, 3).transpose(1, 2).reshape(-1, 27)
+    eigenvalues = torch.linalg.eigvalsh(patches.double().T.cov())[-16:]
+    expected = torch.diag(eigenvalues / (eigenvalues + 5e-4)).float()
+    torch.testing.assert_close(half.cov(), expected, atol=1e-4, rtol=0)
+
+
+def test_whitening_leaves_a_network_without_convolutions_alone():
+    net = DenseBaseline()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    whiten_first_conv(net, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), 0, 1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

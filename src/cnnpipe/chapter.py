@@ -187,8 +187,8 @@ def chapter(cfg: DictConfig) -> dict:
         for k in c.shifts
     }
     cnn, dense = (
-        Predictor(module, cfg.evaluate.tta_flip),
-        Predictor(baseline, cfg.evaluate.tta_flip),
+        Predictor(module, **cfg.evaluate.tta),
+        Predictor(baseline, **cfg.evaluate.tta),
     )
     probs = predict_probs(cnn, images, batch)
     for net, predictor, before in (

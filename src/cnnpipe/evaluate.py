@@ -21,7 +21,7 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_checkpoint(cfg.paths.checkpoint)
     names = module.hparams.class_names
     images, labels = read_split(Path(cfg.paths.data), "test")
-    predictor = Predictor(module, cfg.evaluate.tta_flip)
+    predictor = Predictor(module, **cfg.evaluate.tta)
     probs = predict_probs(predictor, images, cfg.evaluate.batch_size)
     predicted = probs.argmax(1)
     per_class = MulticlassAccuracy(len(names), average=None)(probs, labels)

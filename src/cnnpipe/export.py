@@ -89,12 +89,13 @@ def main(argv: list[str] | None = None) -> None:
             "model_name": cfg.mlflow.model_name,
             # What `cnnpipe serve` shows: evaluate scored the same Predictor this file computes.
             "test_accuracy": str(test_accuracy(Path(cfg.paths.eval_metrics))),
-            "tta_flip": str(cfg.evaluate.tta_flip).lower(),
+            "tta_flip": str(cfg.evaluate.tta.flip).lower(),
+            "tta_shift": str(cfg.evaluate.tta.shift),
             "mlflow_run_id": run.info.run_id,
             "git_commit": commit + ("-dirty" if dirty else ""),
         }
         path = Path(cfg.paths.onnx)
-        predictor = Predictor(module, cfg.evaluate.tta_flip)
+        predictor = Predictor(module, **cfg.evaluate.tta)
         checks = list(cfg.export.check_batch_sizes)
         export_onnx(predictor, path, cfg.export.opset, metadata, checks)
     print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from pytorch_lightning.callbacks import EMAWeightAveraging
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -18,7 +19,8 @@ class ImageClassifier(pl.LightningModule):
     """Normalises uint8 (N, 3, H, W) images itself, so a checkpoint alone can be exported.
 
     `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10};
-    `optim` is conf/optim's node: lr, weight_decay, pct_start, label_smoothing.
+    `optim` is conf/optim's node: the training recipe (optimiser, schedule, loss, weight
+    averaging, first-layer initialisation).
     """
 
     def __init__(
@@ -42,6 +44,18 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images.float() - self.mean) / self.std)
+
+    def setup(self, stage: str) -> None:
+        # Before a resumed run's checkpoint is loaded, which then replaces these weights.
+        if stage == "fit" and self.hparams.optim["whiten"]:
+            if self.trainer.datamodule is None:
+                raise PipelineError("optim.whiten needs the training images: fit with a datamodule")
+            whiten_first_conv(self.net, self.trainer.datamodule.train_images, self.mean, self.std)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        decay = self.hparams.optim["ema_decay"]
+        # Validation, the checkpoint and so everything after training use the averaged weights.
+        return [EMAWeightAveraging(decay=decay)] if decay else []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         images, labels = batch
@@ -93,6 +107,31 @@ class ImageClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+@torch.no_grad()
+def whiten_first_conv(
+    net: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> None:
+    """Initialise the first convolution to whiten its input patches (airbench's first layer).
+
+    Its filters become the patch covariance's leading eigenvectors, each scaled to give unit
+    variance, in +/- pairs so that the ReLU after it keeps both signs. The rest of the network
+    starts from decorrelated features. A network without a convolution is left as it is.
+    """
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return
+    # 1,000 images give 900,000 3x3 patches: far more than the covariance's 27 dimensions need.
+    x = (images[:1000].float() - mean) / std
+    patches = F.unfold(x, conv.kernel_size).transpose(1, 2).reshape(-1, conv.weight[0].numel())
+    eigenvalues, eigenvectors = torch.linalg.eigh(patches.double().T.cov())
+    pairs = min(conv.out_channels // 2, len(eigenvalues))
+    # eigh sorts ascending: the leading eigenvectors are the last columns.
+    filters = (eigenvectors[:, -pairs:] / (eigenvalues[-pairs:] + 5e-4).sqrt()).T.float()
+    conv.weight[: 2 * pairs] = torch.cat([filters, -filters]).view(-1, *conv.weight.shape[1:])
+    if conv.bias is not None:
+        conv.bias[: 2 * pairs] = 0
+
+
 def untrained(
     class_names: list[str], net: str = "cnnpipe.models.ChapterCNN", seed: int = 0
 ) -> ImageClassifier:
@@ -104,24 +143,42 @@ def untrained(
     )
 
 
+def tta_views(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+    """The test-time views of uint8 (N, C, H, W) images stacked along the batch: the images, with
+    `flip` their mirror images, and with `shift` each of those moved by `shift` pixels up-left
+    and down-right (zero-filled, like the training crops)."""
+    views = [images, images.flip(3)] if flip else [images]
+    if shift:
+        padded = [F.pad(v, (shift,) * 4) for v in views]
+        views += [p[:, :, : -2 * shift, : -2 * shift] for p in padded]
+        views += [p[:, :, 2 * shift :, 2 * shift :] for p in padded]
+    return torch.cat(views)
+
+
+def describe_tta(flip: bool, shift: int) -> str:
+    """`tta_views` in words: "6 test-time views (mirror, 1-pixel shifts)"."""
+    views = (1 + flip) * (1 + 2 * (shift > 0))
+    kinds = ["mirror"] * flip + [f"{shift}-pixel shifts"] * (shift > 0)
+    return f"{views} test-time views ({', '.join(kinds)})" if kinds else "no test-time augmentation"
+
+
 class Predictor(nn.Module):
     """uint8 (N, 3, H, W) images in, class probabilities out: what evaluation scores and what the
     ONNX export computes, so the accuracy reported is the accuracy deployed.
 
-    With `tta_flip`, the probabilities are averaged with those of the mirrored images.
+    The probabilities are averaged over the test-time views (`tta_views`) that `flip` and `shift`
+    (conf: evaluate.tta) ask for: 1, 2, 3 or 6 of them.
     """
 
-    def __init__(self, classifier: ImageClassifier, tta_flip: bool) -> None:
+    def __init__(self, classifier: ImageClassifier, flip: bool = False, shift: int = 0) -> None:
         super().__init__()
-        self.classifier, self.tta_flip = classifier.eval(), tta_flip
+        self.classifier, self.flip, self.shift = classifier.eval(), flip, shift
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.tta_flip:
-            return self.classifier(images).softmax(dim=1)
-        # One pass over both views: half the per-layer overhead of two passes at small batches.
-        n = images.shape[0]
-        probs = self.classifier(torch.cat([images, images.flip(3)])).softmax(dim=1)
-        return (probs[:n] + probs[n:]) / 2
+        # One pass over all views: less per-layer overhead than one pass per view at small batches.
+        views = tta_views(images, self.flip, self.shift)
+        probs = self.classifier(views).softmax(dim=1)
+        return probs.unflatten(0, (-1, images.shape[0])).mean(0)
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ from cnnpipe import PipelineError, tracking
 from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.export import INPUT_NAME
-from cnnpipe.module import Predictor, load_checkpoint, predict_probs
+from cnnpipe.module import Predictor, describe_tta, load_checkpoint, predict_probs
 
 CHAMPION = "champion"
 
@@ -69,10 +69,9 @@ def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> b
 def version_description(cfg: DictConfig, result: dict, params: int, link: str) -> str:
     """What a registered version holds and how it was checked, for the registry's page."""
     network = cfg.model._target_.rsplit(".", 1)[-1]
-    tta = ", flip test-time augmentation inside" if cfg.evaluate.tta_flip else ""
     return (
         f"{network} ({params:,} parameters) as ONNX: uint8 RGB images (N, 32, 32, 3) in, class "
-        f"probabilities out, preprocessing{tta}.\n\n"
+        f"probabilities out, preprocessing and {describe_tta(**cfg.evaluate.tta)} inside.\n\n"
         f"- Test accuracy as deployed (this file in onnxruntime): "
         f"**{result['onnx_test_acc']:.2%}** on {result['images']:,} test images\n"
         f"- Parity with PyTorch: max |diff| {result['max_abs_diff']:.2e}, top-1 agreement "
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg: DictConfig = load_params()
     with tracking.stage_run(cfg, "parity") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
-        predictor = Predictor(module, cfg.evaluate.tta_flip)
+        predictor = Predictor(module, **cfg.evaluate.tta)
         onnx_path = Path(cfg.paths.onnx)
         images, labels = read_split(Path(cfg.paths.data), "test")
         result = compare(predictor, onnx_path, images, cfg.parity.batch_size, labels)

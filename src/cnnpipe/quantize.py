@@ -34,7 +34,7 @@ from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.export import export_onnx
 from cnnpipe.files import atomic_path
-from cnnpipe.module import Predictor, load_checkpoint
+from cnnpipe.module import Predictor, load_checkpoint, tta_views
 from cnnpipe.predict import Classifier
 
 
@@ -67,14 +67,14 @@ class QuantizableModel(nn.Module):
 
     Each change was measured (README, Deployment speed): ReLU before max-pool; the normalisation
     folded into the first convolution when it has no padding, so the 0-255 pixel values are
-    already its exact INT8 input; the test-time flip done on uint8 pixels, a quarter of the bytes.
+    already its exact INT8 input; test-time views made of uint8 pixels (a quarter of the bytes).
     """
 
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         classifier = predictor.classifier
         self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.tta_flip = predictor.tta_flip
+        self.flip, self.shift = predictor.flip, predictor.shift
         self.register_buffer("mean", classifier.mean.clone())
         self.register_buffer("std", classifier.std.clone())
         first = next(self.net.children(), None)
@@ -86,14 +86,11 @@ class QuantizableModel(nn.Module):
                 first.weight.copy_(weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n = images.shape[0]
-        if self.tta_flip:
-            images = torch.cat([images, images.flip(3)])
-        x = images.float()
+        x = tta_views(images, self.flip, self.shift).float()
         if not self.folded:
             x = (x - self.mean) / self.std
         probs = self.net(x).softmax(dim=1)
-        return (probs[:n] + probs[n:]) / 2 if self.tta_flip else probs
+        return probs.unflatten(0, (-1, images.shape[0])).mean(0)
 
 
 def quantize(
@@ -172,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             int8 = tmp / "model.onnx"
             fp32 = Classifier.load(cfg.paths.onnx)
-            predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), cfg.evaluate.tta_flip)
+            predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
             metadata = fp32.session.get_modelmeta().custom_metadata_map
             quantize(predictor, int8, calibration.numpy(), metadata, cfg.export.opset)
             quant = Classifier.load(int8)

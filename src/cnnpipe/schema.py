@@ -36,6 +36,8 @@ class Optim:
     weight_decay: float
     pct_start: float
     label_smoothing: float
+    ema_decay: float | None
+    whiten: bool
 
 
 @dataclass
@@ -52,9 +54,15 @@ class MLflow:
 
 
 @dataclass
+class Tta:
+    flip: bool
+    shift: int
+
+
+@dataclass
 class Evaluate:
     batch_size: int = field(metadata=NOT_RECIPE)
-    tta_flip: bool
+    tta: Tta
 
 
 @dataclass

@@ -120,6 +120,7 @@ def model_metadata(path: str, classifier: Classifier, registered: dict | None) -
         "alias": registered.get("alias"),
         "test_accuracy": float(accuracy) if accuracy else None,
         "tta_flip": meta.get("tta_flip") == "true",
+        "tta_shift": int(meta.get("tta_shift", 0)),
         "file": path,
         "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
         "mlflow_run_id": meta.get("mlflow_run_id"),
