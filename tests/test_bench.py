@@ -37,8 +37,8 @@ def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
     # Any accuracy reaches 0%: the first epoch is the one to report, with its own time.
     out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0")
     runs = re.findall(r"^(old|new): (.*)\nepoch .*\n((?:\s+\d+ .*\n)+)", out, re.M)
-    assert [r[0] for r in runs] == ["old", "new"]
-    assert "optim.whiten=false" in runs[0][1] and "optim.whiten" not in runs[1][1]
+    assert [r[0] for r in runs] == ["new", "old"]
+    assert "optim.whiten" not in runs[0][1] and "optim.whiten=false" in runs[1][1]
     summary = dict(re.findall(r"^(old|new) +(\d+ +[\d.]+ +\d+ +\d+ +\d+)$", out, re.M))
     for name, _, table in runs:
         rows = [line.split() for line in table.splitlines()]
