@@ -83,9 +83,14 @@ def composed(overrides: list[str]) -> DictConfig:
     return OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
 
 
+def job_config(name: str, overrides: list[str], data: Path, tmp: str) -> DictConfig:
+    """conf/ with `overrides`, reading `data`, every output under tmp/name."""
+    cfg = OmegaConf.merge(composed(overrides), {"paths": {"data": str(data)}})
+    return outputs_under(cfg, f"{tmp}/{name}")
+
+
 def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) -> dict:
-    cfg = composed(overrides)
-    cfg = outputs_under(OmegaConf.merge(cfg, {"paths": {"data": str(data)}}), f"{tmp}/{name}")
+    cfg = job_config(name, overrides, data, tmp)
     scorer = TestAccuracy(data, cfg.evaluate.tta, cfg.evaluate.batch_size)
     train(cfg, callbacks=(scorer,))
     history = Path(cfg.paths.history).read_text().splitlines()
@@ -122,8 +127,7 @@ def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) ->
 
 def accuracy_at_budget(name: str, overrides: list[str], data: Path, tmp: str) -> float:
     """Train without scoring each epoch; the test accuracy as `evaluate` gives it."""
-    cfg = composed(overrides)
-    cfg = outputs_under(OmegaConf.merge(cfg, {"paths": {"data": str(data)}}), f"{tmp}/{name}")
+    cfg = job_config(name, overrides, data, tmp)
     train(cfg)
     test = evaluate(cfg)["test/acc"]
     print(f"\n{name}: {' '.join(overrides)}\ntest/acc {test:.4f}", flush=True)
