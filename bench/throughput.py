@@ -1,14 +1,22 @@
 """Training throughput of one model three ways, measured side by side in one process.
 
-1. plain:    a hand-written PyTorch loop over the project's in-memory, batch-augmented data.
-2. project:  the project's Lightning loop (`cnnpipe train`), same model, data, batch and precision.
+1. plain:    a hand-written PyTorch loop over the project's in-memory, batch-augmented data:
+             forward, loss, backward, optimizer and schedule steps, nothing else (no weight
+             averaging, no metrics, no progress bar).
+2. project:  the project's Lightning loop (`cnnpipe train`), same model, data, batch and precision,
+             with everything the recipe does each step (the weight averaging included).
 3. tutorial: the recipe most tutorials use: per-image PIL transforms (RandomCrop, RandomHorizontal-
              Flip, ToTensor, Normalize) in a DataLoader with 2 workers, fp32, NCHW.
 
 usage: python bench/throughput.py [--data data/cifar-10-batches-py] [OVERRIDE ...]
        python bench/throughput.py --tiny          # random data, seconds: the CI smoke test
-Overrides are Hydra overrides of conf/ (e.g. trainer.precision=32-true loader.batch_size=512).
-The three are run in turn, `--repeats` times, and the median of each is compared.
+Overrides are Hydra overrides of conf/ (e.g. trainer.precision=bf16-mixed loader.batch_size=256).
+
+The plain and project steps alternate, one each in turn, inside one Lightning run: a shared VM's
+speed drifts by up to 30% from one minute to the next, and alternating makes the drift hit both
+alike, so their ratio compares steps taken at the same moments. The tutorial loop's worker
+processes would compete with the other two for the cores, so it runs on its own, after them;
+that is repeated `--repeats` times and the median of each is compared.
 """
 
 import argparse
@@ -61,50 +69,67 @@ def timed_steps(step, batches: Iterator, steps: int, warmup: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def plain_loop(cfg: DictConfig, images, labels, steps: int, warmup: int) -> float:
-    """Forward, loss, backward, optimizer and schedule steps; nothing else."""
+def plain_step(cfg: DictConfig, images, labels, total_steps: int):
+    """One step of the plain loop per call, each on the next batch; returns the seconds it took."""
     module = build_module(cfg, CLASSES).train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.optim.lr, steps + warmup)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.optim.lr, total_steps)
     bf16 = cfg.trainer.precision.startswith("bf16")
+    batches = forever(project_loader(cfg, images, labels))
 
-    def step(x, y):
+    def step() -> float:
+        start = time.perf_counter()
+        x, y = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(module(x), y, label_smoothing=cfg.optim.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        return time.perf_counter() - start
 
-    return timed_steps(step, forever(project_loader(cfg, images, labels)), steps, warmup)
+    return step
 
 
-class StepClock(pl.Callback):
-    """Times the training batches after the first `warmup` ones."""
+class Alternate(pl.Callback):
+    """Runs one plain step before each of the project's steps, and times the two apart.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.seen, self.start, self.end = warmup, 0, 0.0, 0.0
+    A project step is timed from the end of the plain step to the next batch's start: all that
+    Lightning does for one batch (hooks, training step, optimizer, weight averaging, progress
+    bar, fetching the next batch), and nothing of the plain step.
+    """
+
+    def __init__(self, plain, warmup: int) -> None:
+        self.plain_step, self.warmup = plain, warmup
+        self.plain, self.project, self.end = [], [], 0.0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+        start, step = time.perf_counter(), trainer.global_step
+        if step > self.warmup:
+            self.project.append(start - self.end)
+        plain = self.plain_step()
+        if step >= self.warmup:
+            self.plain.append(plain)
+        self.end = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step > self.warmup:
-            self.seen += len(batch[1])
-            self.end = time.perf_counter()
 
-
-def project_loop(cfg: DictConfig, images, labels, steps: int, warmup: int) -> float:
-    """The project's Lightning loop as `cnnpipe train` builds it, validation left out."""
-    clock = StepClock(warmup)
+def plain_and_project(cfg: DictConfig, images, labels, steps: int, warmup: int):
+    """images/s of the plain loop and of the project's Lightning loop (as `cnnpipe train` builds
+    it, validation left out), their steps alternating."""
+    # The first `warmup` steps of each are not timed; the last plain step has no project step
+    # after it to pair with, so it is dropped.
+    total = warmup + steps + 1
+    alternate = Alternate(plain_step(cfg, images, labels, total), warmup)
     trainer = build_trainer(
-        cfg, logger=False, callbacks=[clock], max_steps=steps + warmup, limit_val_batches=0
+        cfg, logger=False, callbacks=[alternate], max_steps=total, limit_val_batches=0
     )
     trainer.fit(build_module(cfg, CLASSES), train_dataloaders=project_loader(cfg, images, labels))
-    return clock.seen / (clock.end - clock.start)
+    plain, project = alternate.plain[:steps], alternate.project
+    assert len(plain) == len(project) == steps, (len(plain), len(project))
+    batch = cfg.loader.batch_size
+    return batch * steps / sum(plain), batch * steps / sum(project)
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -169,12 +194,12 @@ def main() -> None:
     else:
         images, labels = read_split(Path(args.data), "train")
 
-    loops = {"plain": plain_loop, "project": project_loop, "tutorial": tutorial_loop}
-    runs = {name: [] for name in loops}
+    runs = {"plain": [], "project": [], "tutorial": []}
     for _ in range(repeats):
-        # In turn, so that a change in machine load hits all three alike.
-        for name, loop in loops.items():
-            runs[name].append(loop(cfg, images, labels, steps, warmup))
+        plain, project = plain_and_project(cfg, images, labels, steps, warmup)
+        runs["plain"].append(plain)
+        runs["project"].append(project)
+        runs["tutorial"].append(tutorial_loop(cfg, images, labels, steps, warmup))
     rate = {name: statistics.median(values) for name, values in runs.items()}
 
     print(
@@ -182,7 +207,7 @@ def main() -> None:
         f"precision {cfg.trainer.precision}, channels_last {cfg.loader.channels_last}, "
         f"ema_decay {cfg.optim.ema_decay}, "
         f"{torch.get_num_threads()} threads, "
-        f"{steps} timed steps x {repeats} repeats (median)"
+        f"{steps} timed steps each x {repeats} repeats (median)"
     )
     for name, value in rate.items():
         each = ", ".join(f"{v:.0f}" for v in runs[name])

@@ -52,6 +52,43 @@ def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
     assert not list(Path(cfg.paths.checkpoint).parent.glob(".*partial*"))
 
 
+class BatchRecorder(pl.Callback):
+    """Each training batch's size, correct predictions and loss, by epoch."""
+
+    def __init__(self) -> None:
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        images, labels = batch
+        # The weights the step is about to use: the same logits as its forward pass.
+        with torch.no_grad():
+            correct = (module(images).argmax(1) == labels).sum().item()
+        self.epochs[-1].append([len(labels), correct])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.epochs[-1][-1].append(outputs["loss"].item())
+
+
+@pytest.mark.parametrize("max_steps", [-1, 5], ids=["whole-epochs", "stopped-mid-epoch"])
+def test_train_metrics_are_each_epochs_batches_recomputed(cfg, max_steps):
+    # 160 training images in batches of 64: 3 steps an epoch; 5 steps end in epoch 2's second.
+    cfg.trainer.max_steps = max_steps
+    recorder = BatchRecorder()
+    train(cfg, callbacks=(recorder,))
+    with open(cfg.paths.history) as f:
+        rows = list(csv.DictReader(f))
+    assert [len(batches) for batches in recorder.epochs] == ([3, 3] if max_steps < 0 else [3, 2])
+    for row, batches in zip(rows, recorder.epochs, strict=True):
+        images = sum(n for n, _, _ in batches)
+        loss = sum(n * loss for n, _, loss in batches) / images
+        assert float(row["train/loss"]) == pytest.approx(loss, abs=2e-6)
+        correct = sum(c for _, c, _ in batches)
+        assert float(row["train/acc"]) == pytest.approx(correct / images, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "overrides, network",
     [
@@ -178,12 +215,14 @@ class WeightsAfterEachStep(pl.Callback):
 
 
 def test_the_checkpoint_holds_the_moving_average_of_the_weights(cfg):
-    cfg.optim.ema_decay = 0.9
+    cfg.optim.ema_decay, cfg.optim.ema_every_n_steps = 0.9, 2
     recorder = WeightsAfterEachStep()
     train(cfg, callbacks=(recorder,))
-    # AveragedModel starts from the weights after the first step, then decays towards each step's.
+    # AveragedModel starts from the weights after the first step, then decays towards those
+    # after every second step: the 3rd and the 5th of the 6 (2 epochs of 3 steps).
+    assert len(recorder.steps) == 6
     average = recorder.steps[0]
-    for weights in recorder.steps[1:]:
+    for weights in recorder.steps[2::2]:
         average = {k: 0.9 * average[k] + 0.1 * weights[k] for k in average}
     saved = load_checkpoint(cfg.paths.checkpoint).net.state_dict()
     for key, value in average.items():

@@ -37,6 +37,7 @@ class Optim:
     pct_start: float
     label_smoothing: float
     ema_decay: float | None
+    ema_every_n_steps: int
     whiten: bool
 
 
