@@ -86,17 +86,19 @@ def main() -> None:
             export_onnx(predictor, model, 18, {"class_names": json.dumps(names)}, [1])
         else:
             model, int8 = Path(args.model), Path(args.int8)
-            meta = Classifier.load(model).session.get_modelmeta().custom_metadata_map
-            flip, shift = meta["tta_flip"] == "true", int(meta.get("tta_shift", 0))
+        fp32 = Classifier.load(model)
+        metadata = fp32.session.get_modelmeta().custom_metadata_map
+        if not args.tiny:
+            # Eager PyTorch computes the views the model was exported with.
+            flip, shift = metadata["tta_flip"] == "true", int(metadata.get("tta_shift", 0))
             predictor = Predictor(load_checkpoint(args.checkpoint), flip, shift)
-        metadata = Classifier.load(model).session.get_modelmeta().custom_metadata_map
         if not int8.is_file():
             int8 = Path(tmp) / "int8.onnx"
             quantize(predictor, int8, batch[:64], metadata)
         one_view = Path(tmp) / "one_view.onnx"
         export_onnx(Predictor(predictor.classifier), one_view, 18, metadata, [1])
 
-        fp32, q8 = Classifier.load(model), Classifier.load(int8)
+        q8 = Classifier.load(int8)
 
         @torch.inference_mode()
         def eager(x: np.ndarray) -> torch.Tensor:
