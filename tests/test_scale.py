@@ -100,12 +100,19 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
 @pytest.mark.slow
 def test_parallel_sweep_on_sqlite_loses_nothing(project):
     repo, tiny = project
+    started = repo / "started"
+    # Each training waits at its start for the other one (tests/helpers.py): the two jobs must
+    # overlap, however slow the machine is to start the second worker.
     cnnpipe(
         "train", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
         "optim.lr=1e-3,3e-3", *tiny,
+        "+callbacks.rendezvous._target_=tests.helpers.Rendezvous",
+        f"+callbacks.rendezvous.folder={started}",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     parent, children = sweep_runs(repo)
     assert len(children) == 2
+    assert len(list(started.iterdir())) == 2, "trainings in two processes at once"
     first, second = sorted(children, key=lambda r: r.info.start_time)
     assert second.info.start_time < first.info.end_time, "the two jobs ran at the same time"
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
