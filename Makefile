@@ -1,9 +1,9 @@
-# `make run` and `make test` set up .venv (pinned by requirements.lock) on first use.
+# `make run`, `make test` and `make test-all` set up .venv (pinned by requirements.lock) on first use.
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install browser run test params lint lock
+.PHONY: install browser run test test-all params lint lock
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,14 @@ run: install
 browser:
 	@command -v chromium > /dev/null || (apt-get update -qq && apt-get install -y -qq chromium > /dev/null)
 
+# The fast tier: unit tests and stages run in-process (no training in a subprocess).
 test: install browser
+	ruff check src tests bench
+	ruff format --check src tests bench
+	pytest -m "not slow"
+
+# Everything, the slow end-to-end tests too: what CI runs.
+test-all: install browser
 	ruff check src tests bench
 	ruff format --check src tests bench
 	pytest

@@ -15,6 +15,7 @@ import concurrent.futures
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -24,11 +25,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnpipe.export import export_onnx
-from cnnpipe.module import Predictor, describe_tta, load_checkpoint, untrained
-from cnnpipe.predict import Classifier
-from cnnpipe.quantize import images_per_second, quantize
-from cnnpipe.serve import create_app, running
+from cnnpipe.contract import Metadata, input_shape
+from cnnpipe.inference import TorchModel, describe_tta
+from cnnpipe.onnx_export import export_onnx
+from cnnpipe.serving.app import create_app
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.serving.server import running
+from cnnpipe.stages.quantize import images_per_second, quantize
+from cnnpipe.training import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import untrained  # noqa: E402
 
 
 def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:
@@ -76,45 +83,49 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    batch = rng.integers(0, 256, input_shape(256), dtype=np.uint8)
     rounds, count, requests = (9, 1000, 400) if not args.tiny else (1, 30, 20)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             names = [str(i) for i in range(10)]
-            predictor = Predictor(untrained(names), flip=True, shift=1)
+            torch_model = TorchModel(untrained(names), flip=True, shift=1)
             model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
-            export_onnx(predictor, model, 18, {"class_names": json.dumps(names)}, [1])
+            metadata = Metadata(names, tta_flip=True, tta_shift=1)
+            export_onnx(torch_model, model, 18, metadata, [1])
         else:
             model, int8 = Path(args.model), Path(args.int8)
-        fp32 = Classifier.load(model)
-        metadata = fp32.session.get_modelmeta().custom_metadata_map
+        fp32 = OnnxModel.load(model)
+        metadata = fp32.metadata
         if not args.tiny:
             # Eager PyTorch computes the views the model was exported with.
-            flip, shift = metadata["tta_flip"] == "true", int(metadata.get("tta_shift", 0))
-            predictor = Predictor(load_checkpoint(args.checkpoint), flip, shift)
+            flip, shift = metadata.tta_flip, metadata.tta_shift
+            torch_model = TorchModel(load_checkpoint(args.checkpoint), flip, shift)
         if not int8.is_file():
             int8 = Path(tmp) / "int8.onnx"
-            quantize(predictor, int8, batch[:64], metadata)
+            quantize(torch_model, int8, batch[:64], metadata)
         one_view = Path(tmp) / "one_view.onnx"
-        export_onnx(Predictor(predictor.classifier), one_view, 18, metadata, [1])
+        export_onnx(TorchModel(torch_model.classifier), one_view, 18, metadata, [1])
 
-        q8 = Classifier.load(int8)
+        q8 = OnnxModel.load(int8)
 
         @torch.inference_mode()
         def eager(x: np.ndarray) -> torch.Tensor:
-            # permute() of NHWC data is a channels_last view: PyTorch's fastest CPU layout.
-            return predictor(torch.from_numpy(x).permute(0, 3, 1, 2))
+            # TorchModel's permute() of NHWC data is a channels_last view: PyTorch's fastest CPU
+            # layout.
+            return torch_model(torch.from_numpy(x))
 
         @torch.inference_mode()
         def eager_nchw(x: np.ndarray) -> torch.Tensor:
-            return predictor(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+            # The same images laid out NCHW in memory.
+            nchw = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+            return torch_model(nchw.permute(0, 2, 3, 1))
 
         runs = {
             "pytorch eager": eager,
             "pytorch eager NCHW": eager_nchw,
             "onnxruntime fp32": fp32.probabilities,
             "onnxruntime int8": q8.probabilities,
-            "onnxruntime fp32 1 view": Classifier.load(one_view).probabilities,
+            "onnxruntime fp32 1 view": OnnxModel.load(one_view).probabilities,
         }
         rates = images_per_second(runs, batch, rounds)
         lat = {
@@ -126,7 +137,7 @@ def main() -> None:
         rps, p99, failed = service(model, png.getvalue(), requests, clients=4)
 
     fp32_rate, int8_rate = rates["onnxruntime fp32"], rates["onnxruntime int8"]
-    tta = describe_tta(predictor.flip, predictor.shift)
+    tta = describe_tta(torch_model.flip, torch_model.shift)
     print(f"\nbatch 256, {tta}, {torch.get_num_threads()} threads")
     for name, rate in rates.items():
         print(f"  {name:>18}: {rate:9.0f} images/s")

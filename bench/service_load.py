@@ -167,14 +167,16 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
 
 
 def tiny_model(folder: Path) -> Path:
-    from cnnpipe.export import export_onnx
-    from cnnpipe.module import Predictor, untrained
+    from cnnpipe.contract import Metadata
+    from cnnpipe.inference import TorchModel
+    from cnnpipe.onnx_export import export_onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers import untrained
 
     names = [str(i) for i in range(10)]
     path = folder / "model.onnx"
-    export_onnx(
-        Predictor(untrained(names), True), path, 18, {"class_names": json.dumps(names)}, [1]
-    )
+    export_onnx(TorchModel(untrained(names), True), path, 18, Metadata(names, tta_flip=True), [1])
     return path
 
 

@@ -23,12 +23,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe.cifar_files import META, TEST_BATCH, TRAIN_BATCHES
+from cnnpipe.cifar import META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
-from cnnpipe.evaluate import evaluate
-from cnnpipe.module import Predictor, load_checkpoint, predict_probs
-from cnnpipe.train import train
+from cnnpipe.evaluation import evaluate
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.trainer import train
+from cnnpipe.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default config before issue 13: 35 epochs to 80.54% (README).
@@ -66,7 +67,8 @@ class TestAccuracy(pl.Callback):
     of validation, where weight averaging has put the averaged weights in place."""
 
     def __init__(self, data: Path, tta: DictConfig, batch_size: int) -> None:
-        self.images, self.labels = read_split(data, "test")
+        images, self.labels = read_split(data, "test")
+        self.images = nhwc(images)
         self.tta, self.batch_size = dict(tta), batch_size
         self.accuracy, self.seconds = [], []
 
@@ -74,7 +76,7 @@ class TestAccuracy(pl.Callback):
         if trainer.sanity_checking:
             return
         start = time.perf_counter()
-        probs = predict_probs(Predictor(module, **self.tta), self.images, self.batch_size)
+        probs = predict_probs(TorchModel(module, **self.tta), self.images, self.batch_size)
         self.accuracy.append(float((probs.argmax(1) == self.labels).float().mean()))
         self.seconds.append(time.perf_counter() - start)
 
@@ -137,8 +139,8 @@ def accuracy_at_budget(name: str, overrides: list[str], data: Path, tmp: str) ->
 def rescore(cfg: DictConfig, tta: DictConfig) -> float:
     """The test accuracy of `cfg`'s checkpoint with other test-time views."""
     images, labels = read_split(Path(cfg.paths.data), "test")
-    predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), **tta)
-    probs = predict_probs(predictor, images, cfg.evaluate.batch_size)
+    model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **tta)
+    probs = predict_probs(model, nhwc(images), cfg.evaluate.batch_size)
     return float((probs.argmax(1) == labels).float().mean())
 
 

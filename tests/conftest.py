@@ -20,7 +20,7 @@ def archive(tmp_path: Path) -> tuple[Path, str]:
 @pytest.fixture
 def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
     """The tiny archive, fetched by the fetch stage's own function."""
-    from cnnpipe.fetch import fetch
+    from cnnpipe.stages.fetch import fetch
 
     dest = tmp_path / "extracted" / "cifar-10-batches-py"
     fetch(str(archive[0]), archive[1], dest)

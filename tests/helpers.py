@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -14,12 +16,39 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.config import compose_params
+from cnnpipe.contract import Metadata
+from cnnpipe.training import LitClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cnnpipe(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 600,
+    check: bool = False,
+    background: bool = False,
+    **popen,
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`cnnpipe ARGS` as a user runs it (the installed console script), output as text. Configs
+    may name classes in tests/ (PYTHONPATH). `check`: the command must succeed; `background`:
+    the running process, in a session of its own so that a test can kill its whole group."""
+    command = [str(Path(sys.executable).parent / "cnnpipe"), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if background:
+        return subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, **popen)
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **popen
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def composed(*overrides: str, conf_dir: Path = ROOT / "conf") -> DictConfig:
@@ -78,21 +107,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def untrained(
+    class_names: list[str], net: str = "cnnpipe.models.ChapterCNN", seed: int = 0
+) -> LitClassifier:
+    """`net` with seeded random weights, for tests and benches that need a model, not a trained
+    one. Its normalisation differs per channel, as CIFAR-10's does."""
+    torch.manual_seed(seed)
+    return LitClassifier(
+        {"_target_": net}, class_names, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], optim={}
+    )
+
+
 def export_random_model(
     path: Path, class_names: list[str], flip: bool = True, shift: int = 0
 ) -> Path:
     """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
-    from cnnpipe.export import export_onnx
-    from cnnpipe.module import Predictor, untrained
+    from cnnpipe.inference import TorchModel
+    from cnnpipe.onnx_export import export_onnx
 
-    metadata = {
-        "class_names": json.dumps(class_names),
-        "model_name": "cnnpipe-test",
-        "test_accuracy": "0.5",
-        "tta_flip": str(flip).lower(),
-        "tta_shift": str(shift),
-    }
-    export_onnx(Predictor(untrained(class_names), flip, shift), path, 18, metadata, [1])
+    metadata = Metadata(class_names, "cnnpipe-test", 0.5, flip, shift)
+    export_onnx(TorchModel(untrained(class_names), flip, shift), path, 18, metadata, [1])
     return path
 
 

@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from cnnpipe.baseline import baseline_config, train_baseline
-from cnnpipe.chapter import chapter, equivariance_error, report, self_contained_html, shift
-from cnnpipe.evaluate import evaluate
+from cnnpipe.config import baseline_config
+from cnnpipe.evaluation import evaluate
 from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.module import load_checkpoint
-from cnnpipe.params_report import params_report, to_metrics
+from cnnpipe.param_count import params_report
+from cnnpipe.stages.baseline import train_baseline
+from cnnpipe.stages.chapter import chapter, equivariance_error, report, self_contained_html, shift
+from cnnpipe.stages.params_report import to_metrics
 from cnnpipe.tracking import record
-from cnnpipe.train import train
+from cnnpipe.trainer import train
+from cnnpipe.training import load_checkpoint
 from tests.helpers import composed
 
 

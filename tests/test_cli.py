@@ -1,15 +1,7 @@
 import shutil
-import subprocess
-import sys
 
 from cnnpipe.config import compose_params
-from tests.helpers import ROOT
-
-
-def run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "cnnpipe.cli", *args], cwd=cwd, capture_output=True, text=True
-    )
+from tests.helpers import ROOT, cnnpipe
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
@@ -17,7 +9,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         ["fetch.url=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
     )
     (tmp_path / "params.yaml").write_text(params)
-    result = run_cli("fetch", cwd=tmp_path)
+    result = cnnpipe("fetch", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("cnnpipe fetch: error: cannot read file:///nonexistent")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -26,7 +18,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 
 def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
-    result = run_cli("export", cwd=tmp_path)
+    result = cnnpipe("export", cwd=tmp_path)
     assert result.returncode == 1
     # The stage opens the training's MLflow run first: that is what is missing before training.
     assert result.stderr == (
@@ -36,7 +28,7 @@ def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
 
 
 def test_unknown_command_prints_usage(tmp_path):
-    result = run_cli("frobnicate", cwd=tmp_path)
+    result = cnnpipe("frobnicate", cwd=tmp_path)
     assert result.returncode == 1 and "usage: cnnpipe" in result.stderr
 
 
@@ -60,13 +52,13 @@ def test_config_errors_are_one_line(tmp_path):
         (tmp_path / "params.yaml").unlink(missing_ok=True)
         if params:
             (tmp_path / "params.yaml").write_text(params)
-        result = run_cli(*args, cwd=tmp_path)
+        result = cnnpipe(*args, cwd=tmp_path)
         assert (result.returncode, result.stderr) == (1, message + "\n"), args
 
 
 def test_training_without_data_names_the_stage_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
-    result = run_cli("train", cwd=tmp_path)
+    result = cnnpipe("train", cwd=tmp_path)
     assert result.stderr.splitlines()[-1] == (
         "cnnpipe train: error: no data/cifar-10-batches-py/data_batch_1; run `dvc repro fetch`"
     )

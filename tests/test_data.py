@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar_files import read_class_names, unpickle
+from cnnpipe.cifar import read_class_names, unpickle
 from cnnpipe.data import (
     BatchLoader,
     CIFAR10DataModule,

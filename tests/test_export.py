@@ -6,20 +6,27 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cnnpipe.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from cnnpipe.module import Predictor, predict_probs, untrained
-from cnnpipe.parity import compare
+from cnnpipe.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.onnx_export import export_onnx
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.stages.parity import compare
+from tests.helpers import CLASSES, untrained
 
-CLASSES = [f"class{i}" for i in range(10)]
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    """The contract's input: (n, 32, 32, 3) uint8."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, input_shape(n), dtype=torch.uint8, generator=g)
 
 
 @pytest.fixture(scope="module", params=[(False, 0), (True, 1)], ids=["plain", "six_views"])
 def exported(request, tmp_path_factory):
-    predictor = Predictor(untrained(CLASSES, seed=0), *request.param)
+    model = TorchModel(untrained(CLASSES, seed=0), *request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    metadata = {"class_names": json.dumps(CLASSES), "mlflow_run_id": "abc", "git_commit": "123"}
-    export_onnx(predictor, path, 18, metadata, [1, 5])
-    return predictor, path
+    metadata = Metadata(CLASSES, mlflow_run_id="abc", git_commit="123")
+    export_onnx(model, path, 18, metadata, [1, 5])
+    return model, path
 
 
 def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
@@ -29,7 +36,7 @@ def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
     assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert dims[0].dim_param and tuple(d.dim_value for d in dims[1:]) == input_shape()[1:]
     assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
 
 
@@ -41,14 +48,13 @@ def test_file_is_self_contained_with_metadata(exported):
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["class_names"]) == CLASSES
     assert props["mlflow_run_id"] == "abc" and props["git_commit"] == "123"
+    assert Metadata.from_props(props) == Metadata(CLASSES, mlflow_run_id="abc", git_commit="123")
 
 
 @pytest.mark.parametrize("batch", [1, 64])
 def test_onnx_matches_pytorch_on_random_weights(exported, batch):
-    predictor, path = exported
-    g = torch.Generator().manual_seed(batch)
-    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
-    result = compare(predictor, path, images, batch_size=batch)
+    model, path = exported
+    result = compare(model, OnnxModel.load(path), random_images(batch, batch), batch_size=batch)
     assert result["max_abs_diff"] <= 1e-5
     assert result["top1_agreement"] == 1.0
 
@@ -56,24 +62,23 @@ def test_onnx_matches_pytorch_on_random_weights(exported, batch):
 def test_output_is_probabilities(exported):
     _, path = exported
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    (probs,) = session.run(None, {INPUT_NAME: images})
+    (probs,) = session.run(None, {INPUT_NAME: random_images(3).numpy()})
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
 
 
 def test_flip_tta_makes_predictions_mirror_invariant():
     module = untrained(CLASSES, seed=1)
-    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    tta, plain = Predictor(module, flip=True), Predictor(module)
-    mirrored = images.flip(3)
+    images = random_images(8)
+    tta, plain = TorchModel(module, flip=True), TorchModel(module)
+    mirrored = images.flip(2)  # (N, H, W, C): the width axis
     torch.testing.assert_close(predict_probs(tta, images, 8), predict_probs(tta, mirrored, 8))
     assert not torch.allclose(predict_probs(plain, images, 8), predict_probs(plain, mirrored, 8))
 
 
 def test_shift_tta_averages_the_six_views_computed_by_hand():
     module = untrained(CLASSES, seed=1).eval()
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    images = random_images(4).permute(0, 3, 1, 2)
     views = []
     for image in (images, images.flip(3)):
         down_right, up_left = torch.zeros_like(image), torch.zeros_like(image)
@@ -82,14 +87,13 @@ def test_shift_tta_averages_the_six_views_computed_by_hand():
         views += [image, down_right, up_left]
     with torch.inference_mode():
         expected = torch.stack([module(v).softmax(1) for v in views]).mean(0)
-        torch.testing.assert_close(Predictor(module, flip=True, shift=1)(images), expected)
+        torch.testing.assert_close(TorchModel(module, flip=True, shift=1)(nhwc(images)), expected)
 
 
 def test_parity_notices_a_different_model(exported):
-    predictor, path = exported
-    other = Predictor(untrained(CLASSES, seed=2), predictor.flip, predictor.shift)
-    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
-    assert compare(other, path, images, batch_size=32)["max_abs_diff"] > 1e-5
+    model, path = exported
+    other = TorchModel(untrained(CLASSES, seed=2), model.flip, model.shift)
+    assert compare(other, OnnxModel.load(path), random_images(32), 32)["max_abs_diff"] > 1e-5
 
 
 @pytest.mark.parametrize("target", ["cnnpipe.models.ChapterCNNBatchNorm", "cnnpipe.models.ResNet9"])
@@ -100,8 +104,7 @@ def test_other_models_export_with_parity(tmp_path, target):
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
-    predictor = Predictor(module, flip=True, shift=1)
-    export_onnx(predictor, tmp_path / "m.onnx", 18, {}, [1, 3])
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    result = compare(predictor, tmp_path / "m.onnx", images, batch_size=16)
+    model = TorchModel(module, flip=True, shift=1)
+    export_onnx(model, tmp_path / "m.onnx", 18, Metadata(CLASSES), [1, 3])
+    result = compare(model, OnnxModel.load(tmp_path / "m.onnx"), random_images(16), 16)
     assert result["max_abs_diff"] <= 1e-5 and result["top1_agreement"] == 1.0

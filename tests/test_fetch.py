@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cnnpipe import PipelineError
-from cnnpipe.fetch import BATCH_FILES, SOURCE_FILE, fetch
+from cnnpipe.cifar import BATCH_FILES, SOURCE_FILE
+from cnnpipe.stages.fetch import fetch
 from tests.helpers import add_member, make_archive
 
 

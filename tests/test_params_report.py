@@ -1,10 +1,9 @@
 import pytest
 
 from cnnpipe.models import ChapterCNN
-from cnnpipe.module import untrained
-from cnnpipe.params_report import params_report, to_markdown, to_metrics
-
-CLASSES = [f"c{i}" for i in range(10)]
+from cnnpipe.param_count import params_report
+from cnnpipe.stages.params_report import to_markdown, to_metrics
+from tests.helpers import CLASSES, untrained
 
 
 def keras_conv(k, c_in, c_out):

@@ -1,17 +1,14 @@
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe.predict import Classifier, decode
-from tests.helpers import export_random_model, foreign_model
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+from cnnpipe.serving.images import decode
+from cnnpipe.serving.onnx_model import OnnxModel
+from tests.helpers import CLASSES, cnnpipe, export_random_model, foreign_model
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +34,9 @@ def images(tmp_path):
     return folder, rgb
 
 
-def run_predict(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "cnnpipe.cli", "predict", *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
-
-
 def test_predict_reports_bad_files_and_still_classifies_the_rest(model_path, images):
     folder, rgb = images
-    result = run_predict(model_path, folder, "--format", "json", "--top-k", "2")
+    result = cnnpipe("predict", model_path, folder, "--format", "json", "--top-k", "2")
     assert result.returncode == 1
     rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
     assert {n for n, r in rows.items() if "error" in r} == {
@@ -62,7 +51,7 @@ def test_predict_reports_bad_files_and_still_classifies_the_rest(model_path, ima
     assert sum(1 for line in result.stderr.splitlines() if ": error: " in line) == 3
 
     # The probabilities are the model's for exactly these pixels.
-    classifier = Classifier.load(model_path)
+    classifier = OnnxModel.load(model_path)
     probs = classifier.probabilities(rgb[None])[0]
     top = ok["rgb.png"]["predictions"][0]
     assert top["label"] == CLASSES[int(probs.argmax())]
@@ -71,11 +60,13 @@ def test_predict_reports_bad_files_and_still_classifies_the_rest(model_path, ima
 
 def test_table_and_csv_formats_and_globs(model_path, images):
     folder, _ = images
-    table = run_predict(model_path, folder / "*.png", "--top-k", "1")
+    table = cnnpipe("predict", model_path, folder / "*.png", "--top-k", "1")
     assert table.returncode == 1  # empty.png and truncated.png match the glob
     assert len(table.stdout.strip().splitlines()) == 3  # rgb, gray, rgba
     assert all("%" in line for line in table.stdout.splitlines())
-    csv_out = run_predict(model_path, folder / "rgb.png", folder / "big.jpg", "--format", "csv")
+    csv_out = cnnpipe(
+        "predict", model_path, folder / "rgb.png", folder / "big.jpg", "--format", "csv"
+    )
     assert csv_out.returncode == 0
     lines = csv_out.stdout.strip().splitlines()
     assert lines[0] == "path,rank,label,probability,note" and len(lines) == 1 + 2 * 3
@@ -86,7 +77,7 @@ def test_missing_truncated_or_foreign_model_is_one_line(tmp_path, images, model_
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     (tmp_path / "half.onnx").write_bytes(model_path.read_bytes()[:2000])
     for model in (tmp_path / "x.onnx", tmp_path / "half.onnx", tmp_path / "missing.onnx"):
-        result = run_predict(model, folder / "rgb.png")
+        result = cnnpipe("predict", model, folder / "rgb.png")
         assert result.returncode == 1
         assert (
             result.stderr.startswith("cnnpipe predict: error:") and "Traceback" not in result.stderr
@@ -96,22 +87,13 @@ def test_missing_truncated_or_foreign_model_is_one_line(tmp_path, images, model_
 def test_a_model_of_another_shape_is_refused_in_one_line(tmp_path, images):
     folder, _ = images
     other = foreign_model(tmp_path / "other.onnx", CLASSES)
-    result = run_predict(other, folder / "rgb.png")
+    result = cnnpipe("predict", other, folder / "rgb.png")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (
         f"cnnpipe predict: error: {other} takes float (N, 10) and returns float (N, 10); cnnpipe "
         "needs uint8 (N, 32, 32, 3) images in and float (N, 10) out, one probability per class "
         "name: export the model with `cnnpipe export`\n"
     )
-
-
-def test_predict_path_imports_no_training_stack():
-    code = (
-        "import sys, cnnpipe.cli, cnnpipe.predict; "
-        "heavy = [m for m in ('torch', 'pytorch_lightning', 'mlflow') if m in sys.modules]; "
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -6,46 +6,46 @@ import onnx
 import pytest
 import torch
 
-from cnnpipe.module import Predictor, untrained
-from cnnpipe.predict import Classifier
-from cnnpipe.quantize import QuantizableModel, quantize
-
-CLASSES = [f"c{i}" for i in range(10)]
+from cnnpipe.contract import Metadata, input_shape
+from cnnpipe.inference import TorchModel
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.stages.quantize import QuantizableModel, quantize
+from tests.helpers import CLASSES, untrained
 
 
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor(untrained(CLASSES), flip=True, shift=1)
+def model() -> TorchModel:
+    return TorchModel(untrained(CLASSES), flip=True, shift=1)
 
 
 @pytest.mark.parametrize("flip, shift", [(True, 1), (True, 0), (False, 0)])
-def test_rearranged_model_computes_the_predictors_function(predictor, flip, shift):
-    predictor = Predictor(predictor.classifier, flip, shift)
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    rearranged = QuantizableModel(predictor)
+def test_rearranged_model_computes_the_torch_models_function(model, flip, shift):
+    model = TorchModel(model.classifier, flip, shift)
+    images = torch.randint(0, 256, input_shape(16), dtype=torch.uint8)
+    rearranged = QuantizableModel(model)
     assert rearranged.folded, "ChapterCNN's first convolution has no padding"
     order = [type(m).__name__ for m in rearranged.net.children()][:3]
     assert order == ["Conv2d", "ReLU", "MaxPool2d"]
     with torch.inference_mode():
-        assert torch.allclose(rearranged(images), predictor(images), atol=1e-6)
+        assert torch.allclose(rearranged(images), model(images), atol=1e-6)
 
 
-def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, predictor):
+def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, model):
     int8 = tmp_path / "int8.onnx"
-    images = np.random.default_rng(0).integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
-    metadata = {"class_names": json.dumps(CLASSES), "model_name": "m"}
-    quantize(predictor, int8, images[:64], metadata)
+    images = np.random.default_rng(0).integers(0, 256, input_shape(128), dtype=np.uint8)
+    metadata = Metadata(CLASSES, model_name="m", tta_flip=True, tta_shift=1)
+    quantize(model, int8, images[:64], metadata)
 
-    model = onnx.load(int8)
-    ops = {node.op_type for node in model.graph.node}
+    proto = onnx.load(int8)
+    ops = {node.op_type for node in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MaxPool"} <= ops
-    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights, "weights are stored as int8"
     assert max(np.abs(onnx.numpy_helper.to_array(w)).max() for w in weights) <= 64, "7-bit"
-    quant = Classifier.load(int8)
-    assert quant.session.get_modelmeta().custom_metadata_map == metadata
+    quant = OnnxModel.load(int8)
+    assert quant.metadata == metadata
     with torch.inference_mode():
-        want = predictor(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+        want = model(torch.from_numpy(images)).numpy()
     got = quant.probabilities(images)
     assert np.abs(got - want).max() < 0.05
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9

@@ -2,6 +2,7 @@
 workers), `cnnpipe runs`, the SLURM launcher's config, DDP with 2 CPU processes, and an
 `mlflow server` read back over REST."""
 
+import functools
 import hashlib
 import json
 import os
@@ -18,17 +19,13 @@ from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
 from cnnpipe.tracking import recipe_params
+from tests import helpers
 from tests.helpers import ROOT, free_port
 
+# Every command these tests run must succeed.
+cnnpipe = functools.partial(helpers.cnnpipe, check=True)
+
 BIN = Path(sys.executable).parent
-
-
-def cnnpipe(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [str(BIN / "cnnpipe"), *args], capture_output=True, text=True, timeout=600, **kwargs
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def sweep_runs(repo: Path) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
@@ -154,13 +151,13 @@ def test_slurm_launcher_config_composes():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
     assert launcher.tasks_per_node == 1 and launcher.timeout_min == 60
-    assert cfg.hydra.callbacks.parent_run._target_ == "cnnpipe.sweep.ParentRun"
+    assert cfg.hydra.callbacks.parent_run._target_ == "cnnpipe.experiments.sweep.ParentRun"
 
 
 # Runs the train stage under torchrun, then prints this rank's weights digest and shard size.
 DDP_JOB = """
 import hashlib
-import cnnpipe.train as stage
+import cnnpipe.stages.train as stage
 from pytorch_lightning.utilities import rank_zero_only
 
 trainers = []
@@ -196,7 +193,7 @@ def test_ddp_with_two_cpu_processes(project):
     # 160 training images: 80 per rank, in 3 batches of 32.
     assert world == "2" and batches == "3"
 
-    from cnnpipe.module import load_checkpoint
+    from cnnpipe.training import load_checkpoint
 
     module = load_checkpoint("models/model.ckpt")
     weights = b"".join(p.detach().numpy().tobytes() for p in module.parameters())

@@ -17,8 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from sqlalchemy.exc import SQLAlchemyError
 
-from cnnpipe.search import distribution, search_space
-from tests.helpers import ROOT
+from cnnpipe.experiments.search import distribution, search_space
+from tests.helpers import ROOT, cnnpipe
 
 BIN = Path(sys.executable).parent
 # The tiny data's training set has 160 images: a fixed batch and warm-up keep the one-cycle
@@ -30,14 +30,7 @@ SEARCH = [
 
 
 def search(repo: Path, *args: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
-    command = [str(BIN / "cnnpipe"), "train", "--multirun", *SEARCH, *args]
-    # The test's pruner lives in tests/helpers.py.
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if kwargs.pop("background", False):
-        return subprocess.Popen(command, env=env, start_new_session=True, **kwargs)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return cnnpipe("train", "--multirun", *SEARCH, *args, check=True, **kwargs)
 
 
 def study(repo: Path) -> optuna.Study:

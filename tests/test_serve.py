@@ -18,11 +18,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cnnpipe import PipelineError
-from cnnpipe.predict import Classifier
-from cnnpipe.serve import create_app, running
-from tests.helpers import export_random_model, foreign_model
+from cnnpipe.serving.app import create_app
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.serving.server import running
+from tests.helpers import CLASSES, export_random_model, foreign_model
 
-CLASSES = [f"class{i}" for i in range(10)]
 LIMIT = 200_000
 TIMEOUT_S = 1.0
 
@@ -141,7 +141,7 @@ def test_raw_image_gets_the_models_probabilities(server, model_path):
     status, answer = call(f"{server}/predict", png(pixels), "image/png")
     assert status == 200
     (prediction,) = answer["predictions"]
-    probs = Classifier.load(model_path).probabilities(pixels[None])[0]
+    probs = OnnxModel.load(model_path).probabilities(pixels[None])[0]
     assert prediction["top_k"][0]["label"] == CLASSES[int(probs.argmax())]
     assert prediction["top_k"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
     assert len(prediction["top_k"]) == 2 and prediction["note"] is None
@@ -264,7 +264,7 @@ def test_a_registered_version_is_served_with_its_name_version_and_alias(
     import mlflow
     import onnx
 
-    from cnnpipe.serve import fetch_registered
+    from cnnpipe.serving.server import fetch_registered
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -306,7 +306,7 @@ def test_open_inference_protocol_infers_like_predict(server, model_path):
     assert status == 200 and answer["model_name"] == "cnnpipe-test"
     (output,) = answer["outputs"]
     assert output["shape"] == [2, len(CLASSES)] and output["datatype"] == "FP32"
-    want = Classifier.load(model_path).probabilities(images)
+    want = OnnxModel.load(model_path).probabilities(images)
     np.testing.assert_allclose(np.reshape(output["data"], (2, -1)), want, atol=1e-6)
 
 

@@ -8,12 +8,13 @@ import numpy as np
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from cnnpipe.predict import Classifier, decode
-from cnnpipe.serve import create_app, running
-from tests.helpers import export_random_model
+from cnnpipe.serving.app import create_app
+from cnnpipe.serving.images import decode
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.serving.server import running
+from tests.helpers import CLASSES, export_random_model
 
 CHROMIUM = "/usr/bin/chromium"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def test_a_person_chooses_images_and_reads_their_top_classes(tmp_path):
@@ -25,7 +26,7 @@ def test_a_person_chooses_images_and_reads_their_top_classes(tmp_path):
     )
     (tmp_path / "notes.txt").write_text("not an image")
     pixels, _ = decode(photo.read_bytes())
-    probs = Classifier.load(model).probabilities(pixels[None])[0]
+    probs = OnnxModel.load(model).probabilities(pixels[None])[0]
     top = np.argsort(-probs)[:3]
 
     with running(create_app(str(model))) as url, sync_playwright() as p:

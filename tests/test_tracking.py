@@ -18,11 +18,12 @@ import pytest
 import yaml
 
 from cnnpipe import cli
+from cnnpipe.cifar import BATCH_FILES
 from cnnpipe.config import load_params
-from cnnpipe.fetch import BATCH_FILES, fetch
+from cnnpipe.stages.fetch import fetch
 from cnnpipe.tracking import read_run_id, recipe_params, tracking_uri
-from cnnpipe.train import HISTORY_KEYS, train
-from tests.helpers import free_port, store
+from cnnpipe.trainer import HISTORY_KEYS, train
+from tests.helpers import cnnpipe, free_port, store
 
 
 def git(repo: Path, *args: str) -> str:
@@ -82,8 +83,8 @@ def flat(node: dict, prefix: str = "") -> dict:
 
 def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     repo, _ = project
-    # A system metrics sample every half second, so a training of seconds has some.
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    # A system metrics sample every 0.1 s, so a training of a second has some.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "recipe")
@@ -151,7 +152,7 @@ def test_the_same_data_has_the_same_digest_from_any_url(tmp_path, archive):
     copy = tmp_path / "elsewhere" / "mirror.tar.gz"
     copy.parent.mkdir()
     copy.write_bytes(archive[0].read_bytes())
-    from cnnpipe.fetch import data_digest, data_source
+    from cnnpipe.cifar import data_digest, data_source
 
     fetch(str(archive[0]), archive[1], tmp_path / "a")
     fetch(copy.as_uri(), archive[1], tmp_path / "b")
@@ -242,16 +243,16 @@ def test_a_later_stage_that_fails_marks_the_run_until_it_succeeds(project):
 KILLED_IN_EPOCH_3 = """
 import os, signal
 from cnnpipe import cli
-from cnnpipe.module import ImageClassifier
+from cnnpipe.training import LitClassifier
 
-step = ImageClassifier.training_step
+step = LitClassifier.training_step
 
 def step_then_die(self, batch, index):
     if self.current_epoch == 2 and index == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, batch, index)
 
-ImageClassifier.training_step = step_then_die
+LitClassifier.training_step = step_then_die
 cli.main(["train"])
 """
 
@@ -318,20 +319,6 @@ def test_a_killed_training_not_resumed_reads_killed(four_epochs):
     assert the_run(repo).info.status == "FINISHED" and the_run(repo).info.run_id != run_id
 
 
-def cnnpipe(
-    repo: Path, *args: str, env: dict | None = None, **kwargs
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "cnnpipe"), *args],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-        **kwargs,
-    )
-
-
 def one_line_store_error(result: subprocess.CompletedProcess, uri: str, says: str) -> None:
     assert result.returncode == 1
     # One line on stderr, naming the store and what to do: no traceback, no MLflow log lines.
@@ -347,13 +334,12 @@ def test_a_store_that_is_down_read_only_or_full_fails_in_one_line(project):
     store(repo).search_experiments()  # an empty store with MLflow's tables
 
     down = f"http://127.0.0.1:{free_port()}"
-    result = cnnpipe(
-        repo, "train", env={"MLFLOW_TRACKING_URI": down, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    )
+    env = {"MLFLOW_TRACKING_URI": down, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = cnnpipe("train", cwd=repo, env=env)
     one_line_store_error(result, down, "the server does not answer")
 
     read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
-    result = cnnpipe(repo, "train", env={"MLFLOW_TRACKING_URI": read_only})
+    result = cnnpipe("train", cwd=repo, env={"MLFLOW_TRACKING_URI": read_only})
     one_line_store_error(result, read_only, "read-only")
 
     # A real full disk: the store on a small file system with no byte left.
@@ -370,7 +356,7 @@ def test_a_store_that_is_down_read_only_or_full_fails_in_one_line(project):
                     while True:
                         filler.write(b"\0" * chunk)
         on_full_disk = f"sqlite:///{full / 'mlflow.db'}"
-        result = cnnpipe(repo, "train", env={"MLFLOW_TRACKING_URI": on_full_disk})
+        result = cnnpipe("train", cwd=repo, env={"MLFLOW_TRACKING_URI": on_full_disk})
     finally:
         subprocess.run(["umount", str(full)], check=True)
     one_line_store_error(result, on_full_disk, "the disk is full")
@@ -384,7 +370,7 @@ def test_a_locked_store_fails_in_one_line_after_mlflows_wait(project):
     lock = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
-        result = cnnpipe(repo, "train")
+        result = cnnpipe("train", cwd=repo)
     finally:
         lock.close()
     one_line_store_error(result, f"sqlite:///{repo / 'mlflow.db'}", "locked by another process")

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from cnnpipe import PipelineError
 from cnnpipe.data import CIFAR10DataModule, read_split
-from cnnpipe.evaluate import evaluate
+from cnnpipe.evaluation import evaluate
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.module import Predictor, load_checkpoint, predict_probs, whiten_first_conv
-from cnnpipe.train import HISTORY_KEYS, build_trainer, train, warn_if_bf16_is_emulated
+from cnnpipe.trainer import HISTORY_KEYS, build_trainer, train, warn_if_bf16_is_emulated
+from cnnpipe.training import load_checkpoint, whiten_first_conv
 from tests.helpers import composed
 
 
@@ -113,8 +114,8 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
         predicted = module.eval()(data.val_images).argmax(1)
     assert metrics["val/acc"] == pytest.approx((predicted == data.val_labels).float().mean().item())
     images, labels = read_split(Path(cfg.paths.data), "test")
-    predictor = Predictor(module, **cfg.evaluate.tta)
-    predicted = predict_probs(predictor, images, 64).argmax(1)
+    model = TorchModel(module, **cfg.evaluate.tta)
+    predicted = predict_probs(model, nhwc(images), 64).argmax(1)
     assert evaluate(cfg)["test/acc"] == pytest.approx((predicted == labels).float().mean().item())
 
 

@@ -10,18 +10,20 @@ from cnnpipe import PipelineError
 # Modules are imported on demand so that `cnnpipe fetch` does not pay for torch, MLflow and ONNX.
 COMMANDS = {
     "params": "cnnpipe.config",
-    "fetch": "cnnpipe.fetch",
-    "train": "cnnpipe.train",
-    "evaluate": "cnnpipe.evaluate",
-    "params-report": "cnnpipe.params_report",
-    "export": "cnnpipe.export",
-    "parity": "cnnpipe.parity",
-    "baseline": "cnnpipe.baseline",
-    "chapter": "cnnpipe.chapter",
-    "quantize": "cnnpipe.quantize",
-    "predict": "cnnpipe.predict",
-    "serve": "cnnpipe.serve",
-    "runs": "cnnpipe.runs",
+    # The stages of dvc.yaml, in its order.
+    "fetch": "cnnpipe.stages.fetch",
+    "train": "cnnpipe.stages.train",
+    "evaluate": "cnnpipe.stages.evaluate",
+    "params-report": "cnnpipe.stages.params_report",
+    "export": "cnnpipe.stages.export",
+    "parity": "cnnpipe.stages.parity",
+    "quantize": "cnnpipe.stages.quantize",
+    "baseline": "cnnpipe.stages.baseline",
+    "chapter": "cnnpipe.stages.chapter",
+    # Using the model, and the runs.
+    "predict": "cnnpipe.serving.predict",
+    "serve": "cnnpipe.serving.server",
+    "runs": "cnnpipe.experiments.runs",
 }
 
 
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     module = COMMANDS[command]
     if command == "train" and rest and rest[0] not in ("-h", "--help"):
-        # With overrides, training is a Hydra job outside DVC (cnnpipe.sweep imports cnnpipe.train).
-        module = "cnnpipe.sweep"
+        # With overrides, training is a Hydra job outside DVC, into sweeps/.
+        module = "cnnpipe.experiments.sweep"
     try:
         importlib.import_module(module).main(rest)
     except PipelineError as error:

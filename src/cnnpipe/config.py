@@ -2,6 +2,7 @@
 
 import argparse
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -41,6 +42,17 @@ def outputs_under(cfg: DictConfig, folder: str | Path) -> DictConfig:
     job, the baseline stage and the benches each write a whole pipeline's outputs elsewhere."""
     moved = {key: str(Path(folder) / path) for key, path in cfg.paths.items() if key != "data"}
     return OmegaConf.merge(cfg, {"paths": moved})
+
+
+def baseline_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the baseline network in place of the model and its outputs in paths.baseline."""
+    return outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
+
+
+def network_name(model: Mapping | str) -> str:
+    """A network's class name, from its config node or `_target_`: "ChapterCNN"."""
+    target = model if isinstance(model, str) else model["_target_"]
+    return target.rsplit(".", 1)[-1]
 
 
 def load_params(path: Path = PARAMS_FILE) -> DictConfig:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar_files import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
+from cnnpipe.cifar import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
 
 
 def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent
 # Networks are built by name from the config (Hydra's instantiate), not imported.
-BY_NAME = {"cnnpipe.module": ["cnnpipe.models"]}
+BY_NAME = {"cnnpipe.training": ["cnnpipe.models"]}
 
 
 def path_of(module: str) -> Path:
-    """`cnnpipe.train` -> <package>/train.py; `cnnpipe` -> <package>/__init__.py."""
-    name = module.removeprefix("cnnpipe").removeprefix(".")
-    return PACKAGE / (f"{name}.py" if name else "__init__.py")
+    """`cnnpipe.stages.train` -> <package>/stages/train.py; `cnnpipe.stages` ->
+    <package>/stages/__init__.py."""
+    folder = PACKAGE.joinpath(*module.split(".")[1:])
+    return folder / "__init__.py" if folder.is_dir() else folder.with_suffix(".py")
 
 
 def imported(module: str) -> list[str]:
@@ -30,11 +31,13 @@ def imported(module: str) -> list[str]:
 
 
 def source_files(module: str) -> list[Path]:
-    """`module`'s file and the files of what it imports, transitively, sorted."""
+    """`module`'s file and the files of what it imports, transitively, with the `__init__.py` of
+    each package on the way (Python runs them first), sorted."""
     todo, seen = [module], set()
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += imported(name)
+            parts = name.split(".")
+            todo += imported(name) + [".".join(parts[:i]) for i in range(1, len(parts))]
     return sorted(path_of(m) for m in seen)

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import psutil
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
+from cnnpipe.config import network_name
 from cnnpipe.files import atomic_path
 from cnnpipe.schema import recipe
 
@@ -24,11 +26,14 @@ STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.e
 DIRTY = "git.dirty"
 HOST, PID, PID_STARTED = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
 
-# MLflow's INFO lines (database migrations, the system metrics thread) say nothing to a person,
-# and its database module logs a traceback for each error that store_errors() reports in a line.
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations, the system metrics thread) say nothing to a
+    person, and its database module logs a traceback for each error that store_errors() reports
+    in a line."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def repo_root() -> Path:
@@ -60,6 +65,16 @@ def git_commit() -> tuple[str, bool]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
     return commit, diff.returncode != 0
+
+
+def source_tags(command: str, commit: str, dirty: bool) -> dict[str, str]:
+    """The code a run ran: MLflow's source tags, and whether it differed from the commit."""
+    return {
+        "mlflow.source.git.commit": commit,
+        DIRTY: str(dirty).lower(),
+        "mlflow.source.name": command,
+        "mlflow.source.type": "LOCAL",
+    }
 
 
 def _store_problem(error: Exception) -> str:
@@ -98,6 +113,7 @@ def store_errors() -> Iterator[None]:
 
 def use_experiment(cfg: DictConfig) -> str:
     """Select the configured experiment, created on first use; returns its id."""
+    quiet_mlflow()
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
@@ -237,12 +253,7 @@ def stage_run(
             # Matches the run with `dvc exp show`.
             all_tags["dvc.exp_name"] = exp_name
         if new:
-            all_tags |= {
-                "mlflow.source.git.commit": commit,
-                DIRTY: str(dirty).lower(),
-                "mlflow.source.name": f"cnnpipe {stage}",
-                "mlflow.source.type": "LOCAL",
-            }
+            all_tags |= source_tags(f"cnnpipe {stage}", commit, dirty)
         run = mlflow.start_run(
             run_id=run_id,
             run_name=None if run_id else name or exp_name or default_name(cfg, commit, dirty),
@@ -287,7 +298,7 @@ def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
 
 def default_name(cfg: DictConfig, commit: str, dirty: bool) -> str:
     """Such as `ChapterCNN 35 epochs @f5b2a33`, with `+dirty` when the code differs from it."""
-    name = f"{cfg.model._target_.rsplit('.', 1)[-1]} {cfg.trainer.max_epochs} epochs"
+    name = f"{network_name(cfg.model)} {cfg.trainer.max_epochs} epochs"
     if commit == "unknown":
         return name
     return f"{name} @{commit[:7]}{'+dirty' if dirty else ''}"
@@ -301,3 +312,30 @@ def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> Non
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     if mlflow.active_run():
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})
+
+
+def log_onnx_model(
+    path: Path,
+    name: str,
+    registered_name: str,
+    description: str,
+    example: tuple[np.ndarray, np.ndarray],
+) -> str:
+    """Log the ONNX file at `path` to the active run as `name` with MLflow's ONNX flavour and an
+    (input, output) `example` for its signature, and register it as a new version of
+    `registered_name` described by `description` (Markdown); returns the version."""
+    import onnx
+    from mlflow.models import infer_signature
+
+    info = mlflow.onnx.log_model(
+        onnx.load(path),
+        name=name,
+        registered_model_name=registered_name,
+        signature=infer_signature(*example),
+        input_example=example[0],
+        save_as_external_data=False,
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().update_model_version(registered_name, version, description)
+    return version

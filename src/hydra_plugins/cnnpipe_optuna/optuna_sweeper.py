@@ -3,7 +3,7 @@ a rerun of the same command continues, trials launched by any Hydra launcher (jo
 
 Hydra finds it in the installed package's hydra_plugins namespace and registers its config as
 `hydra/sweeper: cnnpipe_optuna`; conf/hparams_search/*.yaml select it. The work is done in
-cnnpipe.search; this is the loop: ask the study, launch the trials, tell the study.
+cnnpipe.experiments.search; this is the loop: ask the study, launch the trials, tell the study.
 """
 
 import os
@@ -76,8 +76,8 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
-        from cnnpipe import search
-        from cnnpipe.sweep import PARENT_ENV
+        from cnnpipe.experiments import search
+        from cnnpipe.experiments.sweep import PARENT_ENV
 
         sweeper = search.resolve_sweeper(self.config)
         space, fixed = search.search_space(dict(sweeper.params), arguments)

@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnnpipe import tracking
-from cnnpipe.baseline import baseline_config
-from cnnpipe.config import load_params
+from cnnpipe.config import baseline_config, load_params, network_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
-from cnnpipe.module import ImageClassifier, Predictor, load_checkpoint, predict_probs
-from cnnpipe.params_report import params_report
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.param_count import params_report
+from cnnpipe.training import LitClassifier, load_checkpoint
 
 
 def shift(images: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,21 +44,22 @@ def equivariance_error(layer: nn.Module, x: torch.Tensor, k: int, margin: int) -
 
 
 def shift_agreement(
-    predictor: Predictor, images: torch.Tensor, before: torch.Tensor, shifts: list[int], batch: int
+    model: TorchModel, images: torch.Tensor, before: torch.Tensor, shifts: list[int], batch: int
 ) -> dict[str, float]:
-    """For each shift k, the fraction of images whose predicted class (`before`) survives it."""
+    """For each shift k, the fraction of (N, 3, H, W) images whose predicted class (`before`)
+    survives it."""
     agreement = {}
     for k in shifts:
-        after = predict_probs(predictor, shift(images, k), batch).argmax(1)
+        after = predict_probs(model, nhwc(shift(images, k)), batch).argmax(1)
         agreement[str(k)] = round(float((after == before).float().mean()), 4)
     return agreement
 
 
-def first_conv(module: ImageClassifier) -> nn.Conv2d:
+def first_conv(module: LitClassifier) -> nn.Conv2d:
     return next(m for m in module.net.modules() if isinstance(m, nn.Conv2d))
 
 
-def normalise(module: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
+def normalise(module: LitClassifier, images: torch.Tensor) -> torch.Tensor:
     return (images.float() - module.mean) / module.std
 
 
@@ -82,7 +83,7 @@ def draw_filters(conv: nn.Conv2d, path: Path) -> None:
 
 
 def draw_feature_maps(
-    module: ImageClassifier, images: torch.Tensor, per_layer: int, path: Path
+    module: LitClassifier, images: torch.Tensor, per_layer: int, path: Path
 ) -> None:
     """For each image: the image, then `per_layer` maps after each convolution, early to deep."""
     convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
@@ -189,11 +190,11 @@ def chapter(cfg: DictConfig) -> dict:
     # Tolerance of shifts is the networks' own: the deployed model's shifted test-time views
     # would add some to both.
     for net, classifier in (("cnn", module), ("dense", baseline)):
-        predictor = Predictor(classifier)
-        before = predict_probs(predictor, images, batch).argmax(1)
-        for k, agreement in shift_agreement(predictor, images, before, c.shifts, batch).items():
+        model = TorchModel(classifier)
+        before = predict_probs(model, nhwc(images), batch).argmax(1)
+        for k, agreement in shift_agreement(model, images, before, c.shifts, batch).items():
             numbers[f"chapter/{net}_prediction_kept_shift{k}"] = agreement
-    probs = predict_probs(Predictor(module, **cfg.evaluate.tta), images, batch)
+    probs = predict_probs(TorchModel(module, **cfg.evaluate.tta), nhwc(images), batch)
     numbers["chapter/mistakes_shown"] = draw_mistakes(
         images, labels, probs, names, c.mistakes, Path(cfg.paths.mistakes_png)
     )
@@ -243,9 +244,9 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "",
         "| Network | Parameters | Test accuracy | Training time |",
         "|---|---:|---:|---:|",
-        f"| CNN ({cfg.model._target_.rsplit('.', 1)[-1]}) | {params['model/params']:,} "
+        f"| CNN ({network_name(cfg.model)}) | {params['model/params']:,} "
         f"| {cnn_test['test/acc']:.2%} | {cnn_train['train/seconds']:.0f} s |",
-        f"| Dense ({cfg.baseline.model._target_.rsplit('.', 1)[-1]}) "
+        f"| Dense ({network_name(cfg.baseline.model)}) "
         f"| {dense['baseline/params']:,} | {dense['baseline/test_acc']:.2%} "
         f"| {dense['baseline/train_seconds']:.0f} s |",
         "",

@@ -2,7 +2,7 @@
 and is faster than the FP32 model by a set margin.
 
 onnxruntime's static quantization (QDQ format, per-channel weights), calibrated on training images,
-of the Predictor's function rearranged for onnxruntime's INT8 kernels (see QuantizableModel).
+of the TorchModel's function rearranged for onnxruntime's INT8 kernels (see QuantizableModel).
 """
 
 import argparse
@@ -29,13 +29,14 @@ from onnxruntime.quantization import (
 )
 from torch import nn
 
-from cnnpipe import tracking
-from cnnpipe.config import load_params
+from cnnpipe import contract, tracking
+from cnnpipe.config import load_params, network_name
 from cnnpipe.data import read_split
-from cnnpipe.export import export_onnx
 from cnnpipe.files import atomic_path
-from cnnpipe.module import Predictor, load_checkpoint, tta_views
-from cnnpipe.predict import Classifier
+from cnnpipe.inference import TorchModel, nhwc, tta_views
+from cnnpipe.onnx_export import export_onnx
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.training import load_checkpoint
 
 
 class ImageBatches(CalibrationDataReader):
@@ -63,18 +64,19 @@ def relu_before_pool(net: nn.Module) -> nn.Module:
 
 
 class QuantizableModel(nn.Module):
-    """The Predictor's function (uint8 NCHW in, probabilities out) arranged for INT8 kernels.
+    """A TorchModel's function (the contract's uint8 images in, probabilities out) arranged for
+    INT8 kernels.
 
-    Each change was measured (README, Deployment speed): ReLU before max-pool; the normalisation
+    Each change was measured (docs/performance.md, INT8): ReLU before max-pool; the normalisation
     folded into the first convolution when it has no padding, so the 0-255 pixel values are
     already its exact INT8 input; test-time views made of uint8 pixels (a quarter of the bytes).
     """
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, model: TorchModel) -> None:
         super().__init__()
-        classifier = predictor.classifier
+        classifier = model.classifier
         self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.flip, self.shift = predictor.flip, predictor.shift
+        self.flip, self.shift = model.flip, model.shift
         self.register_buffer("mean", classifier.mean.clone())
         self.register_buffer("std", classifier.std.clone())
         first = next(self.net.children(), None)
@@ -86,7 +88,7 @@ class QuantizableModel(nn.Module):
                 first.weight.copy_(weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = tta_views(images, self.flip, self.shift).float()
+        x = tta_views(images.permute(0, 3, 1, 2), self.flip, self.shift).float()
         if not self.folded:
             x = (x - self.mean) / self.std
         probs = self.net(x).softmax(dim=1)
@@ -94,24 +96,24 @@ class QuantizableModel(nn.Module):
 
 
 def quantize(
-    predictor: Predictor,
+    model: TorchModel,
     int8: Path,
     calibration: np.ndarray,
-    metadata: dict[str, str],
+    metadata: contract.Metadata,
     opset: int = 18,
     batch_size: int = 64,
 ) -> None:
-    """Write an INT8 model of `predictor` to `int8`, calibrated on (N, 32, 32, 3) uint8 images."""
+    """Write an INT8 model of `model` to `int8`, calibrated on the contract's uint8 images."""
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         # export_onnx checks the rearranged graph against PyTorch before it is quantized.
-        export_onnx(QuantizableModel(predictor), fp32, opset, metadata, [1])
+        export_onnx(QuantizableModel(model), fp32, opset, metadata, [1])
         quant_pre_process(fp32, prepared)  # shape inference and graph clean-up, as ORT recommends
         with atomic_path(int8) as out:
             quantize_static(
                 prepared,
                 out,
-                ImageBatches(calibration, Classifier.load(fp32).input_name, batch_size),
+                ImageBatches(calibration, contract.INPUT_NAME, batch_size),
                 quant_format=QuantFormat.QDQ,
                 # Softmax and the flip average stay FP32; quantizing them cost accuracy and time.
                 op_types_to_quantize=["Conv", "Gemm", "MatMul", "MaxPool", "Relu"],
@@ -122,9 +124,9 @@ def quantize(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
             )
-            model = onnx.load(out)
-            onnx.helper.set_model_props(model, metadata)
-            onnx.save(model, out)
+            proto = onnx.load(out)
+            onnx.helper.set_model_props(proto, metadata.to_props())
+            onnx.save(proto, out)
 
 
 def images_per_second(
@@ -147,8 +149,8 @@ def images_per_second(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
-    return float((classifier.probabilities(images).argmax(1) == labels).mean())
+def accuracy(model: OnnxModel, images: np.ndarray, labels: np.ndarray) -> float:
+    return float((model.probabilities(images).argmax(1) == labels).mean())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.stage_run(cfg, "quantize") as run:
         train_images, _ = read_split(Path(cfg.paths.data), "train")
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
-        calibration = train_images[pick[: q.calibration_images]].permute(0, 2, 3, 1).contiguous()
+        calibration = nhwc(train_images[pick[: q.calibration_images]])
         test_images, test_labels = read_split(Path(cfg.paths.data), "test")
-        test_nhwc = test_images.permute(0, 2, 3, 1).contiguous().numpy()
+        test_nhwc = nhwc(test_images).numpy()
 
         out_dir = Path(cfg.paths.int8)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -168,11 +170,10 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".int8-"))
         try:
             int8 = tmp / "model.onnx"
-            fp32 = Classifier.load(cfg.paths.onnx)
-            predictor = Predictor(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
-            metadata = fp32.session.get_modelmeta().custom_metadata_map
-            quantize(predictor, int8, calibration.numpy(), metadata, cfg.export.opset)
-            quant = Classifier.load(int8)
+            fp32 = OnnxModel.load(cfg.paths.onnx)
+            model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
+            quantize(model, int8, calibration.numpy(), fp32.metadata, cfg.export.opset)
+            quant = OnnxModel.load(int8)
             labels = test_labels.numpy()
             fp32_acc, int8_acc = (
                 accuracy(fp32, test_nhwc, labels),
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             tracking.record(cfg.paths.quantize_metrics, metrics)
             if kept:
-                register(cfg, int8, metrics, run)
+                register(cfg, quant, int8, metrics, run, test_nhwc[:4])
             shutil.rmtree(out_dir, ignore_errors=True)
             tmp.rename(out_dir)
         finally:
@@ -219,27 +220,31 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def register(cfg: DictConfig, int8: Path, metrics: dict, run: mlflow.ActiveRun) -> None:
+def register(
+    cfg: DictConfig,
+    quant: OnnxModel,
+    int8: Path,
+    metrics: dict,
+    run: mlflow.ActiveRun,
+    example: np.ndarray,
+) -> None:
     """Log the kept INT8 model with the ONNX flavour and register it as `<model_name>-int8`, so
     `models:/<model_name>-int8/<version>` serves it."""
-    network = cfg.model._target_.rsplit(".", 1)[-1]
-    name = f"{cfg.mlflow.model_name}-int8"
-    info = mlflow.onnx.log_model(
-        onnx.load(int8),
-        name=f"{network}-onnx-int8",
-        registered_model_name=name,
-        save_as_external_data=False,
-        onnx_execution_providers=["CPUExecutionProvider"],
-    )
+    network = network_name(cfg.model)
     link = tracking.run_link(run.info.experiment_id, run.info.run_id)
-    mlflow.MlflowClient().update_model_version(
-        name,
-        info.registered_model_version,
+    description = (
         f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel 7-bit weights), "
         f"same input and output as `{cfg.mlflow.model_name}`.\n\n"
         f"- Test accuracy as deployed: **{metrics['int8/test_acc']:.2%}** "
         f"({metrics['int8/accuracy_drop'] * 100:.2f} points below FP32)\n"
         f"- Images/s against FP32 at batch {cfg.quantize.batch_size}: "
         f"{metrics['int8/speedup']:.2f}x\n"
-        f"- [The pipeline run that made it]({link})",
+        f"- [The pipeline run that made it]({link})"
+    )
+    tracking.log_onnx_model(
+        int8,
+        f"{network}-onnx-int8",
+        f"{cfg.mlflow.model_name}-int8",
+        description,
+        (example, quant.probabilities(example)),
     )

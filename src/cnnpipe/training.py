@@ -1,4 +1,5 @@
-"""The LightningModule: uint8 images in, logits out, with the network built from primitives."""
+"""The LightningModule that trains a network: uint8 images in, logits out, the network built
+from primitives so that a checkpoint loads with `weights_only`."""
 
 import math
 import pickle
@@ -16,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cnnpipe import PipelineError
 
 
-class ImageClassifier(pl.LightningModule):
+class LitClassifier(pl.LightningModule):
     """Normalises uint8 (N, 3, H, W) images itself, so a checkpoint alone can be exported.
 
     `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10};
@@ -145,73 +146,12 @@ def whiten_first_conv(
         conv.bias[: 2 * pairs] = 0
 
 
-def untrained(
-    class_names: list[str], net: str = "cnnpipe.models.ChapterCNN", seed: int = 0
-) -> ImageClassifier:
-    """`net` with seeded random weights, for tests and benches that need a model, not a trained
-    one. Its normalisation differs per channel, as CIFAR-10's does."""
-    torch.manual_seed(seed)
-    return ImageClassifier(
-        {"_target_": net}, class_names, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], optim={}
-    )
-
-
-def tta_views(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
-    """The test-time views of uint8 (N, C, H, W) images stacked along the batch: the images, with
-    `flip` their mirror images, and with `shift` each of those moved by `shift` pixels up-left
-    and down-right (zero-filled, like the training crops)."""
-    views = [images, images.flip(3)] if flip else [images]
-    if shift:
-        padded = [F.pad(v, (shift,) * 4) for v in views]
-        views += [p[:, :, : -2 * shift, : -2 * shift] for p in padded]
-        views += [p[:, :, 2 * shift :, 2 * shift :] for p in padded]
-    return torch.cat(views)
-
-
-def describe_tta(flip: bool, shift: int) -> str:
-    """`tta_views` in words: "6 test-time views (mirror, 1-pixel shifts)"."""
-    views = (1 + flip) * (1 + 2 * (shift > 0))
-    kinds = ["mirror"] * flip + [f"{shift}-pixel shifts"] * (shift > 0)
-    return f"{views} test-time views ({', '.join(kinds)})" if kinds else "no test-time augmentation"
-
-
-class Predictor(nn.Module):
-    """uint8 (N, 3, H, W) images in, class probabilities out: what evaluation scores and what the
-    ONNX export computes, so the accuracy reported is the accuracy deployed.
-
-    The probabilities are averaged over the test-time views (`tta_views`) that `flip` and `shift`
-    (conf: evaluate.tta) ask for: 1, 2, 3 or 6 of them.
-    """
-
-    def __init__(self, classifier: ImageClassifier, flip: bool = False, shift: int = 0) -> None:
-        super().__init__()
-        self.classifier, self.flip, self.shift = classifier.eval(), flip, shift
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # One pass over all views: less per-layer overhead than one pass per view at small batches.
-        views = tta_views(images, self.flip, self.shift)
-        probs = self.classifier(views).softmax(dim=1)
-        return probs.unflatten(0, (-1, images.shape[0])).mean(0)
-
-
-@torch.inference_mode()
-def predict_probs(predictor: Predictor, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    predictor.eval()
-    # NHWC input makes oneDNN run every convolution in NHWC: twice as fast on CPU.
-    return torch.cat(
-        [
-            predictor(images[i : i + batch_size].contiguous(memory_format=torch.channels_last))
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-
-
-def load_checkpoint(path: str) -> ImageClassifier:
+def load_checkpoint(path: str) -> LitClassifier:
     """Load without running pickled code: the checkpoint holds only tensors and primitives."""
     if not Path(path).is_file():
         raise PipelineError(f"no checkpoint at {path}; run `dvc repro train`")
     try:
-        return ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        return LitClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, KeyError, EOFError, TypeError, pickle.UnpicklingError) as error:
         if isinstance(error, TypeError):
             reason = "it was made by an older cnnpipe, with other hyperparameters"

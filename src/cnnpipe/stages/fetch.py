@@ -14,15 +14,19 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar_files import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
+from cnnpipe.cifar import (
+    ARCHIVE_DIR,
+    BATCH_FILES,
+    SOURCE_FILE,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+    load_batch,
+    read_class_names,
+)
 from cnnpipe.config import load_params
 
-ARCHIVE_DIR = "cifar-10-batches-py"
-BATCH_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 EXPECTED_MEMBERS = {ARCHIVE_DIR, *(f"{ARCHIVE_DIR}/{name}" for name in BATCH_FILES)}
 CHUNK = 1 << 20
-# Written beside the batch files: where they came from, for the runs' MLflow dataset input.
-SOURCE_FILE = "source.json"
 
 
 def as_url(source: str) -> str:
@@ -112,23 +116,6 @@ def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
         (batches / SOURCE_FILE).write_text(json.dumps({"url": url, "md5": md5}) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         batches.rename(dest)
-
-
-def data_digest(data_dir: Path) -> str:
-    """sha256 of the batch files' contents (16 hex digits): the same data gives the same digest,
-    whatever URL or path it came from."""
-    digest = hashlib.sha256()
-    for name in BATCH_FILES:
-        digest.update((data_dir / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def data_source(data_dir: Path) -> str:
-    """The URL the fetch stage got `data_dir` from; the folder itself if it does not say."""
-    try:
-        return json.loads((data_dir / SOURCE_FILE).read_text())["url"]
-    except (OSError, ValueError, KeyError):
-        return data_dir.resolve().as_uri()
 
 
 def main(argv: list[str] | None = None) -> None:

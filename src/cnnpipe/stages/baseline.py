@@ -2,18 +2,13 @@
 
 import argparse
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cnnpipe import tracking
-from cnnpipe.config import load_params, outputs_under
-from cnnpipe.evaluate import evaluate
-from cnnpipe.module import load_checkpoint
-from cnnpipe.train import train
-
-
-def baseline_config(cfg: DictConfig) -> DictConfig:
-    """`cfg` with the baseline network in place of the model and its outputs in paths.baseline."""
-    return outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
+from cnnpipe.config import baseline_config, load_params
+from cnnpipe.evaluation import evaluate
+from cnnpipe.trainer import train
+from cnnpipe.training import load_checkpoint
 
 
 def train_baseline(cfg: DictConfig) -> dict:

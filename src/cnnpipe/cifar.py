@@ -1,8 +1,11 @@
-"""Read CIFAR-10's batch files safely: they are pickles, and a pickle can run code.
+"""CIFAR-10's batch files: their names, a safe reader (they are pickles, and a pickle can run
+code), and the data's identity (digest and source) for the runs' lineage.
 
 Numpy only, so that `cnnpipe fetch` can check a download before it replaces the data.
 """
 
+import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -10,9 +13,14 @@ import numpy as np
 
 from cnnpipe import PipelineError
 
+# The official archive's folder and files (it also holds a readme.html).
+ARCHIVE_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
+BATCH_FILES = [*TRAIN_BATCHES, TEST_BATCH, META]
+# Written beside the batch files by the fetch stage: where they came from.
+SOURCE_FILE = "source.json"
 
 # What numpy arrays need to unpickle, under both the numpy 1 and the numpy 2 module names.
 _ALLOWED = {
@@ -69,3 +77,20 @@ def read_class_names(data_dir: Path) -> list[str]:
     if not isinstance(names, list) or not names:
         raise PipelineError(f"{data_dir / META} has no label_names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def data_digest(data_dir: Path) -> str:
+    """sha256 of the batch files' contents (16 hex digits): the same data gives the same digest,
+    whatever URL or path it came from."""
+    digest = hashlib.sha256()
+    for name in BATCH_FILES:
+        digest.update((Path(data_dir) / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def data_source(data_dir: Path) -> str:
+    """The URL the fetch stage got `data_dir` from; the folder itself if it does not say."""
+    try:
+        return json.loads((Path(data_dir) / SOURCE_FILE).read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return Path(data_dir).resolve().as_uri()

@@ -19,11 +19,12 @@ from hydra.types import RunMode
 from mlflow.entities import Param
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, search, tracking
+from cnnpipe import PipelineError, tracking
 from cnnpipe.config import CONF_DIR, outputs_under
-from cnnpipe.evaluate import evaluate, log_evaluation
+from cnnpipe.evaluation import evaluate, log_evaluation
+from cnnpipe.experiments import search
 from cnnpipe.schema import validate
-from cnnpipe.train import log_training, train
+from cnnpipe.trainer import log_training, train
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
@@ -122,15 +123,11 @@ class ParentRun(Callback):
                 os.environ[VARIED_ENV] = ",".join(varied)
                 print(f"search parent run {previous}, continued")
                 return
-        commit, dirty = tracking.git_commit()
         kind = f"search {sweeper.study_name}" if sweeper else "sweep"
         tags = {
             "mlflow.runName": f"{kind}: {' '.join(overrides)}",
             "sweep.dir": str(config.hydra.sweep.dir),
-            "mlflow.source.name": "cnnpipe train --multirun",
-            "mlflow.source.type": "LOCAL",
-            "mlflow.source.git.commit": commit,
-            tracking.DIRTY: str(dirty).lower(),
+            **tracking.source_tags("cnnpipe train --multirun", *tracking.git_commit()),
             tracking.STAGE: "sweep",
             **tracking.process_tags(),
         }

@@ -12,13 +12,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cnnpipe.http_body import BodyTooLarge, error, read_body
-from cnnpipe.predict import SIZE, Classifier
+from cnnpipe import contract
+from cnnpipe.serving.http import RequestError, read_body
+from cnnpipe.serving.onnx_model import OnnxModel
 
 
 def images_from(body: object, input_name: str) -> np.ndarray:
-    """The one UINT8 [N, 32, 32, 3] input tensor of an infer request; ValueError says what is
-    wrong with it."""
+    """The one UINT8 tensor of the contract's input shape in an infer request; ValueError says
+    what is wrong with it."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ValueError(f'expected {{"inputs": [one tensor named "{input_name}"]}}')
@@ -29,11 +30,13 @@ def images_from(body: object, input_name: str) -> np.ndarray:
     if (
         not isinstance(shape, list)
         or len(shape) != 4
-        or shape[1:] != [SIZE, SIZE, 3]
+        or tuple(shape[1:]) != contract.input_shape()[1:]
         or not isinstance(shape[0], int)
         or shape[0] < 1
     ):
-        raise ValueError(f"shape must be [N, {SIZE}, {SIZE}, 3], not {shape}")
+        raise ValueError(
+            f"shape must be [{', '.join(map(str, contract.input_shape()))}], not {shape}"
+        )
     try:
         values = np.asarray(data, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError):
@@ -46,9 +49,9 @@ def images_from(body: object, input_name: str) -> np.ndarray:
 
 
 def routes(
-    classifier: Classifier, model: dict, max_body_bytes: int, body_timeout_s: float
+    onnx_model: OnnxModel, model: dict, max_body_bytes: int, body_timeout_s: float
 ) -> list[Route]:
-    """The v2 routes for `classifier`, named and described by `model` (the service's metadata)."""
+    """The v2 routes for `onnx_model`, named and described by `model` (the service's metadata)."""
     name = model["name"] or "model"
     version = model["version"] or "1"
     description = {
@@ -65,34 +68,30 @@ def routes(
     async def server(_: Request) -> JSONResponse:
         return JSONResponse({"name": "cnnpipe", "version": "1", "extensions": []})
 
-    def known(request: Request) -> bool:
-        return request.path_params["model"] == name and (
-            request.path_params.get("version") in (None, version)
-        )
+    def check_model(request: Request) -> None:
+        if request.path_params["model"] != name or (
+            request.path_params.get("version") not in (None, version)
+        ):
+            raise RequestError(
+                404, f"no model {request.path_params['model']}; this server has {name}"
+            )
 
     async def metadata(request: Request) -> JSONResponse:
-        if not known(request):
-            return error(404, f"no model {request.path_params['model']}; this server has {name}")
+        check_model(request)
         return JSONResponse(description)
 
     async def ready(request: Request) -> Response:
-        if not known(request):
-            return error(404, f"no model {request.path_params['model']}; this server has {name}")
+        check_model(request)
         return Response(status_code=200)
 
     async def infer(request: Request) -> JSONResponse:
-        if not known(request):
-            return error(404, f"no model {request.path_params['model']}; this server has {name}")
+        check_model(request)
+        body = await read_body(request, max_body_bytes, body_timeout_s)
         try:
-            body = json.loads(await read_body(request, max_body_bytes, body_timeout_s))
-            images = images_from(body, classifier.input_name)
-        except BodyTooLarge:
-            return error(413, f"body over {max_body_bytes} bytes")
-        except TimeoutError:
-            return error(408, f"body not received within {body_timeout_s:g} s")
+            images = images_from(json.loads(body), contract.INPUT_NAME)
         except ValueError as reason:  # also bodies that are not JSON
-            return error(400, str(reason))
-        probs = await run_in_threadpool(classifier.probabilities, images)
+            raise RequestError(400, str(reason)) from None
+        probs = await run_in_threadpool(onnx_model.probabilities, images)
         output = {
             "name": model["output"]["name"],
             "shape": list(probs.shape),

@@ -1,6 +1,7 @@
-"""Stage `evaluate`: test-set accuracy, per-class accuracy and the confusion matrix."""
+"""Score a checkpoint as deployed on the test set: accuracy, per-class accuracy, loss and the
+confusion matrix (CSV for `dvc plots`, PNG for people). The evaluate and baseline stages and
+the sweeps' jobs score through `evaluate()`."""
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -10,10 +11,10 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnnpipe import tracking
-from cnnpipe.config import load_params
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
-from cnnpipe.module import Predictor, load_checkpoint, predict_probs
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.training import load_checkpoint
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -21,8 +22,8 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_checkpoint(cfg.paths.checkpoint)
     names = module.hparams.class_names
     images, labels = read_split(Path(cfg.paths.data), "test")
-    predictor = Predictor(module, **cfg.evaluate.tta)
-    probs = predict_probs(predictor, images, cfg.evaluate.batch_size)
+    model = TorchModel(module, **cfg.evaluate.tta)
+    probs = predict_probs(model, nhwc(images), cfg.evaluate.batch_size)
     predicted = probs.argmax(1)
     per_class = MulticlassAccuracy(len(names), average=None)(probs, labels)
     confusion = MulticlassConfusionMatrix(len(names))
@@ -48,12 +49,3 @@ def log_evaluation(cfg: DictConfig, metrics: dict) -> None:
     """The test result: `paths.eval_metrics` and the active MLflow run, and the confusion plot."""
     tracking.record(cfg.paths.eval_metrics, metrics)
     mlflow.log_artifact(cfg.paths.confusion_png, "plots")
-
-
-def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe evaluate", description=__doc__).parse_args(argv)
-    cfg = load_params()
-    with tracking.stage_run(cfg, "evaluate"):
-        metrics = evaluate(cfg)
-        log_evaluation(cfg, metrics)
-    print(f"test/acc {metrics['test/acc']:.4f}")

@@ -1,6 +1,7 @@
-"""Stage `train`: fit the configured network with Lightning and save the checkpoint."""
+"""Fit a recipe with Lightning: the Trainer from `cfg.trainer`, the per-epoch history, and a
+resume from the last finished epoch when the same recipe was interrupted. The train and
+baseline stages and the sweeps' jobs all train through `train()`."""
 
-import argparse
 import csv
 import hashlib
 import json
@@ -27,25 +28,33 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
-from cnnpipe.config import load_params
+from cnnpipe.cifar import data_digest, data_source
 from cnnpipe.data import CIFAR10DataModule
-from cnnpipe.fetch import data_digest, data_source
 from cnnpipe.files import atomic_path
-from cnnpipe.module import ImageClassifier
 from cnnpipe.sources import source_files
+from cnnpipe.training import LitClassifier
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
+# Every setting that changes what is trained (fetch.* only says where the data came from): what
+# a resume must share, and the train stage's `params` in dvc.yaml (a test holds them equal).
+RECIPE_KEYS = ["seed", "data", "model", "optim", "loader", "trainer"]
 
 # The terminal is for people: Lightning advertises other logging services at every fit, says how
 # it counts steps, and its pytree helper trips torch's deprecation of LeafSpec. None of it is
 # for the person training; progress, results and errors stay.
 NOISE = ("💡 Tip: ", "Loading `train_dataloader` to estimate number of stepping batches")
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: not record.getMessage().startswith(NOISE)
-)
-warnings.filterwarnings(
-    "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(NOISE)
+
+
+def quiet_lightning() -> None:
+    """Filter NOISE out of what training prints (once: filters are kept in a set)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_noise)
+    warnings.filterwarnings(
+        "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 class EpochHistory(pl.Callback):
@@ -85,8 +94,7 @@ def fingerprint(cfg: DictConfig) -> str:
     """What a run must share with an interrupted one to resume it: data, network, recipe and
     the code that trains (a checkpoint left by older code is not resumed by newer code): the
     keys and files the train stage depends on in dvc.yaml."""
-    keys = ["seed", "data", "model", "optim", "loader", "trainer"]
-    recipe = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
+    recipe = OmegaConf.to_container(OmegaConf.masked_copy(cfg, RECIPE_KEYS), resolve=True)
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for source in source_files(__name__):
         digest.update(source.read_bytes())
@@ -107,8 +115,8 @@ def interrupted_run(cfg: DictConfig) -> dict | None:
     return state if same_recipe and resume_checkpoint(cfg).is_file() else None
 
 
-def build_module(cfg: DictConfig, class_names: list[str]) -> ImageClassifier:
-    module = ImageClassifier(
+def build_module(cfg: DictConfig, class_names: list[str]) -> LitClassifier:
+    module = LitClassifier(
         net=OmegaConf.to_container(cfg.model, resolve=True),
         class_names=class_names,
         mean=list(cfg.data.mean),
@@ -168,6 +176,7 @@ def train(
     Every epoch saves a full checkpoint to `paths.resume`; a run of the same recipe that finds
     one (the previous run was killed) continues from it. The folder is removed on success.
     """
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     warn_if_bf16_is_emulated(cfg)
     resume_dir = Path(cfg.paths.resume)
@@ -254,26 +263,3 @@ def log_training(cfg: DictConfig, metrics: dict) -> None:
     """The training result: `paths.train_metrics` and the active MLflow run, and the history."""
     tracking.record(cfg.paths.train_metrics, metrics, curves=tuple(HISTORY_KEYS))
     mlflow.log_artifact(cfg.paths.history, "plots")
-
-
-def main(argv: list[str] | None = None) -> None:
-    epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
-    argparse.ArgumentParser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(
-        argv
-    )
-    cfg = load_params()
-    if rank_zero_only.rank != 0:
-        # Another DDP process (started by Lightning, torchrun or SLURM): it trains, rank 0 logs.
-        train(cfg)
-        return
-    resume = interrupted_run(cfg)
-    # The run is RUNNING while training: a store that fails is found before the first epoch,
-    # and finished epochs survive a failure later (the next run resumes from them).
-    with tracking.stage_run(
-        cfg, "train", new=True, run_id=resume and resume["run_id"], system_metrics=True
-    ) as run:
-        metrics = train(cfg, run.info.run_id)
-        log_training(cfg, metrics)
-    # Only a finished training becomes the run that the later stages log into.
-    tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
-    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train/seconds']:.0f}s")

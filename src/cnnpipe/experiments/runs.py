@@ -11,10 +11,10 @@ import mlflow
 from mlflow.entities import Run
 
 from cnnpipe import PipelineError, tracking
-from cnnpipe.config import load_params
+from cnnpipe.config import load_params, network_name
 
 COLUMNS = {
-    "model": lambda r: r.data.params.get("model._target_", "").rsplit(".", 1)[-1],
+    "model": lambda r: network_name(r.data.params.get("model._target_", "")),
     "lr": lambda r: r.data.params.get("optim.lr", ""),
     "epochs": lambda r: r.data.params.get("trainer.max_epochs", ""),
     "val/acc": lambda r: _metric(r, "val/acc", ".4f"),
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
     args = parser.parse_args(argv)
     cfg = load_params()
+    tracking.quiet_mlflow()
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg.mlflow.tracking_uri))
     with tracking.store_errors():
         runs = find_runs(client, cfg.mlflow.experiment, args.last, args.sweep)

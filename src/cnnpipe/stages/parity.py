@@ -3,46 +3,34 @@
 import argparse
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, tracking
-from cnnpipe.config import load_params
+from cnnpipe import PipelineError, contract, tracking
+from cnnpipe.config import load_params, network_name
 from cnnpipe.data import read_split
-from cnnpipe.export import INPUT_NAME
-from cnnpipe.module import Predictor, describe_tta, load_checkpoint, predict_probs
+from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.training import load_checkpoint
 
 CHAMPION = "champion"
 
 
-def onnx_probs(path: Path, images_nhwc: np.ndarray, batch_size: int) -> np.ndarray:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [
-            session.run(None, {INPUT_NAME: images_nhwc[i : i + batch_size]})[0]
-            for i in range(0, len(images_nhwc), batch_size)
-        ]
-    )
-
-
 def compare(
-    predictor: Predictor,
-    onnx_path: Path,
+    model: TorchModel,
+    onnx_model: OnnxModel,
     images: torch.Tensor,
     batch_size: int,
     labels: torch.Tensor | None = None,
 ) -> dict:
-    """Largest probability difference and top-1 agreement between PyTorch and onnxruntime, and
-    with `labels`, the accuracy of the ONNX file itself: the accuracy of what gets deployed."""
-    want = predict_probs(predictor, images, batch_size).numpy()
-    got = onnx_probs(onnx_path, images.permute(0, 2, 3, 1).contiguous().numpy(), batch_size)
+    """Largest probability difference and top-1 agreement between PyTorch and onnxruntime on
+    (N, H, W, 3) `images`, and with `labels`, the accuracy of the ONNX file itself: the accuracy
+    of what gets deployed."""
+    want = predict_probs(model, images, batch_size).numpy()
+    got = onnx_model.probabilities(images.numpy(), batch_size)
     result = {
         "max_abs_diff": float(np.abs(got - want).max()),
         "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
@@ -68,10 +56,10 @@ def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> b
 
 def version_description(cfg: DictConfig, result: dict, params: int, link: str) -> str:
     """What a registered version holds and how it was checked, for the registry's page."""
-    network = cfg.model._target_.rsplit(".", 1)[-1]
     return (
-        f"{network} ({params:,} parameters) as ONNX: uint8 RGB images (N, 32, 32, 3) in, class "
-        f"probabilities out, preprocessing and {describe_tta(**cfg.evaluate.tta)} inside.\n\n"
+        f"{network_name(cfg.model)} ({params:,} parameters) as ONNX: {contract.INPUT_DESCRIPTION}"
+        f" in, class probabilities out, preprocessing and {describe_tta(**cfg.evaluate.tta)} "
+        "inside.\n\n"
         f"- Test accuracy as deployed (this file in onnxruntime): "
         f"**{result['onnx_test_acc']:.2%}** on {result['images']:,} test images\n"
         f"- Parity with PyTorch: max |diff| {result['max_abs_diff']:.2e}, top-1 agreement "
@@ -85,10 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg: DictConfig = load_params()
     with tracking.stage_run(cfg, "parity") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
-        predictor = Predictor(module, **cfg.evaluate.tta)
-        onnx_path = Path(cfg.paths.onnx)
+        model = TorchModel(module, **cfg.evaluate.tta)
+        onnx_model = OnnxModel.load(cfg.paths.onnx)
         images, labels = read_split(Path(cfg.paths.data), "test")
-        result = compare(predictor, onnx_path, images, cfg.parity.batch_size, labels)
+        images = nhwc(images)
+        result = compare(model, onnx_model, images, cfg.parity.batch_size, labels)
         if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
             raise PipelineError(
                 f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} (parity.atol "
@@ -97,25 +86,17 @@ def main(argv: list[str] | None = None) -> None:
         tracking.record(cfg.paths.parity_metrics, {f"parity/{k}": v for k, v in result.items()})
 
         # Only a model that passed parity is logged with the ONNX flavour and registered.
-        example = images[:4].permute(0, 2, 3, 1).contiguous().numpy()
-        signature = infer_signature(example, onnx_probs(onnx_path, example, len(example)))
-        network = cfg.model._target_.rsplit(".", 1)[-1]
-        info = mlflow.onnx.log_model(
-            onnx.load(onnx_path),
-            name=f"{network}-onnx",
-            registered_model_name=cfg.mlflow.model_name,
-            signature=signature,
-            input_example=example,
-            save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-        )
-        version = info.registered_model_version
-        client = MlflowClient()
+        example = images[:4].numpy()
         params = sum(p.numel() for p in module.net.parameters())
         link = tracking.run_link(run.info.experiment_id, run.info.run_id)
-        description = version_description(cfg, result, params, link)
-        client.update_model_version(cfg.mlflow.model_name, version, description)
-        promoted = promote(client, cfg.mlflow.model_name, version, result["onnx_test_acc"])
+        version = tracking.log_onnx_model(
+            Path(cfg.paths.onnx),
+            f"{network_name(cfg.model)}-onnx",
+            cfg.mlflow.model_name,
+            version_description(cfg, result, params, link),
+            (example, onnx_model.probabilities(example)),
+        )
+        promoted = promote(MlflowClient(), cfg.mlflow.model_name, version, result["onnx_test_acc"])
     print(
         f"registered {cfg.mlflow.model_name} version {version}"
         + (f", now @{CHAMPION}" if promoted else f"; @{CHAMPION} stays on a more accurate version")

@@ -1,0 +1,83 @@
+"""The exported model's interface, in numpy only: what `cnnpipe export` writes into the ONNX file
+and what parity, predict, the service, its v2 routes and the tests expect of one.
+
+One uint8 RGB input (N, 32, 32, 3), as images decode, and one float32 output (N, classes) of
+class probabilities; all preprocessing is inside the graph. The file's metadata names the
+classes and says where the model came from.
+"""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+HEIGHT, WIDTH, CHANNELS = 32, 32, 3
+INPUT_DTYPE, OUTPUT_DTYPE = np.dtype(np.uint8), np.dtype(np.float32)
+INPUT_DESCRIPTION = (
+    f"uint8 RGB images as decoded, shape (N, {HEIGHT}, {WIDTH}, {CHANNELS}), values 0-255"
+)
+
+
+def input_shape(n: int | str = "N") -> tuple:
+    """(n, 32, 32, 3)."""
+    return (n, HEIGHT, WIDTH, CHANNELS)
+
+
+def signature(classes: int) -> tuple[str, str]:
+    """The input and output as `describe` writes them: ("uint8 (N, 32, 32, 3)", "float
+    (N, 10)"), in onnxruntime's type names."""
+    return (
+        f"uint8 ({', '.join(map(str, input_shape()))})",
+        f"float (N, {classes})",
+    )
+
+
+def describe(type_name: str, shape: list) -> str:
+    """An onnxruntime NodeArg's type and shape as `signature` writes them: a named or unknown
+    axis is shown as N."""
+    dims = ", ".join(str(d) if isinstance(d, int) else "N" for d in shape)
+    return f"{type_name.removeprefix('tensor(').removesuffix(')')} ({dims})"
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The ONNX file's metadata properties (all strings in the file)."""
+
+    class_names: list[str]
+    model_name: str | None = None
+    # Of this file's function on the test set, as evaluate scored it.
+    test_accuracy: float | None = None
+    tta_flip: bool = False
+    tta_shift: int = 0
+    mlflow_run_id: str | None = None
+    git_commit: str | None = None
+
+    def to_props(self) -> dict[str, str]:
+        props = {
+            "class_names": json.dumps(self.class_names),
+            "input_description": INPUT_DESCRIPTION,
+            "tta_flip": str(self.tta_flip).lower(),
+            "tta_shift": str(self.tta_shift),
+        }
+        for key in ("model_name", "test_accuracy", "mlflow_run_id", "git_commit"):
+            if getattr(self, key) is not None:
+                props[key] = str(getattr(self, key))
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> "Metadata":
+        """KeyError without class_names; ValueError for values that are not what export writes."""
+        names = json.loads(props["class_names"])
+        if not isinstance(names, list) or not names:
+            raise ValueError("class_names must be a JSON list of names")
+        accuracy = props.get("test_accuracy")
+        return cls(
+            class_names=[str(n) for n in names],
+            model_name=props.get("model_name"),
+            test_accuracy=float(accuracy) if accuracy else None,
+            tta_flip=props.get("tta_flip") == "true",
+            tta_shift=int(props.get("tta_shift", 0)),
+            mlflow_run_id=props.get("mlflow_run_id"),
+            git_commit=props.get("git_commit"),
+        )

@@ -1,0 +1,1 @@
+"""Training outside DVC: Hydra sweeps, the Optuna search, and the runs table."""

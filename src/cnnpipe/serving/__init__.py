@@ -1,0 +1,2 @@
+"""Serving: the exported ONNX model in onnxruntime, numpy and Pillow, with no torch, Lightning or
+MLflow (MLflow only to fetch a models:/ URI), so a deployment needs nothing else."""

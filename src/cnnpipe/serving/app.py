@@ -1,0 +1,254 @@
+"""The HTTP service for the exported model, as a Starlette app (server.py runs it on uvicorn).
+
+GET / is a page for people: choose or drop images, see their top classes. For programs: POST
+/predict takes one image as the raw body (Content-Type image/* or application/octet-stream) or one
+or more as multipart/form-data files; GET /metadata describes the model, /health/live and
+/health/ready are the probes, /metrics is in Prometheus' text format, /openapi.json the API, and
+/v2/... the Open Inference Protocol (KServe v2: open_inference.py).
+Errors are JSON: 404 and 405 for other routes and methods, 413 for bodies over the limit, 408 for
+requests whose headers or body do not arrive in time (slow or stalled clients), 415 for other
+content types, 400 for bad images.
+"""
+
+import hashlib
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from cnnpipe import PipelineError, contract
+from cnnpipe.serving import open_inference
+from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
+from cnnpipe.serving.images import decode
+from cnnpipe.serving.metrics import Metrics
+from cnnpipe.serving.onnx_model import OnnxModel
+
+PAGE = files("cnnpipe.serving").joinpath("page.html").read_text()
+
+
+async def multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+    """The file parts of a multipart body as (file name, bytes); RequestError 400 if it has none
+    or is not multipart."""
+
+    async def chunks():
+        yield body
+
+    parser = MultiPartParser(request.headers, chunks(), max_files=256, max_fields=256)
+    try:
+        form = await parser.parse()
+    except MultiPartException as reason:
+        raise RequestError(400, f"bad multipart body: {reason}") from None
+    files = [
+        (part.filename or name, await part.read())
+        for name, part in form.multi_items()
+        if not isinstance(part, str)
+    ]
+    if not files:
+        raise RequestError(400, "multipart body has no file parts")
+    return files
+
+
+def decode_all(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[str]]:
+    """The images stacked, and a note for each; ValueError names the first bad file."""
+    images, notes = [], []
+    for name, data in files:
+        try:
+            image, note = decode(data)
+        except ValueError as reason:
+            raise ValueError(f"{name}: {reason}") from None
+        images.append(image)
+        notes.append(note)
+    return np.stack(images), notes
+
+
+def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict:
+    """What /metadata and the page say about the model: from the file `cnnpipe export` wrote, and
+    for a registered version its name, version and alias."""
+    meta = model.metadata
+    registered = registered or {}
+    return {
+        "name": registered.get("name", meta.model_name),
+        "version": registered.get("version"),
+        "alias": registered.get("alias"),
+        "test_accuracy": meta.test_accuracy,
+        "tta_flip": meta.tta_flip,
+        "tta_shift": meta.tta_shift,
+        "file": path,
+        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        "mlflow_run_id": meta.mlflow_run_id,
+        "git_commit": meta.git_commit,
+        "input": {
+            "name": contract.INPUT_NAME,
+            "datatype": contract.INPUT_DTYPE.name,
+            "shape": list(contract.input_shape(-1)),
+        },
+        "output": {
+            "name": contract.OUTPUT_NAME,
+            "datatype": contract.OUTPUT_DTYPE.name,
+            "shape": [-1, len(model.class_names)],
+        },
+    }
+
+
+def create_app(
+    model_path: str,
+    max_body_bytes: int = 10 << 20,
+    top_k: int = 3,
+    body_timeout_s: float = 10,
+    registered: dict | None = None,
+) -> Starlette:
+    """The service for the ONNX file at `model_path`; `registered` names its registry version."""
+    onnx_model = OnnxModel.load(model_path)
+    # One inference before the port opens: a model that loads but cannot run fails here, at
+    # start, and the first request does not pay for onnxruntime's first-run allocations.
+    try:
+        onnx_model.probabilities(np.zeros(contract.input_shape(1), contract.INPUT_DTYPE))
+    except Exception as failure:  # onnxruntime raises its own untyped exceptions
+        text = str(failure).strip()
+        reason = text.splitlines()[0] if text else repr(failure)
+        raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
+    model = model_metadata(model_path, onnx_model, registered)
+    registry = CollectorRegistry()
+    images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
+    Info("cnnpipe_model", "The model being served", registry=registry).info(
+        {
+            k: "" if model[k] is None else str(model[k])
+            for k in ("name", "version", "file", "sha256", "test_accuracy")
+        }
+    )
+    schemas = SchemaGenerator(
+        {
+            "openapi": "3.0.0",
+            "info": {"title": "cnnpipe image classifier", "version": "1"},
+        }
+    )
+
+    async def page(_: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def live(_: Request) -> JSONResponse:
+        """
+        ---
+        summary: Liveness probe
+        description: 200 while the process answers requests.
+        responses:
+          200:
+            description: The process is alive.
+        """
+        return JSONResponse({"status": "alive"})
+
+    async def ready(_: Request) -> JSONResponse:
+        """
+        ---
+        summary: Readiness probe
+        description: >-
+          200 once the model is loaded and has run one inference, which happens before the port
+          opens; /health answers the same.
+        responses:
+          200:
+            description: Ready to classify; names the model.
+        """
+        return JSONResponse({"status": "ready", "model": model["name"], "sha256": model["sha256"]})
+
+    async def metadata(_: Request) -> JSONResponse:
+        """
+        ---
+        summary: The model and what it takes
+        responses:
+          200:
+            description: >-
+              The model's name, version and alias when registered, test accuracy, class names
+              and input and output specification.
+        """
+        return JSONResponse(
+            {
+                "model": model,
+                "class_names": onnx_model.class_names,
+                "request": "image files; each is converted to RGB and resized to "
+                f"{contract.WIDTH}x{contract.HEIGHT}",
+                "max_body_bytes": max_body_bytes,
+                "top_k": top_k,
+            }
+        )
+
+    async def predict(request: Request) -> JSONResponse:
+        """
+        ---
+        summary: Classify images
+        description: >-
+          One image as the raw body (Content-Type image/* or application/octet-stream), or one
+          or more as multipart/form-data file parts.
+        requestBody:
+          required: true
+          content:
+            image/*:
+              schema: {type: string, format: binary}
+            multipart/form-data:
+              schema:
+                type: object
+                properties:
+                  file: {type: array, items: {type: string, format: binary}}
+        responses:
+          200:
+            description: >-
+              predictions, one per image in order, each with file, top_k (label and
+              probability, most probable first) and a note when the image was resized.
+          400: {description: An unreadable image or multipart body.}
+          408: {description: The request did not arrive in time.}
+          413: {description: The body is over max_body_bytes.}
+          415: {description: Another content type.}
+        """
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            files = [("body", await read_body(request, max_body_bytes, body_timeout_s))]
+        elif kind == "multipart/form-data":
+            body = await read_body(request, max_body_bytes, body_timeout_s)
+            files = await multipart_files(request, body)
+        else:
+            return error(
+                415, "send an image (image/*, application/octet-stream) or multipart/form-data"
+            )
+        # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
+        try:
+            images, notes = await run_in_threadpool(decode_all, files)
+        except ValueError as reason:
+            return error(400, str(reason))
+        probs = await run_in_threadpool(onnx_model.probabilities, images)
+        images_classified.inc(len(images))
+        predictions = [
+            {"file": name, "top_k": [{"label": c, "probability": p} for c, p in top], "note": note}
+            for (name, _), top, note in zip(
+                files, onnx_model.top_k(probs, top_k), notes, strict=True
+            )
+        ]
+        return JSONResponse({"predictions": predictions})
+
+    async def openapi(_: Request) -> JSONResponse:
+        return JSONResponse(schemas.get_schema(routes))
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/", page, include_in_schema=False),
+        Route("/health/live", live),
+        Route("/health/ready", ready),
+        Route("/health", ready, include_in_schema=False),
+        Route("/metadata", metadata),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/openapi.json", openapi, include_in_schema=False),
+        Route("/metrics", metrics, include_in_schema=False),
+        *open_inference.routes(onnx_model, model, max_body_bytes, body_timeout_s),
+    ]
+
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    app.add_middleware(Metrics, registry=registry, routes=routes)
+    return app

@@ -1,0 +1,71 @@
+"""The exported model in onnxruntime: loaded, checked against the contract, run in batches."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cnnpipe import PipelineError, contract
+
+
+class OnnxModel:
+    """An onnxruntime session over a file `cnnpipe export` wrote, with its metadata."""
+
+    def __init__(self, session: ort.InferenceSession, metadata: contract.Metadata) -> None:
+        self.session, self.metadata = session, metadata
+        self.class_names = metadata.class_names
+
+    @classmethod
+    def load(cls, path: Path | str) -> "OnnxModel":
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise PipelineError(f"{path} is not a loadable ONNX model ({error})") from None
+        props = session.get_modelmeta().custom_metadata_map
+        try:
+            metadata = contract.Metadata.from_props(props)
+        except (KeyError, ValueError):
+            raise PipelineError(
+                f"{path} has no class_names metadata; export it with `cnnpipe export`"
+            ) from None
+        check_signature(path, session, len(metadata.class_names))
+        return cls(session, metadata)
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The contract's (N, H, W, 3) uint8 RGB images -> (N, classes) probabilities."""
+        return np.concatenate(
+            [
+                self.session.run(None, {contract.INPUT_NAME: images[i : i + batch_size]})[0]
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [
+            [(self.class_names[j], float(p[j])) for j in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+
+
+def check_signature(path: Path | str, session: ort.InferenceSession, classes: int) -> None:
+    """Refuse, in one line, a model that does not take and return what `cnnpipe export` writes:
+    onnxruntime would otherwise fail on every request with its own traceback."""
+    expected = contract.signature(classes)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    got = tuple(
+        ", ".join(contract.describe(a.type, a.shape) for a in io) for io in (inputs, outputs)
+    )
+    if got != expected:
+        raise PipelineError(
+            f"{path} takes {got[0]} and returns {got[1]}; cnnpipe needs {expected[0]} images "
+            f"in and {expected[1]} out, one probability per class name: export the model with "
+            "`cnnpipe export`"
+        )
+    names = (inputs[0].name, outputs[0].name)
+    if names != (contract.INPUT_NAME, contract.OUTPUT_NAME):
+        raise PipelineError(
+            f"{path} names its input {names[0]!r} and its output {names[1]!r}; cnnpipe needs "
+            f"{contract.INPUT_NAME!r} and {contract.OUTPUT_NAME!r}: export the model with "
+            "`cnnpipe export`"
+        )

@@ -1,0 +1,42 @@
+"""Stage `export`: an ONNX file that takes decoded images and returns class probabilities."""
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cnnpipe import PipelineError, contract, tracking
+from cnnpipe.config import load_params
+from cnnpipe.inference import TorchModel
+from cnnpipe.onnx_export import export_onnx
+from cnnpipe.training import load_checkpoint
+
+
+def test_accuracy(eval_metrics: Path) -> float:
+    try:
+        return float(json.loads(eval_metrics.read_text())["test/acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"no test/acc in {eval_metrics}; run `dvc repro evaluate`") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="cnnpipe export", description=__doc__).parse_args(argv)
+    cfg: DictConfig = load_params()
+    with tracking.stage_run(cfg, "export") as run:
+        module = load_checkpoint(cfg.paths.checkpoint)
+        commit, dirty = tracking.git_commit()
+        metadata = contract.Metadata(
+            class_names=module.hparams.class_names,
+            model_name=cfg.mlflow.model_name,
+            # What `cnnpipe serve` shows: evaluate scored the same TorchModel this file computes.
+            test_accuracy=test_accuracy(Path(cfg.paths.eval_metrics)),
+            tta_flip=cfg.evaluate.tta.flip,
+            tta_shift=cfg.evaluate.tta.shift,
+            mlflow_run_id=run.info.run_id,
+            git_commit=commit + ("-dirty" if dirty else ""),
+        )
+        path = Path(cfg.paths.onnx)
+        model = TorchModel(module, **cfg.evaluate.tta)
+        export_onnx(model, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+    print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")
