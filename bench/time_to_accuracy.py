@@ -1,11 +1,11 @@
 """Time to accuracy: epochs and training seconds until the test accuracy, as deployed, reaches 80%,
-for the recipe before issue 13 and today's default, side by side in one run on one machine.
+for the previous recipe (OLD below) and the default, side by side in one run on one machine.
 
 usage: python bench/time_to_accuracy.py [--data DIR] [--ablation] [--target 0.8] [OVERRIDE ...]
        python bench/time_to_accuracy.py --tiny     # random data, seconds: the CI smoke test
 Overrides are Hydra overrides of conf/ applied to every run (e.g. trainer.precision=32-true).
 --ablation also trains the default with each trick switched off in turn (the test-time ones
-only re-score the default's checkpoint) and prints README's ablation table.
+only re-score the default's checkpoint) and prints the ablation table of docs/performance.md.
 Runs in a temporary folder without MLflow. The test accuracy is measured after every epoch with
 the weights and test-time views the checkpoint would be evaluated with; its time is not counted.
 """
@@ -32,7 +32,7 @@ from cnnpipe.trainer import train
 from cnnpipe.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# The default config before issue 13: 35 epochs to 80.54% (README).
+# The default config before the current recipe (docs/performance.md, Time to accuracy).
 OLD = [
     "trainer.max_epochs=35", "data.crop_padding=4", "loader.batch_size=256",
     "optim.ema_decay=null", "optim.whiten=false", "evaluate.tta.shift=0",

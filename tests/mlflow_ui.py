@@ -1,5 +1,5 @@
 """The MLflow UI in a real headless browser, used as a person uses it: for tests/test_mlflow_ui.py
-and for the README's screenshots.
+and for the screenshots of docs/tracking.md.
 
     python tests/mlflow_ui.py RUN_ID CHILD_RUN_ID --out docs/images   # store: MLFLOW_TRACKING_URI
 
@@ -127,7 +127,9 @@ def params_shown_with_diff_only(page: Page, params: dict[str, dict[str, str]]) -
 def main() -> None:
     import mlflow
 
-    parser = argparse.ArgumentParser(description="Screenshots of the MLflow UI for the README")
+    parser = argparse.ArgumentParser(
+        description="Screenshots of the MLflow UI for docs/tracking.md"
+    )
     parser.add_argument("run_id", help="the pipeline run")
     parser.add_argument("child_run_id", help="a sweep child to compare it with")
     parser.add_argument("--out", type=Path, default=Path("docs/images"))

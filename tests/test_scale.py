@@ -157,13 +157,14 @@ def test_slurm_launcher_config_composes():
 # Runs the train stage under torchrun, then prints this rank's weights digest and shard size.
 DDP_JOB = """
 import hashlib
-import cnnpipe.stages.train as stage
+import cnnpipe.trainer
+from cnnpipe.stages import train
 from pytorch_lightning.utilities import rank_zero_only
 
 trainers = []
-build = stage.build_trainer
-stage.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
-stage.main([])
+build = cnnpipe.trainer.build_trainer
+cnnpipe.trainer.build_trainer = lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1]
+train.main([])
 trainer = trainers[0]
 weights = b"".join(p.detach().numpy().tobytes() for p in trainer.lightning_module.parameters())
 digest = hashlib.sha256(weights).hexdigest()

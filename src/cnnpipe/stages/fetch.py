@@ -59,7 +59,8 @@ def download(url: str, dest: Path, timeout_s: float) -> str:
             ) from None
         raise PipelineError(
             f"cannot read {url} ({reason}). Offline? Point fetch.url and fetch.md5 at an archive "
-            "on disk in conf/local/default.yaml, then run `cnnpipe params` (README, Offline)"
+            "on disk in conf/local/default.yaml, then run `cnnpipe params` "
+            "(docs/pipeline.md, Offline)"
         ) from None
     if size is not None and dest.stat().st_size != size:
         raise PipelineError(stopped.format(f"{dest.stat().st_size} of {size}"))
