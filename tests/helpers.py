@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata
 from cnnpipe.training import LitClassifier
@@ -80,11 +81,11 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 def make_archive(path: Path, per_batch: int = 40, test: int = 50, extra=None) -> str:
     """Write a CIFAR-10 archive with 5 x `per_batch` training and `test` test images; return md5."""
     with tarfile.open(path, "w:gz") as tar:
-        for k in range(1, 6):
-            add_member(tar, f"cifar-10-batches-py/data_batch_{k}", batch_payload(per_batch, k))
-        add_member(tar, "cifar-10-batches-py/test_batch", batch_payload(test, 0))
+        for k, name in enumerate(TRAIN_BATCHES, 1):
+            add_member(tar, f"{ARCHIVE_DIR}/{name}", batch_payload(per_batch, k))
+        add_member(tar, f"{ARCHIVE_DIR}/{TEST_BATCH}", batch_payload(test, 0))
         meta = {"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
-        add_member(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=4))
+        add_member(tar, f"{ARCHIVE_DIR}/{META}", pickle.dumps(meta, protocol=4))
         if extra:
             extra(tar)
     return hashlib.md5(path.read_bytes()).hexdigest()

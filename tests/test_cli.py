@@ -1,5 +1,8 @@
 import shutil
 
+import pytest
+
+from cnnpipe.cli import COMMANDS, main
 from cnnpipe.config import compose_params
 from tests.helpers import ROOT, cnnpipe
 
@@ -63,3 +66,41 @@ def test_training_without_data_names_the_stage_to_run(tmp_path):
         "cnnpipe train: error: no data/cifar-10-batches-py/data_batch_1; run `dvc repro fetch`"
     )
     assert "Traceback" not in result.stderr and result.returncode == 1
+
+
+# Each command's own options with values of every wrong kind: text, zero, negative, NaN and
+# infinite numbers, out of range. `cnnpipe train key=value` is Hydra's parser, not ours.
+BAD_OPTIONS = {
+    "predict": {"--top-k": ["abc", "0", "-1", "1.5"], "--batch-size": ["0", "-8", "nan", "x"]},
+    "serve": {
+        "--port": ["-1", "65536", "http", "80.5"],
+        "--max-body-mb": ["0", "-1", "nan", "inf", "ten"],
+        "--top-k": ["0", "-3"],
+        "--body-timeout-s": ["0", "-1", "nan", "inf"],
+        "--header-timeout-s": ["0", "1e9", "nan"],
+    },
+    "runs": {"--last": ["0", "-5", "all", "nan"]},
+}
+POSITIONAL = {"predict": ["model.onnx", "photo.png"], "serve": ["model.onnx"], "runs": []}
+
+
+def one_line_exit(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    said = str(exit_.value.code)
+    assert "\n" not in said and said.endswith("--help)"), said
+    return said
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "train"])
+def test_every_command_refuses_an_unknown_option_in_one_line(command):
+    said = one_line_exit([command, *POSITIONAL.get(command, []), "--no-such-option"])
+    assert said.startswith(f"cnnpipe {command}: error: unrecognized arguments: --no-such-option")
+
+
+@pytest.mark.parametrize("command", list(BAD_OPTIONS))
+def test_every_number_option_refuses_every_kind_of_wrong_value_in_one_line(command):
+    for option, values in BAD_OPTIONS[command].items():
+        for value in values:
+            said = one_line_exit([command, *POSITIONAL[command], option, value])
+            assert said.startswith(f"cnnpipe {command}: error: argument {option}: "), said

@@ -2,8 +2,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
+from cnnpipe import PipelineError
 from cnnpipe.config import compose_params
 from tests.helpers import ROOT
 
@@ -58,3 +60,15 @@ def test_default_points_at_the_official_archive():
 def test_dvc_composes_params_through_hydra():
     dvc_config = (ROOT / ".dvc" / "config").read_text()
     assert "[hydra]" in dvc_config and "enabled = true" in dvc_config
+
+
+def test_an_unknown_choice_of_every_group_names_the_group_and_its_options():
+    for group in sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir()):
+        if group in ("hydra", "local"):
+            continue
+        options = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+        with pytest.raises(PipelineError) as error:
+            compose_params([f"{group}=does_not_exist"], conf_dir=ROOT / "conf")
+        assert str(error.value) == (
+            f"conf/{group} has no does_not_exist; choose one of: {', '.join(options)}"
+        )

@@ -240,6 +240,10 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         )  # fmt: skip
         assert failed.returncode != 0, failed.stdout
         assert {name: (repo / name).read_bytes() for name in OUTPUTS} == kept, bad
+        # One line from the stage, which says how to get params.yaml back.
+        (said,) = [line for line in failed.stderr.splitlines() if line.startswith("cnnpipe ")]
+        assert said.endswith("`git checkout params.yaml` restores the committed ones)"), said
+        assert "Traceback" not in failed.stderr, failed.stderr
     run("git", "checkout", "params.yaml")
 
     # DVC composes conf/ with the overrides through Hydra; only evaluate depends on the change.

@@ -1,5 +1,6 @@
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,12 @@ def test_huge_claimed_size_is_refused_before_decoding():
     assert len(bomb) < 200_000, "a small file"
     with pytest.raises(ValueError, match="6000x5000 pixels is too large"):
         decode(bomb)
+
+
+def test_an_image_over_pillows_own_limit_is_refused_in_one_line_without_warnings():
+    # 10,000 x 10,000 pixels: over Pillow's warning limit (89 million), under its error limit.
+    bomb = encode(Image.new("1", (10_000, 10_000)), "PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="10000x10000 pixels is too large"):
+            decode(bomb)

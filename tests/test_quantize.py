@@ -71,14 +71,18 @@ def test_stage_drops_an_int8_model_that_is_not_fast_enough_and_says_why(project,
             capsys.readouterr().out.strip().splitlines()[-1],
             metrics["int8/kept"],
             (repo / "models/int8/model.onnx").is_file(),
+            (dropped := repo / "models/int8/dropped.txt").is_file() and dropped.read_text() or None,
         )
         speedup = metrics["int8/speedup"]
-    line, kept, exists = verdicts["quantize.min_speedup=100"]
+    line, kept, exists, dropped = verdicts["quantize.min_speedup=100"]
     assert not kept and not exists
     assert line.endswith("x the FP32 images/s, under quantize.min_speedup 100x")
     assert "; dropped: it runs at " in line
-    line, kept, exists = verdicts["quantize.min_speedup=0"]
+    reason = line.split("; dropped: ")[1]
+    assert dropped == f"No INT8 model: {reason} (metrics/quantize.json).\n"
+    line, kept, exists, dropped = verdicts["quantize.min_speedup=0"]
     assert kept and exists and line.endswith("kept as models/int8/model.onnx")
+    assert dropped is None
     # The line rounds the speedup to 2 decimals, the metric to 3: they differ by up to 0.0055.
     shown = re.search(r"([\d.]+)x the FP32 images/s at batch 256", line)
     assert shown and float(shown[1]) == pytest.approx(speedup, abs=0.0055 + 1e-9)

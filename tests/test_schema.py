@@ -1,7 +1,12 @@
+from dataclasses import fields, is_dataclass
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
+
 import pytest
+from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.schema import validate
+from cnnpipe.schema import UNTYPED, Config, validate
 from tests.helpers import composed
 
 
@@ -31,3 +36,38 @@ def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(PipelineError) as error:
         validate(composed(override))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def typed_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, object]]:
+    """Every leaf key of the schema's dataclasses with its type, and the untyped ones cnnpipe
+    reads."""
+    keys = []
+    for f in fields(schema):
+        if is_dataclass(f.type):
+            keys += typed_keys(f.type, f"{prefix}{f.name}.")
+        elif f.type != dict[str, Any]:
+            keys.append((f"{prefix}{f.name}", f.type))
+    return keys if prefix else keys + [(k, kinds) for k, (kinds, _) in UNTYPED.items()]
+
+
+def wrong_values(kind: object) -> list:
+    """Values that are not of `kind`, whatever it is: text, a list, a mapping, nothing."""
+    optional = get_origin(kind) in (Union, UnionType) and type(None) in get_args(kind)
+    if optional:
+        (kind,) = [k for k in get_args(kind) if k is not type(None)]
+    values = [{"a": 1}] + ([] if optional else [None])
+    if kind is not str:
+        values.append("abc")
+    values.append(["abc"] if get_origin(kind) is list else [1])
+    return values
+
+
+@pytest.mark.parametrize("key, kind", typed_keys(), ids=[k for k, _ in typed_keys()])
+def test_every_typed_key_refuses_every_kind_of_wrong_value_in_one_line(key, kind):
+    for value in wrong_values(kind):
+        cfg = composed()
+        OmegaConf.update(cfg, key, value, force_add=True)
+        with pytest.raises(PipelineError) as error:
+            validate(cfg)
+        message = str(error.value)
+        assert message.startswith(f"config key {key}") and "\n" not in message, (value, message)

@@ -4,6 +4,7 @@ one sqlite study, the SLURM launcher's config."""
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -196,3 +197,30 @@ def test_two_joblib_workers_share_one_study_and_lose_nothing(project):
     for t in trials:
         assert children[t.number].data.metrics["val/acc"] == t.value
         assert children[t.number].data.params["optim.lr"] == str(t.params["optim.lr"])
+
+
+def test_a_locked_or_read_only_study_fails_the_search_in_one_line(project):
+    repo, _ = project
+    db = repo / "optuna.db"
+    optuna.create_study(study_name="test", storage=f"sqlite:///{db}")
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+    try:
+        locked = cnnpipe("train", "--multirun", *SEARCH, timeout=300)
+    finally:
+        holder.rollback()
+        holder.close()
+    read_only = f"sqlite:///file:{db}?mode=ro&uri=true"
+    refused = cnnpipe(
+        "train", "--multirun", *SEARCH, f"hydra.sweeper.storage='{read_only}'", timeout=300
+    )
+    for result, uri, says in (
+        (locked, f"sqlite:///{db}", "the sqlite database is locked by another process"),
+        (refused, read_only, "the store is read-only; make it writable or point "
+                             "hydra.sweeper.storage elsewhere"),
+    ):  # fmt: skip
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            line for line in result.stderr.splitlines() if line.startswith("cnnpipe train: error")
+        ], result.stderr
+        assert result.stderr.startswith(f"cnnpipe train: error: Optuna storage {uri}: {says}")

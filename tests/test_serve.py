@@ -318,8 +318,14 @@ def test_open_inference_protocol_infers_like_predict(server, model_path):
         ("cnnpipe-test", {"data": [0] * 5}, 400, "data has 5 values; shape [1, 32, 32, 3] needs"),
         ("cnnpipe-test", {"data": [300] * 3072}, 400, "UINT8 data must be in 0-255"),
         ("resnet", {}, 404, "no model resnet; this server has cnnpipe-test"),
+        (
+            "cnnpipe-test/versions/7",
+            {},
+            404,
+            "model cnnpipe-test has no version 7; this server has version 1",
+        ),
     ],
-    ids=["datatype", "shape", "size", "range", "model"],
+    ids=["datatype", "shape", "size", "range", "model", "version"],
 )
 def test_open_inference_protocol_refuses_bad_tensors_in_one_line(
     server, path, tensor, status, message
@@ -328,3 +334,52 @@ def test_open_inference_protocol_refuses_bad_tensors_in_one_line(
     body = json.dumps({"inputs": [{**good, **tensor}]}).encode()
     got, answer = call(f"{server}/v2/models/{path}/infer", body, "application/json")
     assert got == status and answer["error"].startswith(message)
+
+
+def infer_body(**tensor) -> bytes:
+    good = {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072}
+    return json.dumps({"inputs": [{**good, **tensor}]}).encode()
+
+
+# Bodies a hostile or broken client may send, from the protocol's JSON tensor: every part of the
+# request of the wrong kind or out of range, and JSON that Python's parser takes but that is
+# not plain JSON or not data.
+HOSTILE = {
+    "not utf-8": b"\xff\xfe{}",
+    "not JSON": b"{inputs: [",
+    "a number, not an object": b"1e999",
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "deep nesting in data": infer_body(data=[]).replace(b"[]", b"[" * 50_000 + b"]" * 50_000),
+    "NaN": infer_body().replace(b"[0, ", b"[NaN, ", 1),
+    "Infinity": infer_body().replace(b"[0, ", b"[Infinity, ", 1),
+    "-Infinity": infer_body().replace(b"[0, ", b"[-Infinity, ", 1),
+    "an integer too large for any type": infer_body().replace(
+        b"[0, ", b"[" + b"9" * 400 + b", ", 1
+    ),
+    "an integer over 4300 digits": infer_body().replace(b"[0, ", b"[" + b"9" * 5000 + b", ", 1),
+    "a negative value": infer_body(data=[-1] * 3072),
+    "floats": infer_body(data=[0.5] * 3072),
+    "booleans": infer_body(data=[True] * 3072),
+    "strings": infer_body(data=["1"] * 3072),
+    "nulls": infer_body(data=[None] * 3072),
+    "objects": infer_body(data=[{}] * 3072),
+    "ragged nesting": infer_body(data=[[0] * 3071, [0, 0]]),
+    "data not a list": infer_body(data="0" * 3072),
+    "a huge batch claimed": infer_body(shape=[10**30, 32, 32, 3]),
+    "a float shape": infer_body(shape=[1.0, 32, 32, 3]),
+    "a boolean shape": infer_body(shape=[True, 32, 32, 3]),
+    "a shape of strings": infer_body(shape=["1", "32", "32", "3"]),
+    "a zero batch": infer_body(shape=[0, 32, 32, 3], data=[]),
+    "a huge datatype": infer_body(datatype="x" * 100_000),
+    "two inputs": json.dumps({"inputs": [{}, {}]}).encode(),
+    "inputs not a list": b'{"inputs": {"name": "images"}}',
+}
+
+
+def test_open_inference_protocol_answers_any_hostile_body_with_a_json_4xx(server):
+    for name, body in HOSTILE.items():
+        status, answer = call(f"{server}/v2/models/cnnpipe-test/infer", body, "application/json")
+        assert status == 400, (name, status, answer)
+        assert "\n" not in answer["error"] and len(answer["error"]) < 200, (name, answer)
+    metrics = urllib.request.urlopen(f"{server}/metrics", timeout=30).read().decode()
+    assert 'status="500"' not in metrics

@@ -54,7 +54,7 @@ def test_a_person_chooses_images_and_reads_their_top_classes(tmp_path):
             width = bars.nth(0).locator(".fill").evaluate("e => e.style.width")
             assert width == f"{100 * probs[top[0]]:.1f}%"
             expect(notes_card.locator(".status")).to_have_text(
-                "Not classified: not a readable image (UnidentifiedImageError)"
+                "Not classified: not a readable image: not a format an image library knows"
             )
         finally:
             chromium.close()

@@ -239,6 +239,33 @@ def test_a_later_stage_that_fails_marks_the_run_until_it_succeeds(project):
     assert "FAILED" not in mended.data.tags["mlflow.note.content"]
 
 
+def test_a_failed_rerun_of_a_finished_stage_leaves_the_finished_run_as_it_was(project):
+    repo, _ = project
+    stage("train")
+    stage("evaluate")
+    finished = the_run(repo)
+    results = (repo / "metrics/eval.json").read_text()
+    test_batch = Path(load_params().paths.data) / "test_batch"
+    test_batch.write_bytes(test_batch.read_bytes()[:100])  # a corrupted batch
+    with pytest.raises(SystemExit, match="cnnpipe evaluate: error: .*test_batch") as error:
+        stage("evaluate")
+    run = the_run(repo)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == finished.data.metrics
+    assert run.data.tags["mlflow.note.content"] == finished.data.tags["mlflow.note.content"]
+    assert not {"cnnpipe.failed_stage", "cnnpipe.error"} & set(run.data.tags)
+    assert (repo / "metrics/eval.json").read_text() == results
+    # The failure is a run of its own, under the one it would have changed.
+    query = f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    (attempt,) = store(repo).search_runs([run.info.experiment_id], query)
+    assert (attempt.info.run_name, attempt.info.status) == ("evaluate failed", "FAILED")
+    said = str(error.value.code).removeprefix("cnnpipe evaluate: error: ")
+    assert attempt.data.tags["cnnpipe.error"] == said
+    assert attempt.data.tags["mlflow.note.content"].startswith(
+        f"**FAILED in stage `evaluate`**: {said}"
+    )
+
+
 # The train stage, killed with SIGKILL in the middle of its third epoch.
 KILLED_IN_EPOCH_3 = """
 import os, signal

@@ -3,7 +3,9 @@
 
 import errno
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from cnnpipe import PipelineError
 
@@ -27,6 +29,22 @@ COMMANDS = {
 }
 
 
+def experiment_hint() -> str:
+    """Under `dvc exp run -S ...` in the workspace, DVC has written the experiment's values into
+    params.yaml, where they stay after a failure: the next `dvc repro` would fail the same way."""
+    root = os.environ.get("DVC_ROOT")
+    if (
+        not os.environ.get("DVC_EXP_NAME")
+        or not root
+        or Path(root).resolve() != Path.cwd().resolve()
+    ):
+        return ""
+    return (
+        " (params.yaml keeps this experiment's values: `git checkout params.yaml` restores the "
+        "committed ones)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -39,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         importlib.import_module(module).main(rest)
     except PipelineError as error:
-        sys.exit(f"cnnpipe {command}: error: {error}")
+        sys.exit(f"cnnpipe {command}: error: {error}{experiment_hint()}")
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise

@@ -1,6 +1,5 @@
 """Compose conf/ into params.yaml, and load the configuration a stage runs with."""
 
-import argparse
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,6 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import PipelineError
+from cnnpipe.args import Parser
 from cnnpipe.files import atomic_path
 from cnnpipe.schema import validate
 
@@ -30,6 +30,14 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
         if unknown := re.match(r"Could not override '([^']+)'", str(error)):
             raise PipelineError(
                 f"conf/ has no setting {unknown[1]}; see params.yaml for the settings there are"
+            ) from None
+        choice = re.search(
+            r"Could not find '(\w+)/([^']+)'.*options in '\w+':\s*(.*)", str(error), re.S
+        )
+        if choice:
+            options = ", ".join(choice[3].split("Config search path")[0].split())
+            raise PipelineError(
+                f"conf/{choice[1]} has no {choice[2]}; choose one of: {options}"
             ) from None
         message = str(error).split("Config search path")[0]  # the paths Hydra searched
         raise PipelineError(" ".join(message.split())) from None
@@ -75,9 +83,7 @@ def load_params(path: Path = PARAMS_FILE) -> DictConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="cnnpipe params", description="Regenerate params.yaml from conf/."
-    )
+    parser = Parser(prog="cnnpipe params", description="Regenerate params.yaml from conf/.")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=1")
     args = parser.parse_args(argv)
     params = compose_params(args.overrides)

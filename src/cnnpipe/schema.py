@@ -133,6 +133,11 @@ NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
 ]  # fmt: skip
 PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
+# Keys of the untyped groups (Lightning's Trainer checks the rest itself) that cnnpipe reads.
+UNTYPED = {
+    "trainer.max_epochs": (int, "an integer"),
+    "trainer.precision": ((str, int), "a precision such as 32-true"),
+}
 
 
 def recipe(cfg: DictConfig) -> dict:
@@ -163,6 +168,18 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"config keys missing: {', '.join(missing)}; regenerate params.yaml with "
             "`cnnpipe params` or add them to conf/"
         )
+    # Types before ranges: the schema's dataclasses typed every other key in the merge above.
+    for key, (kinds, name) in UNTYPED.items():
+        value = OmegaConf.select(cfg, key, default=1)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise PipelineError(f"config key {key}: {shown!r} is not {name}")
+    for i, dense in enumerate(cfg.report.dense_baselines):
+        if len(dense) != 4:
+            raise PipelineError(
+                f"config key report.dense_baselines[{i}]: {list(dense)} is not [height, width, "
+                "channels, units]"
+            )
     problems = []
     for key in POSITIVE:
         if not OmegaConf.select(cfg, key, default=0) > 0:
@@ -174,7 +191,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         problems.append(f"optim.pct_start={cfg.optim.pct_start} must lie between 0 and 1")
     if not 0 <= cfg.optim.label_smoothing < 1:
         problems.append(f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
-    if cfg.trainer.get("precision", "32-true") not in PRECISIONS:
+    if str(cfg.trainer.get("precision", "32-true")) not in PRECISIONS:
         problems.append(
             f"trainer.precision={cfg.trainer.precision} is not one of {sorted(PRECISIONS)}"
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import psutil
+from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,6 +26,8 @@ from cnnpipe.schema import recipe
 STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
 DIRTY = "git.dirty"
 HOST, PID, PID_STARTED = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
+# The stages that have finished in a run, in order: "train,evaluate,...".
+DONE = "cnnpipe.stages_done"
 
 
 def quiet_mlflow() -> None:
@@ -77,28 +80,34 @@ def source_tags(command: str, commit: str, dirty: bool) -> dict[str, str]:
     }
 
 
-def _store_problem(error: Exception) -> str:
-    text = str(error).lower()
+def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
+    """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
+    Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
+    causes, cause = [], error
+    while cause is not None and len(causes) < 5:
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(causes).lower()
     if "locked" in text:
         return (
-            "the sqlite database is locked by another process (MLflow waited 20 s); wait for "
-            "that process or stop it, then run again"
+            "the sqlite database is locked by another process (the wait for it ran out); wait "
+            "for that process or stop it, then run again"
         )
     if "readonly" in text or "read-only" in text:
-        return "the store is read-only; make it writable or point MLFLOW_TRACKING_URI elsewhere"
+        return f"the store is read-only; make it writable or point {setting} elsewhere"
     if "disk is full" in text or "no space" in text:
         return "the disk is full; free some space, then run again"
     if "disk i/o error" in text:
         return "a disk I/O error (is the disk full or failing?); check it, then run again"
     if "connection" in text or "max retries" in text or "refused" in text:
-        return "the server does not answer; start it or set MLFLOW_TRACKING_URI to another store"
+        return f"the server does not answer; start it or set {setting} to another store"
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
-    return f"{first}; fix the store or set MLFLOW_TRACKING_URI to another one"
+    return f"{first}; fix the store or set {setting} to another one"
 
 
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """A store that is down, locked past MLflow's 20 s wait, read-only or full fails the stage in
+    """A store that is down, locked past MLflow's wait, read-only or full fails the stage in
     one line: a run that cannot be traced is not a pipeline result."""
     try:
         yield
@@ -107,7 +116,7 @@ def store_errors() -> Iterator[None]:
         if type(error) is OSError and "database" not in str(error).lower():
             raise
         raise PipelineError(
-            f"MLflow store {mlflow.get_tracking_uri()}: {_store_problem(error)}"
+            f"MLflow store {mlflow.get_tracking_uri()}: {store_problem(error)}"
         ) from None
 
 
@@ -240,7 +249,9 @@ def stage_run(
     FAILED (naming the stage and the error) if it raises, KILLED on Ctrl-C.
 
     `new`: start a run (or reopen `run_id`, an interrupted one) and log the recipe; otherwise
-    reopen the run recorded in `paths.run` by the train stage.
+    reopen the run recorded in `paths.run` by the train stage. A stage run again on a FINISHED
+    run where it has finished before, that then fails, leaves the run FINISHED with its results,
+    and records the failure as a run of its own under it (`failed_attempt`).
     """
     run_id = run_id if new else read_run_id(Path(cfg.paths.run))
     commit, dirty = git_commit()
@@ -248,6 +259,9 @@ def stage_run(
         experiment_id = use_experiment(cfg)
         client = mlflow.MlflowClient()
         close_abandoned_runs(client, experiment_id, keep=run_id)
+        before = client.get_run(run_id) if run_id else None
+        done = before.data.tags.get(DONE, "").split(",") if before else []
+        again = not new and stage in done and before.info.status == "FINISHED"
         all_tags = {STAGE: stage, **process_tags(), **(tags or {})}
         if exp_name := os.environ.get("DVC_EXP_NAME"):
             # Matches the run with `dvc exp show`.
@@ -274,6 +288,7 @@ def stage_run(
             if os.environ.get("DVC_STAGE") and Path("dvc.lock").is_file():
                 # As DVC left it after the stages before this one.
                 mlflow.log_artifact("dvc.lock", "lineage")
+            mlflow.set_tag(DONE, ",".join([s for s in done if s and s != stage] + [stage]))
             mlflow.set_tag("mlflow.note.content", describe(client, run.info.run_id))
             end(client, run.info.run_id, "FINISHED")
     except BaseException as error:
@@ -282,11 +297,35 @@ def stage_run(
         status = getattr(error, "mlflow_status", status)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         with contextlib.suppress(Exception):  # the store itself may be what failed
-            mlflow.set_tags({FAILED_STAGE: stage, ERROR: message[:500]})
-            end(client, run.info.run_id, status)
-            note = describe(client, run.info.run_id)
-            client.set_tag(run.info.run_id, "mlflow.note.content", note)
+            if again:
+                end(client, run.info.run_id, "FINISHED")
+                failed_attempt(client, run.info, stage, status, message)
+            else:
+                mlflow.set_tags({FAILED_STAGE: stage, ERROR: message[:500]})
+                end(client, run.info.run_id, status)
+                note = describe(client, run.info.run_id)
+                client.set_tag(run.info.run_id, "mlflow.note.content", note)
         raise
+
+
+def failed_attempt(
+    client: mlflow.MlflowClient, parent: RunInfo, stage: str, status: str, message: str
+) -> None:
+    """A failed re-run of `stage` as a run of its own under the run whose results it would have
+    replaced, which keeps them and its status."""
+    note = f"**{status} in stage `{stage}`**: {message}\n\nThe results of the run above are kept."
+    attempt = client.create_run(
+        parent.experiment_id,
+        run_name=f"{stage} failed",
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            STAGE: stage,
+            FAILED_STAGE: stage,
+            ERROR: message[:500],
+            "mlflow.note.content": note,
+        },
+    )
+    client.set_terminated(attempt.info.run_id, status)
 
 
 def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:

@@ -130,6 +130,7 @@ def build_module(cfg: DictConfig, class_names: list[str]) -> LitClassifier:
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
     """`cfg.trainer` passed whole to pl.Trainer, with `cfg.callbacks` and the stage's own."""
+    quiet_lightning()
     options = {
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
@@ -176,7 +177,6 @@ def train(
     Every epoch saves a full checkpoint to `paths.resume`; a run of the same recipe that finds
     one (the previous run was killed) continues from it. The folder is removed on success.
     """
-    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     warn_if_bf16_is_emulated(cfg)
     resume_dir = Path(cfg.paths.resume)

@@ -4,13 +4,13 @@ Reads the store that the pipeline writes to (MLFLOW_TRACKING_URI, else mlflow.tr
 sqlite:///<repo>/mlflow.db) through MLflow's client; `mlflow ui` shows the same runs as charts.
 """
 
-import argparse
 import time
 
 import mlflow
 from mlflow.entities import Run
 
 from cnnpipe import PipelineError, tracking
+from cnnpipe.args import COUNT, Parser
 from cnnpipe.config import load_params, network_name
 
 COLUMNS = {
@@ -63,8 +63,8 @@ def format_table(runs: list) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cnnpipe runs", description=__doc__)
-    parser.add_argument("--last", type=int, default=20, help="how many runs (default 20)")
+    parser = Parser(prog="cnnpipe runs", description=__doc__)
+    parser.add_argument("--last", type=COUNT, default=20, help="how many runs (default 20)")
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
     args = parser.parse_args(argv)
     cfg = load_params()

@@ -2,8 +2,10 @@
 database, pruning inside each trial's training, and the search's report in MLflow. The Hydra
 sweeper that drives a search is hydra_plugins/cnnpipe_optuna (`hparams_search=<name>`)."""
 
+import contextlib
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +22,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
 
@@ -68,7 +71,7 @@ def search_space(
     return space, fixed
 
 
-def storage(spec: str | DictConfig | None, tracking_uri: str | None) -> optuna.storages.BaseStorage:
+def storage_spec(spec: str | DictConfig | None, tracking_uri: str | None) -> str | DictConfig:
     """The study's database: by default optuna.db beside an sqlite MLflow store (else in the
     working folder); any SQLAlchemy URL; or a Hydra node, e.g. Optuna's JournalStorage."""
     if spec is None:
@@ -76,7 +79,24 @@ def storage(spec: str | DictConfig | None, tracking_uri: str | None) -> optuna.s
         sqlite = uri.startswith("sqlite:///")
         beside = Path(uri.removeprefix("sqlite:///")).parent if sqlite else Path()
         spec = f"sqlite:///{(beside / 'optuna.db').resolve()}"
+    return spec
+
+
+def storage(spec: str | DictConfig | None, tracking_uri: str | None) -> optuna.storages.BaseStorage:
+    spec = storage_spec(spec, tracking_uri)
     return optuna.storages.get_storage(spec if isinstance(spec, str) else instantiate(spec))
+
+
+@contextlib.contextmanager
+def study_errors(sweeper: DictConfig, tracking_uri: str | None) -> Iterator[None]:
+    """A study database that is locked, read-only, full or down fails the search in one line."""
+    try:
+        yield
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        spec = storage_spec(sweeper.storage, tracking_uri)
+        where = spec if isinstance(spec, str) else spec.get("_target_")
+        problem = tracking.store_problem(error, "hydra.sweeper.storage")
+        raise PipelineError(f"Optuna storage {where}: {problem}") from None
 
 
 def open_study(sweeper: DictConfig, tracking_uri: str | None) -> optuna.Study:

@@ -55,7 +55,10 @@ def train_and_test(cfg: DictConfig) -> dict:
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
         varied = os.environ.get(VARIED_ENV, "").split(",")
         name = " ".join(o for o in hc.overrides.task if o.partition("=")[0] in varied) or name
-    trial = search.job_trial(hc, cfg.mlflow.tracking_uri) if search.is_search(hc) else None
+    trial = None
+    if search.is_search(hc):
+        with search.study_errors(hc.sweeper, cfg.mlflow.tracking_uri):
+            trial = search.job_trial(hc, cfg.mlflow.tracking_uri)
     callbacks = ()
     if trial:
         name, callbacks = search.trial_name(trial), (search.Pruning(trial),)
@@ -105,13 +108,22 @@ class ParentRun(Callback):
     """The sweep's MLflow parent run: created before the first job, closed with a summary."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            self.open_parent(config)
+        except PipelineError as error:
+            # Hydra turns a callback's exception into a warning and carries on without the
+            # parent; the sweep must stop, in one line.
+            sys.exit(f"cnnpipe train: error: {error}")
+
+    def open_parent(self, config: DictConfig) -> None:
         experiment_id = tracking.use_experiment(config)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides)
         sweeper = search.resolve_sweeper(config) if search.is_search(config.hydra) else None
         if sweeper:
             varied += [key for key in sweeper.params if key not in varied]
-            study = search.open_study(sweeper, config.mlflow.tracking_uri)
+            with search.study_errors(sweeper, config.mlflow.tracking_uri):
+                study = search.open_study(sweeper, config.mlflow.tracking_uri)
             # A rerun that continues the study continues its parent run too.
             if previous := search.remembered_parent(study):
                 with tracking.store_errors():

@@ -1,6 +1,8 @@
 """Image files decoded into one image of the contract's input: uint8 RGB, resized to its size."""
 
 import io
+import re
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -9,6 +11,10 @@ from cnnpipe.contract import HEIGHT, WIDTH
 
 # Decoding is refused above this many pixels: a small file can claim a huge image.
 MAX_PIXELS = 25_000_000
+
+
+def too_large(size: str) -> str:
+    return f"image of {size} pixels is too large (at most {MAX_PIXELS:,} pixels)"
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -22,18 +28,27 @@ def to_8bit(image: Image.Image) -> Image.Image:
 def decode(data: bytes) -> tuple[np.ndarray, str | None]:
     """Image bytes -> (HEIGHT, WIDTH, 3) uint8 RGB, and a note when the image had to be resized.
 
-    Raises ValueError with a short reason for anything Pillow cannot read as an image.
+    Raises ValueError with a short reason, for people, for anything that is not a usable image.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
-            image.load()
-            if image.mode.startswith("I") or image.mode == "F":
-                image = to_8bit(image)
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"not a readable image ({error.__class__.__name__})") from None
+        with warnings.catch_warnings():
+            # Pillow warns of a possible decompression bomb above its own limit, and raises above
+            # twice that; MAX_PIXELS refuses both first, in one line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ValueError(too_large(f"{image.width}x{image.height}"))
+                image.load()
+                if image.mode.startswith("I") or image.mode == "F":
+                    image = to_8bit(image)
+                rgb = image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise ValueError(too_large(pixels[1] if pixels else "more")) from None
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image: not a format an image library knows") from None
+    except OSError:
+        raise ValueError("not a readable image: the file is truncated or corrupt") from None
     note = None
     if rgb.size != (WIDTH, HEIGHT):
         note = f"resized from {rgb.width}x{rgb.height}"

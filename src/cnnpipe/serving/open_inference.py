@@ -5,6 +5,8 @@ https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/
 """
 
 import json
+import math
+from collections.abc import Iterator
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -17,35 +19,66 @@ from cnnpipe.serving.http import RequestError, read_body
 from cnnpipe.serving.onnx_model import OnnxModel
 
 
+def parse_json(body: bytes) -> object:
+    """The request body as JSON; ValueError for anything that is not plain JSON: invalid text,
+    NaN and Infinity (Python's json takes them), nesting deeper than the parser's stack."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(body, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError too
+        raise ValueError(f"the body is not JSON ({str(error).splitlines()[0][:100]})") from None
+
+
+def leaves(data: list) -> Iterator[object]:
+    """The values of a (nested) JSON list in row-major order, as the protocol lays them out."""
+    for item in data:
+        if isinstance(item, list):
+            yield from leaves(item)
+        else:
+            yield item
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def images_from(body: object, input_name: str) -> np.ndarray:
     """The one UINT8 tensor of the contract's input shape in an infer request; ValueError says
-    what is wrong with it."""
+    what is wrong with it. Everything is checked in Python before numpy sees it."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ValueError(f'expected {{"inputs": [one tensor named "{input_name}"]}}')
     tensor = inputs[0]
     shape, data = tensor.get("shape"), tensor.get("data")
     if tensor.get("datatype") != "UINT8":
-        raise ValueError(f"datatype must be UINT8, not {tensor.get('datatype')}")
+        raise ValueError(f"datatype must be UINT8, not {str(tensor.get('datatype'))[:40]}")
+    want = contract.input_shape()
     if (
         not isinstance(shape, list)
-        or len(shape) != 4
-        or tuple(shape[1:]) != contract.input_shape()[1:]
-        or not isinstance(shape[0], int)
+        or len(shape) != len(want)
+        or not all(map(is_int, shape))
+        or tuple(shape[1:]) != want[1:]
         or shape[0] < 1
     ):
-        raise ValueError(
-            f"shape must be [{', '.join(map(str, contract.input_shape()))}], not {shape}"
-        )
+        raise ValueError(f"shape must be [{', '.join(map(str, want))}], not {str(shape)[:80]}")
+    if not isinstance(data, list):
+        raise ValueError("data must be a list of integers")
     try:
-        values = np.asarray(data, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError("data must be a list of integers") from None
-    if values.size != np.prod(shape):
-        raise ValueError(f"data has {values.size} values; shape {shape} needs {np.prod(shape)}")
-    if values.size and (values.min() < 0 or values.max() > 255):
+        values = list(leaves(data))
+    except RecursionError:
+        raise ValueError("data is nested too deeply") from None
+    if len(values) != math.prod(shape):
+        raise ValueError(f"data has {len(values)} values; shape {shape} needs {math.prod(shape)}")
+    if not all(map(is_int, values)):
+        raise ValueError("data must be a list of integers")
+    if values and (min(values) < 0 or max(values) > 255):
         raise ValueError("UINT8 data must be in 0-255")
-    return values.astype(np.uint8).reshape(shape)
+    return np.array(values, dtype=np.uint8).reshape(shape)
 
 
 def routes(
@@ -69,11 +102,13 @@ def routes(
         return JSONResponse({"name": "cnnpipe", "version": "1", "extensions": []})
 
     def check_model(request: Request) -> None:
-        if request.path_params["model"] != name or (
-            request.path_params.get("version") not in (None, version)
-        ):
+        asked, asked_version = request.path_params["model"], request.path_params.get("version")
+        if asked != name:
+            raise RequestError(404, f"no model {asked}; this server has {name}")
+        if asked_version not in (None, version):
             raise RequestError(
-                404, f"no model {request.path_params['model']}; this server has {name}"
+                404,
+                f"model {name} has no version {asked_version}; this server has version {version}",
             )
 
     async def metadata(request: Request) -> JSONResponse:
@@ -88,8 +123,11 @@ def routes(
         check_model(request)
         body = await read_body(request, max_body_bytes, body_timeout_s)
         try:
-            images = images_from(json.loads(body), contract.INPUT_NAME)
-        except ValueError as reason:  # also bodies that are not JSON
+            # In a worker thread: checking a large body must not stall every other connection.
+            images = await run_in_threadpool(
+                lambda: images_from(parse_json(body), contract.INPUT_NAME)
+            )
+        except ValueError as reason:
             raise RequestError(400, str(reason)) from None
         probs = await run_in_threadpool(onnx_model.probabilities, images)
         output = {

@@ -1,6 +1,5 @@
 """`cnnpipe predict MODEL.onnx PATH...`: classify image files with the exported ONNX model."""
 
-import argparse
 import csv
 import glob
 import json
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe import PipelineError
+from cnnpipe.args import COUNT, Parser
 from cnnpipe.serving.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 
@@ -31,12 +31,12 @@ def expand(patterns: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cnnpipe predict", description=__doc__)
+    parser = Parser(prog="cnnpipe predict", description=__doc__)
     parser.add_argument("model", help="the exported ONNX file, e.g. models/model.onnx")
     parser.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=COUNT, default=3)
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=COUNT, default=256)
     args = parser.parse_args(argv)
     model = OnnxModel.load(args.model)
     k = max(1, min(args.top_k, len(model.class_names)))

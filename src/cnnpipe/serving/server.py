@@ -3,7 +3,6 @@
 MODEL is the ONNX file or a registered version: models:/NAME/VERSION or models:/NAME@ALIAS.
 """
 
-import argparse
 import asyncio
 import threading
 import time
@@ -17,6 +16,7 @@ from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cnnpipe import PipelineError
+from cnnpipe.args import COUNT, MEGABYTES, PORT, SECONDS, Parser
 from cnnpipe.serving.app import create_app
 
 
@@ -129,16 +129,16 @@ def running(app: Starlette, header_timeout_s: float = 10, start_s: float = 30) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cnnpipe serve", description=__doc__)
+    parser = Parser(prog="cnnpipe serve", description=__doc__)
     parser.add_argument(
         "model", help="the exported ONNX file (models/model.onnx) or models:/NAME@ALIAS"
     )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-body-mb", type=float, default=10)
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--body-timeout-s", type=float, default=10)
-    parser.add_argument("--header-timeout-s", type=float, default=10)
+    parser.add_argument("--port", type=PORT, default=8000)
+    parser.add_argument("--max-body-mb", type=MEGABYTES, default=10)
+    parser.add_argument("--top-k", type=COUNT, default=3)
+    parser.add_argument("--body-timeout-s", type=SECONDS, default=10)
+    parser.add_argument("--header-timeout-s", type=SECONDS, default=10)
     args = parser.parse_args(argv)
     max_body = int(args.max_body_mb * (1 << 20))
     path, registered = args.model, None

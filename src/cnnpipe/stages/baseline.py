@@ -1,10 +1,9 @@
 """Stage `baseline`: the dense network on raw pixels, trained and tested with the CNN's recipe."""
 
-import argparse
-
 from omegaconf import DictConfig
 
 from cnnpipe import tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import baseline_config, load_params
 from cnnpipe.evaluation import evaluate
 from cnnpipe.trainer import train
@@ -26,7 +25,7 @@ def train_baseline(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe baseline", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe baseline", description=__doc__).parse_args(argv)
     cfg = load_params()
     with tracking.stage_run(cfg, "baseline"):
         metrics = train_baseline(cfg)

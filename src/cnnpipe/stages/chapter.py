@@ -1,6 +1,5 @@
 """Stage `chapter`: the textbook chapter's claims about CNNs, each shown by a number or picture."""
 
-import argparse
 import base64
 import csv
 import json
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnnpipe import tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import baseline_config, load_params, network_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
@@ -311,7 +311,7 @@ def self_contained_html(markdown: str, here: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
     cfg = load_params()
     with tracking.stage_run(cfg, "chapter"):
         numbers = chapter(cfg)

@@ -1,14 +1,13 @@
 """Stage `evaluate`: test-set accuracy, per-class accuracy and the confusion matrix."""
 
-import argparse
-
 from cnnpipe import tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params
 from cnnpipe.evaluation import evaluate, log_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe evaluate", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe evaluate", description=__doc__).parse_args(argv)
     cfg = load_params()
     with tracking.stage_run(cfg, "evaluate"):
         metrics = evaluate(cfg)

@@ -1,12 +1,12 @@
 """Stage `export`: an ONNX file that takes decoded images and returns class probabilities."""
 
-import argparse
 import json
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, contract, tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params
 from cnnpipe.inference import TorchModel
 from cnnpipe.onnx_export import export_onnx
@@ -21,7 +21,7 @@ def test_accuracy(eval_metrics: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe export", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     with tracking.stage_run(cfg, "export") as run:
         module = load_checkpoint(cfg.paths.checkpoint)

@@ -1,6 +1,5 @@
 """Stage `fetch`: download the CIFAR-10 archive, verify its md5 and extract the batch files."""
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -14,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from cnnpipe import PipelineError
+from cnnpipe.args import Parser
 from cnnpipe.cifar import (
     ARCHIVE_DIR,
     BATCH_FILES,
@@ -120,7 +120,7 @@ def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe fetch", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe fetch", description=__doc__).parse_args(argv)
     cfg = load_params()
     fetch(cfg.fetch.url, cfg.fetch.md5, Path(cfg.paths.data), cfg.fetch.timeout_s)
     print(f"fetched {cfg.paths.data}")

@@ -1,11 +1,10 @@
 """Stage `params_report`: parameters and multiply-accumulates per layer, against dense layers."""
 
-import argparse
-
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params, network_name
 from cnnpipe.files import atomic_path
 from cnnpipe.param_count import params_report
@@ -57,7 +56,7 @@ def to_markdown(report: dict, model_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe params-report", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe params-report", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     with tracking.stage_run(cfg, "params_report"):
         module = load_checkpoint(cfg.paths.checkpoint)

@@ -1,6 +1,5 @@
 """Stage `parity`: the ONNX model in onnxruntime against the PyTorch checkpoint, on the test set."""
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, contract, tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params, network_name
 from cnnpipe.data import read_split
 from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
@@ -69,7 +69,7 @@ def version_description(cfg: DictConfig, result: dict, params: int, link: str) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     with tracking.stage_run(cfg, "parity") as run:
         module = load_checkpoint(cfg.paths.checkpoint)

@@ -5,7 +5,6 @@ onnxruntime's static quantization (QDQ format, per-channel weights), calibrated 
 of the TorchModel's function rearranged for onnxruntime's INT8 kernels (see QuantizableModel).
 """
 
-import argparse
 import copy
 import shutil
 import statistics
@@ -30,6 +29,7 @@ from onnxruntime.quantization import (
 from torch import nn
 
 from cnnpipe import contract, tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params, network_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
@@ -37,6 +37,9 @@ from cnnpipe.inference import TorchModel, nhwc, tta_views
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.training import load_checkpoint
+
+# What the output folder holds instead of model.onnx when the INT8 model is dropped.
+DROPPED = "dropped.txt"
 
 
 class ImageBatches(CalibrationDataReader):
@@ -154,7 +157,7 @@ def accuracy(model: OnnxModel, images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
+    Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     q = cfg.quantize
     with tracking.stage_run(cfg, "quantize") as run:
@@ -198,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             kept = not why_not
             if not kept:
                 int8.unlink()
+                # Said in the folder too: DVC would otherwise warn that the output is empty.
+                (tmp / DROPPED).write_text(
+                    f"No INT8 model: {' and '.join(why_not)} (metrics/quantize.json).\n"
+                )
             metrics = {
                 "int8/test_acc": int8_acc,
                 "int8/accuracy_drop": round(drop, 6),

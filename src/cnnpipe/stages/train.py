@@ -1,20 +1,18 @@
 """Stage `train`: fit the configured network with Lightning and save the checkpoint."""
 
-import argparse
 from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
 from cnnpipe import tracking
+from cnnpipe.args import Parser
 from cnnpipe.config import load_params
 from cnnpipe.trainer import interrupted_run, log_training, train
 
 
 def main(argv: list[str] | None = None) -> None:
     epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
-    argparse.ArgumentParser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(
-        argv
-    )
+    Parser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(argv)
     cfg = load_params()
     if rank_zero_only.rank != 0:
         # Another DDP process (started by Lightning, torchrun or SLURM): it trains, rank 0 logs.

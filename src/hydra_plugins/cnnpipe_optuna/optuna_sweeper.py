@@ -74,12 +74,23 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
+        from cnnpipe import PipelineError
+        from cnnpipe.experiments import search
+
+        sweeper = search.resolve_sweeper(self.config)
+        try:
+            with search.study_errors(sweeper, self.config.mlflow.tracking_uri):
+                self.search(sweeper, arguments)
+        except PipelineError as error:
+            # Past Hydra's own reporting, which would add a line on HYDRA_FULL_ERROR.
+            sys.exit(f"cnnpipe train: error: {error}")
+
+    def search(self, sweeper: DictConfig, arguments: list[str]) -> None:
         import optuna
 
         from cnnpipe.experiments import search
         from cnnpipe.experiments.sweep import PARENT_ENV
 
-        sweeper = search.resolve_sweeper(self.config)
         space, fixed = search.search_space(dict(sweeper.params), arguments)
         study = search.open_study(sweeper, self.config.mlflow.tracking_uri)
         if parent := os.environ.get(PARENT_ENV):
