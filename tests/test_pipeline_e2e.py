@@ -198,6 +198,24 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     assert (
         client.get_model_version_by_alias("cnnpipe-cifar10", "champion").version == version.version
     )
+    # Each logged model carries its own results on the test set, and nothing else of the run.
+    logged = client.search_logged_models([mlflow_run.info.experiment_id])
+    own = {
+        m.name: {(x.key, x.value, x.dataset_name) for x in m.metrics or []} for m in logged
+    }  # fmt: skip
+    assert own == {
+        "ChapterCNN-onnx": {
+            ("test/acc", parity["parity/onnx_test_acc"], "cifar10-test"),
+            ("parity/max_abs_diff", parity["parity/max_abs_diff"], "cifar10-test"),
+            ("parity/top1_agreement", parity["parity/top1_agreement"], "cifar10-test"),
+        },
+        "ChapterCNN-onnx-int8": {
+            (key, quantized[key], "cifar10-test")
+            for key in ("int8/test_acc", "int8/accuracy_drop", "int8/speedup")
+        },
+    }
+    # ... while the run keeps the pipeline's own values under the same names.
+    assert mlflow_run.data.metrics["test/acc"] == parity["parity/onnx_test_acc"]
     props = {p.key: p.value for p in onnx.load(repo / "models/model.onnx").metadata_props}
     assert props["mlflow_run_id"] == run_id and props["git_commit"] == commit
     assert not (repo / "mlruns").exists(), "nothing in the deprecated file store"

@@ -79,11 +79,11 @@ def read_class_names(data_dir: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def data_digest(data_dir: Path) -> str:
+def data_digest(data_dir: Path, names: list[str] = BATCH_FILES) -> str:
     """sha256 of the batch files' contents (16 hex digits): the same data gives the same digest,
     whatever URL or path it came from."""
     digest = hashlib.sha256()
-    for name in BATCH_FILES:
+    for name in names:
         digest.update((Path(data_dir) / name).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -6,18 +6,22 @@ import logging
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import psutil
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
+from cnnpipe.cifar import TEST_BATCH, data_digest, data_source
 from cnnpipe.config import network_name
 from cnnpipe.files import atomic_path
 from cnnpipe.schema import recipe
@@ -353,16 +357,39 @@ def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> Non
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})
 
 
+def cifar_dataset(data_dir: Path, split: str = "all") -> MetaDataset:
+    """The data by content, as an MLflow dataset, with the URL the fetch stage got it from:
+    every batch file ("cifar10", what training reads) or the test batch ("cifar10-test", what
+    the models are scored on)."""
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice and warns that it is ambiguous.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(data_source(data_dir))
+    if split == "test":
+        return MetaDataset(source, "cifar10-test", data_digest(data_dir, [TEST_BATCH]))
+    return MetaDataset(source, "cifar10", data_digest(data_dir))
+
+
+# The step a logged model is recorded at in its run: one no metric has, since MLflow links every
+# metric of the run at the model's step to it (the system metrics' first sample, the summary of
+# every stage), where only the model's own results belong.
+MODEL_STEP = -1
+
+
 def log_onnx_model(
     path: Path,
     name: str,
     registered_name: str,
     description: str,
     example: tuple[np.ndarray, np.ndarray],
+    results: dict[str, float],
+    dataset: MetaDataset,
 ) -> str:
-    """Log the ONNX file at `path` to the active run as `name` with MLflow's ONNX flavour and an
-    (input, output) `example` for its signature, and register it as a new version of
-    `registered_name` described by `description` (Markdown); returns the version."""
+    """Log the ONNX file at `path` to the active run as `name` with MLflow's ONNX flavour, an
+    (input, output) `example` for its signature and its `results` on `dataset` as its metrics,
+    and register it as a new version of `registered_name` described by `description`
+    (Markdown); returns the version. `results` are logged to the run too, so they must be the
+    values the run has under those names."""
     import onnx
     from mlflow.models import infer_signature
 
@@ -374,7 +401,9 @@ def log_onnx_model(
         input_example=example[0],
         save_as_external_data=False,
         onnx_execution_providers=["CPUExecutionProvider"],
+        step=MODEL_STEP,
     )
+    mlflow.log_metrics(results, model_id=info.model_id, dataset=dataset)
     version = str(info.registered_model_version)
     mlflow.MlflowClient().update_model_version(registered_name, version, description)
     return version

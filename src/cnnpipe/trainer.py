@@ -17,8 +17,6 @@ import mlflow
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
@@ -28,7 +26,6 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
-from cnnpipe.cifar import data_digest, data_source
 from cnnpipe.data import CIFAR10DataModule
 from cnnpipe.files import atomic_path
 from cnnpipe.sources import source_files
@@ -202,12 +199,7 @@ def train(
     if run_id:
         # The data by content: runs on the same data show the same digest, whatever URL
         # fetched it.
-        data_dir = Path(cfg.paths.data)
-        with warnings.catch_warnings():
-            # MLflow registers its local-file source class twice and warns that it is ambiguous.
-            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-            source = resolve_dataset_source(data_source(data_dir))
-        dataset = MetaDataset(source, "cifar10", data_digest(data_dir))
+        dataset = tracking.cifar_dataset(Path(cfg.paths.data))
         try:
             mlflow.log_input(dataset, "training")
         except (MlflowException, SQLAlchemyError):

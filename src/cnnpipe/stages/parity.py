@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             cfg.mlflow.model_name,
             version_description(cfg, result, params, link),
             (example, onnx_model.probabilities(example)),
+            {
+                "test/acc": result["onnx_test_acc"],
+                "parity/max_abs_diff": result["max_abs_diff"],
+                "parity/top1_agreement": result["top1_agreement"],
+            },
+            tracking.cifar_dataset(Path(cfg.paths.data), "test"),
         )
         promoted = promote(MlflowClient(), cfg.mlflow.model_name, version, result["onnx_test_acc"])
     print(

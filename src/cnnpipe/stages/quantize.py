@@ -254,4 +254,6 @@ def register(
         f"{cfg.mlflow.model_name}-int8",
         description,
         (example, quant.probabilities(example)),
+        {key: metrics[key] for key in ("int8/test_acc", "int8/accuracy_drop", "int8/speedup")},
+        tracking.cifar_dataset(Path(cfg.paths.data), "test"),
     )
