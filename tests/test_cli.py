@@ -40,8 +40,8 @@ def test_config_errors_are_one_line(tmp_path):
     cases = [
         (("params", "trainer.foo=1"), None, "cnnpipe params: error: conf/ has no setting "
          "trainer.foo; see params.yaml for the settings there are"),
-        (("params", "trainer=tpu"), None, "cnnpipe params: error: In 'config': Could not find "
-         "'trainer/tpu' Available options in 'trainer': cpu ddp gpu"),
+        (("params", "trainer=tpu"), None,
+         "cnnpipe params: error: conf/trainer has no tpu; choose one of: cpu, ddp, gpu"),
         (("fetch",), "data:\n  url: [oops\n", "cnnpipe fetch: error: params.yaml is not valid "
          "YAML (expected ',' or ']', but got '<stream end>' at line 3, column 1); fix it, or "
          "remake it with `cnnpipe params`"),

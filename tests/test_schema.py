@@ -27,7 +27,7 @@ def test_every_shipped_choice_is_valid():
         ("optim.lr=-1", "optim.lr=-1.0 must be > 0"),
         ("data.val_size=0", "data.val_size=0 must be > 0"),
         ("optim.pct_start=1.5", "optim.pct_start=1.5 must lie between 0 and 1"),
-        ("trainer.precision=fp8", "trainer.precision=fp8 is not one of"),
+        ("trainer.precision=fp8", "config key trainer.precision: 'fp8' is not one of"),
         ("data.std=[0.2,0.2,0]", "data.mean and data.std need 3 values each, std > 0"),
         ("~loader.batch_size", "config keys missing: loader.batch_size; regenerate params.yaml"),
     ],
@@ -45,6 +45,8 @@ def typed_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, objec
     for f in fields(schema):
         if is_dataclass(f.type):
             keys += typed_keys(f.type, f"{prefix}{f.name}.")
+        elif f.type == dict[str, str]:  # paths: every key a string
+            keys += [(f"{prefix}{f.name}.{k}", str) for k in composed()[f.name]]
         elif f.type != dict[str, Any]:
             keys.append((f"{prefix}{f.name}", f.type))
     return keys if prefix else keys + [(k, kinds) for k, (kinds, _) in UNTYPED.items()]
@@ -66,7 +68,7 @@ def wrong_values(kind: object) -> list:
 def test_every_typed_key_refuses_every_kind_of_wrong_value_in_one_line(key, kind):
     for value in wrong_values(kind):
         cfg = composed()
-        OmegaConf.update(cfg, key, value, force_add=True)
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         with pytest.raises(PipelineError) as error:
             validate(cfg)
         message = str(error.value)

@@ -2,7 +2,7 @@
 front, naming the key, before any stage does work."""
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -156,19 +156,47 @@ def recipe(cfg: DictConfig) -> dict:
     return keep(OmegaConf.to_container(OmegaConf.masked_copy(cfg, known), resolve=True), Config)
 
 
+def misshapen(node: DictConfig, schema: type, prefix: str = "") -> str | None:
+    """The first key whose value is a mapping where the schema has a list, or the other way
+    round: OmegaConf refuses the merge without naming it."""
+    for f in fields(schema):
+        value = node.get(f.name) if OmegaConf.is_dict(node) else None
+        if value is None:
+            continue
+        if is_dataclass(f.type):
+            if not OmegaConf.is_dict(value):
+                return f"{prefix}{f.name}"
+            if found := misshapen(value, f.type, f"{prefix}{f.name}."):
+                return found
+        elif get_origin(f.type) is list:
+            if not OmegaConf.is_list(value):
+                return f"{prefix}{f.name}"
+            if get_origin(get_args(f.type)[0]) is list:  # a list of lists
+                for i, item in enumerate(value):
+                    if not OmegaConf.is_list(item):
+                        return f"{prefix}{f.name}[{i}]"
+        elif get_origin(f.type) is dict and not OmegaConf.is_dict(value):
+            return f"{prefix}{f.name}"
+    return None
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """`cfg` checked against the schema; a PipelineError names the first offending key."""
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except OmegaConfBaseException as error:
         reason = str(error.msg).splitlines()[0] if error.msg else type(error).__name__
-        raise PipelineError(f"config key {error.full_key or '?'}: {reason}") from None
+        key = error.full_key or misshapen(cfg, Config) or "?"
+        raise PipelineError(f"config key {key}: {reason}") from None
     if missing := sorted(OmegaConf.missing_keys(cfg)):
         raise PipelineError(
             f"config keys missing: {', '.join(missing)}; regenerate params.yaml with "
             "`cnnpipe params` or add them to conf/"
         )
     # Types before ranges: the schema's dataclasses typed every other key in the merge above.
+    for key, path in cfg.paths.items():
+        if not isinstance(path, str) or not path:
+            raise PipelineError(f"config key paths.{key}: {path!r} is not a path")
     for key, (kinds, name) in UNTYPED.items():
         value = OmegaConf.select(cfg, key, default=1)
         if isinstance(value, bool) or not isinstance(value, kinds):
@@ -193,7 +221,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         problems.append(f"optim.label_smoothing={cfg.optim.label_smoothing} must lie in [0, 1)")
     if str(cfg.trainer.get("precision", "32-true")) not in PRECISIONS:
         problems.append(
-            f"trainer.precision={cfg.trainer.precision} is not one of {sorted(PRECISIONS)}"
+            f"config key trainer.precision: {cfg.trainer.precision!r} is not one of "
+            f"{sorted(PRECISIONS)}"
         )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         problems.append("data.mean and data.std need 3 values each, std > 0")
