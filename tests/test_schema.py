@@ -1,3 +1,4 @@
+import copy
 from dataclasses import fields, is_dataclass
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -38,6 +39,9 @@ def test_bad_values_are_refused_naming_the_key(override, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+DEFAULT = composed()
+
+
 def typed_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, object]]:
     """Every leaf key of the schema's dataclasses with its type, and the untyped ones cnnpipe
     reads."""
@@ -46,7 +50,7 @@ def typed_keys(schema: type = Config, prefix: str = "") -> list[tuple[str, objec
         if is_dataclass(f.type):
             keys += typed_keys(f.type, f"{prefix}{f.name}.")
         elif f.type == dict[str, str]:  # paths: every key a string
-            keys += [(f"{prefix}{f.name}.{k}", str) for k in composed()[f.name]]
+            keys += [(f"{prefix}{f.name}.{k}", str) for k in DEFAULT[f.name]]
         elif f.type != dict[str, Any]:
             keys.append((f"{prefix}{f.name}", f.type))
     return keys if prefix else keys + [(k, kinds) for k, (kinds, _) in UNTYPED.items()]
@@ -67,7 +71,7 @@ def wrong_values(kind: object) -> list:
 @pytest.mark.parametrize("key, kind", typed_keys(), ids=[k for k, _ in typed_keys()])
 def test_every_typed_key_refuses_every_kind_of_wrong_value_in_one_line(key, kind):
     for value in wrong_values(kind):
-        cfg = composed()
+        cfg = copy.deepcopy(DEFAULT)
         OmegaConf.update(cfg, key, value, merge=False, force_add=True)
         with pytest.raises(PipelineError) as error:
             validate(cfg)

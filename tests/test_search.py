@@ -199,6 +199,7 @@ def test_two_joblib_workers_share_one_study_and_lose_nothing(project):
         assert children[t.number].data.params["optim.lr"] == str(t.params["optim.lr"])
 
 
+@pytest.mark.slow
 def test_a_locked_or_read_only_study_fails_the_search_in_one_line(project):
     repo, _ = project
     db = repo / "optuna.db"

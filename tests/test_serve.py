@@ -285,6 +285,12 @@ def test_a_registered_version_is_served_with_its_name_version_and_alias(
         PipelineError, match=r"^models:/cnn/7: Model Version .* not found in sqlite"
     ):
         fetch_registered("models:/cnn/7")
+    with pytest.raises(PipelineError, match=r"^models:/cnn@best: cnn has no alias @best; its "
+                       r"aliases are @champion$"):  # fmt: skip
+        fetch_registered("models:/cnn@best")
+    with pytest.raises(PipelineError, match=r"^models:/resnet@champion: no registered model "
+                       r"resnet in sqlite:///"):  # fmt: skip
+        fetch_registered("models:/resnet@champion")
 
 
 def test_open_inference_protocol_infers_like_predict(server, model_path):

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h11
 import uvicorn
@@ -18,6 +19,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, MEGABYTES, PORT, SECONDS, Parser
 from cnnpipe.serving.app import create_app
+
+if TYPE_CHECKING:  # serving imports MLflow only to fetch a models:/ URI
+    from mlflow import MlflowClient
 
 
 def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
@@ -43,6 +47,8 @@ def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
                 else client.get_model_version(name, number)
             )
         except mlflow.MlflowException as error:
+            if alias:
+                raise PipelineError(f"{uri}: {missing_alias(client, name, alias)}") from None
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             reason = error.message.splitlines()[0]
@@ -53,6 +59,18 @@ def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
         "version": str(found.version),
         "alias": alias or (found.aliases[0] if found.aliases else None),
     }
+
+
+def missing_alias(client: "MlflowClient", name: str, alias: str) -> str:
+    """Why `name@alias` is not there, in words: the model is unknown, or the aliases it has."""
+    import mlflow
+
+    try:
+        aliases = sorted(client.get_registered_model(name).aliases)
+    except mlflow.MlflowException:
+        return f"no registered model {name} in {mlflow.get_tracking_uri()}"
+    has = f"its aliases are {', '.join('@' + a for a in aliases)}" if aliases else "it has none"
+    return f"{name} has no alias @{alias}; {has}"
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
