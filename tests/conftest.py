@@ -3,6 +3,7 @@ helpers they share are in tests/helpers.py."""
 
 import http.server
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -65,3 +66,20 @@ def http_server(tmp_path: Path):
     yield f"http://127.0.0.1:{server.server_port}", root
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A one-node SLURM cluster and a PostgreSQL server (tools/local_cluster.py) for the whole
+    session, stopped at its end; the tests that need it are skipped where it cannot start."""
+    from tools.local_cluster import ClusterError, LocalCluster
+
+    # Not under pytest's own temporary folder: munge and postgres must be able to enter it.
+    folder = Path(tempfile.mkdtemp(prefix="cnnpipe-cluster-"))
+    try:
+        started = LocalCluster(folder).start()
+    except ClusterError as error:
+        pytest.skip(f"no local cluster here: {str(error).splitlines()[0]}")
+    yield started
+    started.stop()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -175,3 +175,37 @@ class Rendezvous(pl.Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no other training started within {self.deadline_s} s")
             time.sleep(0.1)
+
+
+class WeightsDigest(pl.Callback):
+    """Prints, when training ends, `RANK <rank> <world size> <batches per epoch> <sha256 of the
+    weights>` for each process, so a test can compare what every DDP rank ended with."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
+        digest = hashlib.sha256(weights).hexdigest()
+        print(
+            f"RANK {trainer.global_rank} {trainer.world_size} {trainer.num_training_batches} "
+            f"{digest}",
+            flush=True,
+        )
+
+
+class HoldOnce(pl.Callback):
+    """At the first batch of epoch `epoch` (0-based), the first time only (`folder`/held marks
+    it), holds training until the process is told to stop (SIGTERM, as SLURM does on a requeue)
+    or `deadline_s` passes: a test can interrupt it between two epochs, whatever the speed."""
+
+    def __init__(self, folder: str, epoch: int = 1, deadline_s: float = 120) -> None:
+        self.marker, self.epoch, self.deadline_s = Path(folder) / "held", epoch, deadline_s
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx or self.marker.exists():
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.touch()
+        deadline = time.monotonic() + self.deadline_s
+        while not trainer.received_sigterm:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not stopped within {self.deadline_s} s")
+            time.sleep(0.1)

@@ -84,6 +84,16 @@ def source_tags(command: str, commit: str, dirty: bool) -> dict[str, str]:
     }
 
 
+# Runs' names are a VARCHAR(250) in MLflow's database schema: PostgreSQL and MySQL refuse a longer
+# one (sqlite does not check). A sweep named by its overrides can be longer.
+NAME_LENGTH = 250
+
+
+def short_name(name: str) -> str:
+    """`name` as it fits in a run's name: cut to NAME_LENGTH characters, ending in "…"."""
+    return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
+
+
 def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
     """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
     Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
@@ -105,7 +115,13 @@ def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str
         return "a disk I/O error (is the disk full or failing?); check it, then run again"
     if "connection" in text or "max retries" in text or "refused" in text:
         return f"the server does not answer; start it or set {setting} to another store"
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
+    # SQLAlchemy may open with a note on when the statement ran; the database's words follow.
+    lines = [
+        line.removeprefix("BAD_REQUEST: ").strip()
+        for line in str(error).splitlines()
+        if line.strip() and "Query-invoked autoflush" not in line
+    ]
+    first = lines[0][:200] if lines else repr(error)
     return f"{first}; fix the store or set {setting} to another one"
 
 
@@ -274,7 +290,9 @@ def stage_run(
             all_tags |= source_tags(f"cnnpipe {stage}", commit, dirty)
         run = mlflow.start_run(
             run_id=run_id,
-            run_name=None if run_id else name or exp_name or default_name(cfg, commit, dirty),
+            run_name=None
+            if run_id
+            else short_name(name or exp_name or default_name(cfg, commit, dirty)),
             tags=all_tags,
             log_system_metrics=system_metrics,
         )

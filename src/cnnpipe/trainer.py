@@ -150,6 +150,11 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) ->
         ) from None
     except MisconfigurationException as error:
         raise PipelineError(f"conf/trainer: {str(error).splitlines()[0]}") from None
+    except RuntimeError as error:
+        # Lightning's check of an srun line, e.g. `--ntasks` where it needs `--ntasks-per-node`.
+        if "SLURM" not in str(error):
+            raise
+        raise PipelineError(f"SLURM: {str(error).splitlines()[0]}") from None
 
 
 def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
@@ -217,7 +222,14 @@ def train(
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    trainer = build_trainer(cfg, [history, timer, last, *callbacks], enable_checkpointing=True)
+    trainer = build_trainer(
+        cfg,
+        [history, timer, last, *callbacks],
+        enable_checkpointing=True,
+        # Where Lightning saves on SLURM's requeue signal (hpc_ckpt_*.ckpt): inside the resume
+        # state, which a finished run removes; the resume itself starts from `last`.
+        default_root_dir=resume_dir,
+    )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint if resume else None)
     except PipelineError:

@@ -137,7 +137,7 @@ class ParentRun(Callback):
                 return
         kind = f"search {sweeper.study_name}" if sweeper else "sweep"
         tags = {
-            "mlflow.runName": f"{kind}: {' '.join(overrides)}",
+            "mlflow.runName": tracking.short_name(f"{kind}: {' '.join(overrides)}"),
             "sweep.dir": str(config.hydra.sweep.dir),
             **tracking.source_tags("cnnpipe train --multirun", *tracking.git_commit()),
             tracking.STAGE: "sweep",

@@ -1,0 +1,227 @@
+"""Beyond one machine, for real: a one-node SLURM cluster and a PostgreSQL server started by
+tools/local_cluster.py (the `cluster` fixture), a team's `mlflow server` on PostgreSQL, and the
+journeys of docs/scale-out.md through them on tiny data."""
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cnnpipe.tracking import recipe_params
+from cnnpipe.trainer import HISTORY_KEYS
+from tests import helpers
+from tests.helpers import ROOT, free_port
+from tests.test_scale import compose_for
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+cnnpipe = functools.partial(helpers.cnnpipe, check=True)
+
+
+def slurm(cluster, *command: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """A SLURM command (srun, sbatch, squeue, ...) on the local cluster; it must succeed."""
+    env = {**os.environ, **cluster.env, "PYTHONPATH": str(ROOT), **kwargs.pop("env", {})}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def ranks(output: str) -> dict[str, list[str]]:
+    """`RANK r world batches digest` lines (tests.helpers.WeightsDigest) by rank."""
+    found = [line.split()[1:] for line in output.splitlines() if line.startswith("RANK ")]
+    return {rank: rest for rank, *rest in found}
+
+
+def test_ddp_through_srun_trains_two_ranks_into_one_run(cluster, project):
+    repo, tiny = project
+    digest = "+callbacks.digest._target_=tests.helpers.WeightsDigest"
+    cnnpipe("params", *tiny, "trainer=ddp", "loader.batch_size=32", digest)
+    # docs/scale-out.md's command, with the CPUs of this one node.
+    result = slurm(cluster, "srun", "--ntasks-per-node=2", "--cpus-per-task=1", str(BIN / "cnnpipe"), "train")
+
+    by_rank = ranks(result.stdout)
+    assert set(by_rank) == {"0", "1"}, result.stdout[-2000:]
+    assert by_rank["0"] == by_rank["1"], "both ranks end with the same weights"
+    world, batches, _ = by_rank["0"]
+    # 160 training images: 80 per rank, in 3 batches of 32.
+    assert (world, batches) == ("2", "3")
+    assert result.stdout.count("trained: val/acc") == 1
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cnnpipe").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.strategy"] == "ddp"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2]
+
+
+def test_an_srun_line_lightning_refuses_gets_one_line(cluster, project):
+    cnnpipe("params", *project[1], "trainer=ddp")
+    env = {**os.environ, **cluster.env}
+    result = subprocess.run(
+        ["srun", "--ntasks=2", str(BIN / "cnnpipe"), "train"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "cnnpipe train: error: SLURM: You set `--ntasks=2` in your SLURM bash script" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def team_server(cluster, tmp_path_factory):
+    """`mlflow server` as docs/scale-out.md runs it for a team: runs and the registry in
+    PostgreSQL, artifacts kept by the server in a folder standing in for the bucket."""
+    database = cluster.create_database("mlflow")
+    bucket = tmp_path_factory.mktemp("bucket")
+    port = free_port()
+    log = open(bucket.parent / "mlflow-server.log", "w")
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", database,
+         "--artifacts-destination", str(bucket), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"mlflow server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield base, bucket
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+
+
+def experiment_runs(uri: str, name: str) -> list[mlflow.entities.Run]:
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id])
+
+
+def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_server(
+    cluster, team_server, project
+):
+    repo, tiny = project
+    base, bucket = team_server
+    env = {**cluster.env, "MLFLOW_TRACKING_URI": base}
+    started = repo / "started"
+    grid = ["optim.lr=1e-3,3e-3", *tiny]
+    begin = time.monotonic()
+    out = cnnpipe(
+        "train", "--multirun", "hydra/launcher=slurm_local", *grid,
+        "mlflow.experiment=slurm-sweep",
+        # Each training waits at its start for the other: the two SLURM jobs must overlap.
+        "+callbacks.rendezvous._target_=tests.helpers.Rendezvous",
+        f"+callbacks.rendezvous.folder={started}",
+        env=env,
+    ).stdout  # fmt: skip
+    on_slurm = time.monotonic() - begin
+
+    runs = experiment_runs(base, "slurm-sweep")
+    (parent,) = [r for r in runs if "sweep.dir" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    assert parent.info.status == "FINISHED"
+    assert len(list(started.iterdir())) == 2, "two trainings at once"
+    first, second = sorted(children, key=lambda r: r.info.start_time)
+    assert second.info.start_time < first.info.end_time, "the two jobs ran at the same time"
+    client = mlflow.MlflowClient(base)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
+        assert {"test/acc", "train/seconds", "train/loss"} <= set(child.data.metrics)
+        assert child.data.tags["sweep.overrides"].startswith("optim.lr=")
+    assert len(list(bucket.rglob("train_history.csv"))) == 2, "artifacts kept by the server"
+    rows = re.findall(r"^\| optim\.lr=\S+ \| ([\d.]+) \|", out, re.M)
+    assert sorted(float(v) for v in rows) == sorted(
+        round(c.data.metrics["val/acc"], 4) for c in children
+    )
+    # Two SLURM jobs of one array, each with its log in the sweep's .submitit folder.
+    (sweep,) = (repo / "sweeps").iterdir()
+    logs = sorted(p.name for p in sweep.glob(".submitit/*/*_log.out"))
+    assert len(logs) == 2 and re.fullmatch(r"\d+_0_0_log\.out", logs[0]), logs
+
+    # The same grid in turn on this machine's default launcher, for the wall time beside it.
+    begin = time.monotonic()
+    cnnpipe("train", "--multirun", *grid, "mlflow.experiment=in-turn", env=env)
+    in_turn = time.monotonic() - begin
+    print(f"\n2-job grid sweep: {on_slurm:.1f} s through SLURM, {in_turn:.1f} s in turn")
+
+
+def job_state(cluster, job: str) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, Restarts, ...)."""
+    return dict(re.findall(r"(\w+)=(\S*)", slurm(cluster, "scontrol", "show", "job", job).stdout))
+
+
+def wait_until(what: str, ready, deadline_s: float = 300) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not ready():
+        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
+        time.sleep(0.3)
+
+
+def test_a_requeued_slurm_job_resumes_from_its_last_epoch_in_the_same_run(cluster, project):
+    repo, tiny = project
+    recipe = [*tiny, "trainer.max_epochs=3"]
+    cnnpipe("params", *recipe)
+    cnnpipe("train")
+    uninterrupted = json.loads((repo / "metrics" / "train.json").read_text())
+    rows = (repo / "plots" / "train_history.csv").read_text()
+    for output in ("models", "metrics", "plots"):
+        shutil.rmtree(repo / output)
+
+    # The same recipe as a batch job that holds at the start of epoch 2 until it is stopped.
+    held = repo / "held"
+    hold = ["+callbacks.hold._target_=tests.helpers.HoldOnce", f"+callbacks.hold.folder={held}"]
+    cnnpipe("params", *recipe, *hold)
+    path = {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    job = slurm(
+        cluster, "sbatch", "--parsable", str(ROOT / "slurm" / "train.sbatch"), cwd=repo, env=path
+    ).stdout.strip()
+    log = repo / f"slurm-{job}.out"
+    wait_until("epoch 2 started", (held / "held").exists)
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cnnpipe").experiment_id
+    (run,) = [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
+
+    # What SLURM sends before the time limit (--signal=USR1@90) or a preemption.
+    slurm(cluster, "scancel", "--signal=USR1", job)
+    wait_until("requeued", lambda: job_state(cluster, job)["JobState"] == "PENDING")
+    assert job_state(cluster, job)["Restarts"] == "1"
+    assert client.get_run(run.info.run_id).info.status != "FINISHED", "not finished yet"
+    # SLURM holds a requeued job for two minutes; this test need not wait for that.
+    slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait_until("the job's end", lambda: job_state(cluster, job)["JobState"] not in
+               ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"))  # fmt: skip
+    assert job_state(cluster, job)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+
+    text = log.read_text()
+    assert "Requeued SLURM job" in text or "requeue" in text.lower()
+    assert "resuming the interrupted run from .resume/train/checkpoint/last.ckpt" in text
+    runs = client.search_runs([experiment])
+    assert len(runs) == 2, "the reference run and one run for the job, requeue and all"
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2, 3]
+    resumed = json.loads((repo / "metrics" / "train.json").read_text())
+    assert {k: resumed[k] for k in HISTORY_KEYS} == {k: uninterrupted[k] for k in HISTORY_KEYS}
+    without_seconds = [line.rsplit(",", 1)[0] for line in rows.splitlines()]
+    resumed_rows = (repo / "plots" / "train_history.csv").read_text().splitlines()
+    assert [line.rsplit(",", 1)[0] for line in resumed_rows] == without_seconds
+    assert not (repo / ".resume" / "train").exists() and not list(repo.rglob("hpc_ckpt*"))

@@ -1,0 +1,281 @@
+"""A one-node SLURM cluster and a PostgreSQL server on 127.0.0.1, for the tests and for trying
+the cluster journeys (docs/scale-out.md) on one machine.
+
+    python tools/local_cluster.py start [FOLDER]   # prints the environment to use it
+    python tools/local_cluster.py stop [FOLDER]
+
+Needs root: it installs Debian's packages when missing, and runs munged as the munge user,
+slurmctld and slurmd as root, PostgreSQL as the postgres user, all with their state, sockets
+and logs under FOLDER (default /tmp/cnnpipe-cluster). `stop` stops exactly what `start`
+started, by the process ids it recorded. Standard library only.
+"""
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = {
+    "slurmctld": "slurmctld",
+    "slurmd": "slurmd",
+    "sbatch": "slurm-client",
+    "munged": "munge",
+    "/usr/lib/postgresql/15/bin/initdb": "postgresql",
+}
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+DEFAULT_FOLDER = Path("/tmp/cnnpipe-cluster")
+DEADLINE_S = 90
+
+
+class ClusterError(Exception):
+    """The cluster could not start here; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*command: str, user: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    if user:
+        command = ("runuser", "-u", user, "--", *command)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
+    if result.returncode:
+        raise ClusterError(f"{' '.join(command)} failed: {(result.stderr or result.stdout)[-800:]}")
+    return result
+
+
+def install_packages() -> None:
+    missing = sorted({p for tool, p in PACKAGES.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    if not shutil.which("apt-get"):
+        raise ClusterError(f"missing Debian packages {' '.join(missing)} and no apt-get to install them")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
+    run("apt-get", "install", "-y", "-qq", *missing, env=env)
+
+
+def wait_for(what: str, ready, log: Path | None = None) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not ready():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-1500:] if log and log.is_file() else ""
+            raise ClusterError(f"{what} was not ready within {DEADLINE_S} s\n{tail}")
+        time.sleep(0.3)
+
+
+def owned_folder(path: Path, user: str, mode: int = 0o700) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    path.chmod(mode)
+    return path
+
+
+def memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024 * 9 // 10
+    return 1024
+
+
+SLURM_CONF = """\
+ClusterName=local
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={munge_socket}
+CredType=cred/munge
+StateSaveLocation={folder}/slurm/state
+SlurmdSpoolDir={folder}/slurm/spool
+SlurmctldPidFile={folder}/slurm/slurmctld.pid
+SlurmdPidFile={folder}/slurm/slurmd.pid
+SlurmctldLogFile={folder}/slurm/slurmctld.log
+SlurmdLogFile={folder}/slurm/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+# CPUs, not whole nodes, are what jobs take: two 1-CPU jobs run at once on this node.
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# Quick requeues and a job's record kept a while for squeue and scontrol (no slurmdbd here).
+KillWait=5
+MinJobAge=600
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class LocalCluster:
+    """The cluster whose state lives in `folder`; `start()` records what it started in
+    folder/cluster.json, `stop()` stops those processes."""
+
+    def __init__(self, folder: Path = DEFAULT_FOLDER) -> None:
+        self.folder = Path(folder)
+        self.record = self.folder / "cluster.json"
+
+    @property
+    def state(self) -> dict:
+        return json.loads(self.record.read_text())
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client needs: SLURM's config file (sbatch, srun and Lightning read it)."""
+        return {"SLURM_CONF": self.state["slurm_conf"]}
+
+    @property
+    def postgres_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.state['pg_port']}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database on the server; its SQLAlchemy URL."""
+        run(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.state["pg_port"]),
+            "-U", "postgres", name)  # fmt: skip
+        return f"{self.postgres_url}/{name}"
+
+    def start(self) -> "LocalCluster":
+        if os.geteuid() != 0:
+            raise ClusterError("the local cluster needs root: it runs munge, Slurm and PostgreSQL")
+        if self.record.is_file():
+            raise ClusterError(f"a cluster is recorded in {self.record}; stop it first")
+        install_packages()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(0o755)
+        state: dict = {"pids": {}}
+        self.record.write_text(json.dumps(state))
+        try:
+            self._start_munge(state)
+            self._start_slurm(state)
+            self._start_postgres(state)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _save(self, state: dict) -> None:
+        self.record.write_text(json.dumps(state, indent=1) + "\n")
+
+    def _start_munge(self, state: dict) -> None:
+        # The socket folder must be open to every user; the key file is the secret (0600).
+        munge = owned_folder(self.folder / "munge", "munge", 0o755)
+        key = munge / "munge.key"
+        run("mungekey", "--create", f"--keyfile={key}", user="munge")
+        socket_path = munge / "munge.socket"
+        run("munged", f"--socket={socket_path}", f"--key-file={key}",
+            f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+            f"--seed-file={munge / 'munged.seed'}", user="munge")  # fmt: skip
+        wait_for("munged", lambda: (munge / "munged.pid").is_file() and socket_path.exists())
+        state["pids"]["munged"] = int((munge / "munged.pid").read_text())
+        state["munge_socket"] = str(socket_path)
+        self._save(state)
+
+    def _start_slurm(self, state: dict) -> None:
+        slurm = self.folder / "slurm"
+        for sub in ("state", "spool"):
+            (slurm / sub).mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname().split(".")[0]
+        conf = slurm / "slurm.conf"
+        conf.write_text(
+            SLURM_CONF.format(
+                host=host, folder=self.folder, munge_socket=state["munge_socket"],
+                ctld_port=free_port(), slurmd_port=free_port(), cpus=os.cpu_count(),
+                memory=memory_mb(),
+            )  # fmt: skip
+        )
+        state["slurm_conf"] = str(conf)
+        env = {**os.environ, "SLURM_CONF": str(conf)}
+        for daemon in ("slurmctld", "slurmd"):
+            run(daemon, "-f", str(conf), env=env)
+            pid_file = slurm / f"{daemon}.pid"
+            wait_for(daemon, pid_file.is_file, slurm / f"{daemon}.log")
+            state["pids"][daemon] = int(pid_file.read_text())
+            self._save(state)
+
+        def idle() -> bool:
+            result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                                    env=env, timeout=30)  # fmt: skip
+            return result.stdout.strip() == "idle"
+
+        wait_for("the Slurm node", idle, slurm / "slurmd.log")
+
+    def _start_postgres(self, state: dict) -> None:
+        pg = owned_folder(self.folder / "postgres", "postgres")
+        data = pg / "data"
+        run(str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
+            user="postgres")  # fmt: skip
+        port = free_port()
+        options = f"-p {port} -k {pg} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(pg / "postgres.log"), "-o",
+            options, "-w", "-t", str(DEADLINE_S), "start", user="postgres")  # fmt: skip
+        state["pids"]["postgres"] = int((data / "postmaster.pid").read_text().split()[0])
+        state["pg_port"] = port
+        self._save(state)
+
+    def stop(self) -> None:
+        """Stop the jobs, then the daemons `start` recorded, newest first; forget the cluster."""
+        if not self.record.is_file():
+            return
+        state = self.state
+        if "slurm_conf" in state:
+            env = {**os.environ, "SLURM_CONF": state["slurm_conf"]}
+            subprocess.run(["scancel", "--full", "--user=root"], capture_output=True, env=env,
+                           timeout=60)  # fmt: skip
+        for name, pid in reversed(list(state["pids"].items())):
+            # SIGINT is PostgreSQL's fast shutdown, and ends the others as SIGTERM does.
+            stop_process(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+        self.record.unlink()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_process(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def main() -> None:
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in ("start", "stop"):
+        sys.exit(f"usage: {sys.argv[0]} start|stop [FOLDER]")
+    cluster = LocalCluster(Path(sys.argv[2]) if len(sys.argv) == 3 else DEFAULT_FOLDER)
+    try:
+        if sys.argv[1] == "stop":
+            cluster.stop()
+            return
+        cluster.start()
+    except ClusterError as error:
+        sys.exit(f"local cluster: error: {error}")
+    print(f"# a one-node Slurm cluster and PostgreSQL on 127.0.0.1:{cluster.state['pg_port']}")
+    print(f"export SLURM_CONF={cluster.state['slurm_conf']}")
+    print(f"# PostgreSQL: {cluster.postgres_url}/<database> (createdb -h 127.0.0.1 "
+          f"-p {cluster.state['pg_port']} -U postgres <database>)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
