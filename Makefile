@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install browser run test test-all params lint lock
+.PHONY: install browser run test test-all cluster cluster-stop params lint lock
 
 install: $(VENV)/.installed
 
@@ -24,22 +24,30 @@ browser:
 
 # The fast tier: unit tests and stages run in-process (no training in a subprocess).
 test: install browser
-	ruff check src tests bench
-	ruff format --check src tests bench
+	ruff check src tests bench tools
+	ruff format --check src tests bench tools
 	pytest -m "not slow"
 
 # Everything, the slow end-to-end tests too: what CI runs.
 test-all: install browser
-	ruff check src tests bench
-	ruff format --check src tests bench
+	ruff check src tests bench tools
+	ruff format --check src tests bench tools
 	pytest
+
+# A one-node SLURM cluster and a PostgreSQL server on this machine, as root (docs/scale-out.md);
+# the tests start their own.
+cluster: install
+	python3 tools/local_cluster.py start
+
+cluster-stop:
+	python3 tools/local_cluster.py stop
 
 params: install
 	cnnpipe params
 
 lint: install
-	ruff check --fix src tests bench
-	ruff format src tests bench
+	ruff check --fix src tests bench tools
+	ruff format src tests bench tools
 
 # Re-pin every transitive dependency from what .venv holds now.
 lock: install

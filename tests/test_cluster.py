@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,13 +15,19 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
+import optuna
 import pytest
+from sqlalchemy.exc import SQLAlchemyError
 
+from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking import recipe_params
 from cnnpipe.trainer import HISTORY_KEYS
 from tests import helpers
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, make_archive
+from tests.test_pipeline_e2e import copy_repo
 from tests.test_scale import compose_for
+from tests.test_search import SEARCH
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +56,8 @@ def test_ddp_through_srun_trains_two_ranks_into_one_run(cluster, project):
     digest = "+callbacks.digest._target_=tests.helpers.WeightsDigest"
     cnnpipe("params", *tiny, "trainer=ddp", "loader.batch_size=32", digest)
     # docs/scale-out.md's command, with the CPUs of this one node.
-    result = slurm(cluster, "srun", "--ntasks-per-node=2", "--cpus-per-task=1", str(BIN / "cnnpipe"), "train")
+    srun = ["srun", "--ntasks-per-node=2", "--cpus-per-task=1", str(BIN / "cnnpipe"), "train"]
+    result = slurm(cluster, *srun)
 
     by_rank = ranks(result.stdout)
     assert set(by_rank) == {"0", "1"}, result.stdout[-2000:]
@@ -74,7 +82,8 @@ def test_an_srun_line_lightning_refuses_gets_one_line(cluster, project):
     )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "cnnpipe train: error: SLURM: You set `--ntasks=2` in your SLURM bash script" in result.stderr
+    says = "cnnpipe train: error: SLURM: You set `--ntasks=2` in your SLURM bash script"
+    assert says in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +93,14 @@ def team_server(cluster, tmp_path_factory):
     database = cluster.create_database("mlflow")
     bucket = tmp_path_factory.mktemp("bucket")
     port = free_port()
-    log = open(bucket.parent / "mlflow-server.log", "w")
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", database,
-         "--artifacts-destination", str(bucket), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    log = bucket.parent / "mlflow-server.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", database,
+             "--artifacts-destination", str(bucket), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2"],
+            stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -100,12 +110,11 @@ def team_server(cluster, tmp_path_factory):
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 server.kill()
-                pytest.fail(f"mlflow server did not start: {Path(log.name).read_text()[-2000:]}")
+                pytest.fail(f"mlflow server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.5)
     yield base, bucket
     server.terminate()
     server.wait(timeout=60)
-    log.close()
 
 
 def experiment_runs(uri: str, name: str) -> list[mlflow.entities.Run]:
@@ -225,3 +234,162 @@ def test_a_requeued_slurm_job_resumes_from_its_last_epoch_in_the_same_run(cluste
     resumed_rows = (repo / "plots" / "train_history.csv").read_text().splitlines()
     assert [line.rsplit(",", 1)[0] for line in resumed_rows] == without_seconds
     assert not (repo / ".resume" / "train").exists() and not list(repo.rglob("hpc_ckpt*"))
+
+
+def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
+    cluster, team_server, project
+):
+    repo, tiny = project
+    base, _ = team_server
+    storage = cluster.create_database("optuna")
+    env = {**cluster.env, "MLFLOW_TRACKING_URI": base}
+    started = repo / "started"
+    args = [
+        *SEARCH, *tiny, "hydra/launcher=slurm_local", "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage='{storage}'",
+        "mlflow.experiment=slurm-search",
+        "+callbacks.rendezvous._target_=tests.helpers.Rendezvous",
+        f"+callbacks.rendezvous.folder={started}",
+    ]  # fmt: skip
+
+    def study() -> optuna.Study:
+        return optuna.load_study(study_name="test", storage=storage)
+
+    def completed() -> int:
+        try:
+            return len(study().get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+        except (KeyError, SQLAlchemyError):
+            return 0  # the search has not made its study yet
+
+    first = helpers.cnnpipe("train", "--multirun", *args, env=env, background=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_until("two trials", lambda: completed() >= 2 or first.poll() is not None)
+        assert first.poll() is None, "the search was still running"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    # The search is gone; so are the jobs it had submitted (its allocation, say).
+    slurm(cluster, "scancel", "--user=root")
+    wait_until("no jobs left", lambda: not slurm(cluster, "squeue", "-h").stdout.strip())
+    before = {t.number: t.params for t in study().trials if t.state.is_finished()}
+
+    cnnpipe("train", "--multirun", *args, env=env)
+
+    trials = study().trials
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4, "no trial twice"
+    for number, params in before.items():
+        assert trials[number].params == params, "finished trials were kept as they were"
+    assert len(list(started.iterdir())) >= 2, "two trials at once"
+    runs = experiment_runs(base, "slurm-search")
+    (parent,) = [r for r in runs if "sweep.dir" in r.data.tags]
+    assert parent.info.status == "FINISHED", "the same parent run, continued and closed"
+    children = {
+        int(r.data.tags["optuna.trial"]): r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    for t in done:
+        assert children[t.number].info.status == "FINISHED"
+        assert children[t.number].data.metrics["val/acc"] == t.value
+    print(f"\nsearch on SLURM and PostgreSQL: {len(before)} trials before the kill, "
+          f"{len(done)} complete of {len(trials)} after the rerun")  # fmt: skip
+
+
+def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
+    team_server, tmp_path, http_server
+):
+    base, bucket = team_server
+    www_base, www = http_server
+    md5 = make_archive(www / "cifar-10-python.tar.gz")
+    repo = tmp_path / "repo"
+    copy_repo(repo)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": base,
+        **{
+            f"GIT_{who}_{what}": "t"
+            for who in ("AUTHOR", "COMMITTER")
+            for what in ("NAME", "EMAIL")
+        },
+    }
+
+    def run(*command: str) -> str:
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (
+            f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
+        return result.stdout
+
+    (repo / "conf" / "local").mkdir()
+    (repo / "conf" / "local" / "default.yaml").write_text(
+        f"fetch:\n  url: {www_base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
+    )
+    tiny = ["data.val_size=40", "trainer.max_epochs=1", "loader.batch_size=64",
+            "evaluate.batch_size=16", "mlflow.experiment=team-pipeline"]  # fmt: skip
+    run("cnnpipe", "params", *tiny)
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pipeline"]):
+        run("git", *command)
+    run("dvc", "repro")
+
+    client = mlflow.MlflowClient(base)
+    (pipeline,) = experiment_runs(base, "team-pipeline")
+    assert pipeline.info.status == "FINISHED"
+    test_acc = json.loads((repo / "metrics" / "eval.json").read_text())["test/acc"]
+    assert pipeline.data.metrics["test/acc"] == test_acc
+    assert list(bucket.rglob("model.onnx")), "the ONNX model kept by the server"
+    name = "cnnpipe-cifar10"
+    first = client.get_model_version_by_alias(name, "champion")
+    assert first.run_id == pipeline.info.run_id
+
+    # Parity again (another batch size): a new version as accurate as the first takes the alias.
+    run("cnnpipe", "params", *tiny, "parity.batch_size=25")
+    run("dvc", "repro")
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert int(champion.version) == int(first.version) + 1 and champion.run_id == first.run_id
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "cnnpipe"), "serve", f"models:/{name}@champion", "--port", str(port)],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until("cnnpipe serve", lambda: answers(f"{url}/health/ready", server), 120)
+        with urllib.request.urlopen(f"{url}/metadata", timeout=30) as response:
+            model = json.loads(response.read())["model"]
+        assert (model["name"], model["version"], model["alias"]) == (
+            name, champion.version, "champion"
+        )  # fmt: skip
+        images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+        tensor = {"name": "images", "shape": [2, 32, 32, 3], "datatype": "UINT8"}
+        body = json.dumps({"inputs": [{**tensor, "data": images.reshape(-1).tolist()}]})
+        request = urllib.request.Request(
+            f"{url}/v2/models/{name}/infer", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            (output,) = json.loads(response.read())["outputs"]
+        want = OnnxModel.load(repo / "models" / "model.onnx").probabilities(images)
+        np.testing.assert_allclose(np.reshape(output["data"], (2, -1)), want, atol=1e-6)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    table = run("cnnpipe", "runs", "--last", "5").splitlines()
+    assert table[0].split()[:3] == ["run", "started", "status"]
+    assert any(line.startswith(pipeline.info.run_id[:8]) for line in table[1:]), table
+
+
+def answers(url: str, process: subprocess.Popen) -> bool:
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False

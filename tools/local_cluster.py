@@ -57,7 +57,7 @@ def install_packages() -> None:
     if not missing:
         return
     if not shutil.which("apt-get"):
-        raise ClusterError(f"missing Debian packages {' '.join(missing)} and no apt-get to install them")
+        raise ClusterError(f"no apt-get to install Debian's {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600, env=env)
     run("apt-get", "install", "-y", "-qq", *missing, env=env)
@@ -190,8 +190,12 @@ class LocalCluster:
         conf = slurm / "slurm.conf"
         conf.write_text(
             SLURM_CONF.format(
-                host=host, folder=self.folder, munge_socket=state["munge_socket"],
-                ctld_port=free_port(), slurmd_port=free_port(), cpus=os.cpu_count(),
+                host=host,
+                folder=self.folder,
+                munge_socket=state["munge_socket"],
+                ctld_port=free_port(),
+                slurmd_port=free_port(),
+                cpus=os.cpu_count(),
                 memory=memory_mb(),
             )  # fmt: skip
         )
