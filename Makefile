@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install browser run test test-all cluster cluster-stop params lint lock
+.PHONY: install browser run test test-all cluster cluster-stop gpu-bundle params lint lock
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,17 @@ cluster: install
 
 cluster-stop:
 	python3 tools/local_cluster.py stop
+
+# What bench/gpu_check.sh needs on a GPU machine without network or hydra-core, in bench/gpu/
+# (git-ignored, about 20 MB): hydra-core's wheels, the CIFAR-10 images and the tool that repacks
+# them. SHARED is where this workplace keeps them.
+SHARED ?= ../shared
+gpu-bundle: install
+	rm -rf bench/gpu && mkdir -p bench/gpu/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d bench/gpu/wheels \
+		hydra-core==1.3.8 omegaconf==2.3.1
+	$(BIN)/python -m pip wheel --quiet --no-deps -w bench/gpu/wheels antlr4-python3-runtime==4.9.3
+	cp $(SHARED)/data/cifar10-jpeg.tar.gz $(SHARED)/tools/make_cifar10_archive.py bench/gpu/
 
 params: install
 	cnnpipe params

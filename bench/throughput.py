@@ -34,7 +34,7 @@ from torchvision import transforms
 
 from cnnpipe.config import compose_params
 from cnnpipe.data import BatchLoader, read_split
-from cnnpipe.trainer import build_module, build_trainer
+from cnnpipe.training import build_module, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]

@@ -1,11 +1,14 @@
 """The benchmarks run on tiny random data, so that they cannot rot between real measurements."""
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 
@@ -72,3 +75,59 @@ def test_service_load_answers_every_request_and_reports_memory(tmp_path):
     assert waves == ["0", "0", "0"]
     assert re.search(r"5 stalled clients: 5 answered 408 .* 0 wrong", out)
     assert re.search(r"server memory: \d+ MB idle, .* peak \d+ MB; still up: True", out)
+
+
+# What the GPU machine lacks (bench/gpu_check.sh): the GPU check must run without them.
+NOT_ON_THE_GPU_MACHINE = ["mlflow", "dvc", "sqlalchemy", "optuna", "starlette", "uvicorn"]
+WITHOUT = """
+import runpy, sys
+
+class NotThere:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {missing}:
+            raise ImportError(f"no module named {{name}} on the GPU machine")
+
+sys.meta_path.insert(0, NotThere())
+sys.argv = ["bench/gpu_check.py", *{args}]
+runpy.run_path("bench/gpu_check.py", run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_check_says_in_one_line_that_there_is_no_gpu():
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "gpu_check: no CUDA GPU found (torch.cuda.is_available() is False); run it on a machine "
+        "with an NVIDIA GPU\n"
+    )
+
+
+def test_gpu_check_runs_its_steps_on_the_cpu_without_mlflow_or_dvc(data_dir, tmp_path):
+    report = tmp_path / "gpu_check.json"
+    args = ["--device", "cpu", "--data", str(data_dir), "--json", str(report), "--target", "0",
+            "trainer.max_epochs=1", "data.val_size=40", "loader.batch_size=64"]  # fmt: skip
+    script = WITHOUT.format(missing=NOT_ON_THE_GPU_MACHINE, args=args)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(report.read_text())
+    chapter, resnet = figures["chapter_cnn"], figures["resnet9"]
+    # 160 training images, one epoch each.
+    for run in (chapter, resnet):
+        assert run["epochs"] == 1
+        assert run["images_per_s"] == pytest.approx(160 / run["seconds"])
+    assert chapter["parity_top1_agreement"] == 1.0 and chapter["parity_max_abs_diff"] <= 1e-5
+    (epoch,) = resnet["per_epoch"]
+    assert resnet["test_acc"] == epoch["acc"] and resnet["seconds"] == epoch["seconds"]
+    # Any accuracy reaches 0%: at the first epoch, with its time.
+    assert (resnet["epochs_to_target"], resnet["seconds_to_target"]) == (1, epoch["seconds"])
+    out = result.stdout
+    assert f"test accuracy {chapter['test_acc']:.2%}; ONNX parity" in out
+    assert f"ResNet-9: 1 epochs in {resnet['seconds']:.1f} s" in out
+    assert f"0% after 1 epochs, {epoch['seconds']:.1f} s" in out

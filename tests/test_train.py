@@ -14,8 +14,13 @@ from cnnpipe.data import CIFAR10DataModule, read_split
 from cnnpipe.evaluation import evaluate
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.trainer import HISTORY_KEYS, build_trainer, train, warn_if_bf16_is_emulated
-from cnnpipe.training import load_checkpoint, whiten_first_conv
+from cnnpipe.trainer import HISTORY_KEYS, train
+from cnnpipe.training import (
+    build_trainer,
+    load_checkpoint,
+    warn_if_bf16_is_emulated,
+    whiten_first_conv,
+)
 from tests.helpers import composed
 
 

@@ -116,7 +116,7 @@ class Config:
     seed: int
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
-    # pytorch_lightning.Trainer's arguments, which it checks itself (train.build_trainer).
+    # pytorch_lightning.Trainer's arguments, which it checks itself (training.build_trainer).
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict, metadata=NOT_RECIPE)
     baseline: dict[str, Any] = field(default_factory=dict)

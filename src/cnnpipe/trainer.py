@@ -5,53 +5,30 @@ baseline stages and the sweeps' jobs all train through `train()`."""
 import csv
 import hashlib
 import json
-import logging
-import re
 import resource
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
 import pytorch_lightning as pl
-import torch
-from hydra.utils import instantiate
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
 from cnnpipe.data import CIFAR10DataModule
 from cnnpipe.files import atomic_path
 from cnnpipe.sources import source_files
-from cnnpipe.training import LitClassifier
+from cnnpipe.training import build_module, build_trainer, warn_if_bf16_is_emulated
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 # Every setting that changes what is trained (fetch.* only says where the data came from): what
 # a resume must share, and the train stage's `params` in dvc.yaml (a test holds them equal).
 RECIPE_KEYS = ["seed", "data", "model", "optim", "loader", "trainer"]
-
-# The terminal is for people: Lightning advertises other logging services at every fit, says how
-# it counts steps, and its pytree helper trips torch's deprecation of LeafSpec. None of it is
-# for the person training; progress, results and errors stay.
-NOISE = ("💡 Tip: ", "Loading `train_dataloader` to estimate number of stepping batches")
-
-
-def _not_noise(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(NOISE)
-
-
-def quiet_lightning() -> None:
-    """Filter NOISE out of what training prints (once: filters are kept in a set)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_noise)
-    warnings.filterwarnings(
-        "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
 
 
 class EpochHistory(pl.Callback):
@@ -110,64 +87,6 @@ def interrupted_run(cfg: DictConfig) -> dict | None:
         return None
     same_recipe = state.get("fingerprint") == fingerprint(cfg)
     return state if same_recipe and resume_checkpoint(cfg).is_file() else None
-
-
-def build_module(cfg: DictConfig, class_names: list[str]) -> LitClassifier:
-    module = LitClassifier(
-        net=OmegaConf.to_container(cfg.model, resolve=True),
-        class_names=class_names,
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-    )
-    if cfg.loader.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
-    """`cfg.trainer` passed whole to pl.Trainer, with `cfg.callbacks` and the stage's own."""
-    quiet_lightning()
-    options = {
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
-        # not a second copy of the module's hyperparameters.
-        "logger": False,
-        "callbacks": [*instantiate(cfg.callbacks).values(), *callbacks],
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        **overrides,
-    }
-    try:
-        return pl.Trainer(**options)
-    except TypeError as error:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if not unknown:
-            raise
-        raise PipelineError(
-            f"trainer.{unknown[1]} is not an argument of pytorch_lightning.Trainer; see its "
-            "documentation for the ones there are"
-        ) from None
-    except MisconfigurationException as error:
-        raise PipelineError(f"conf/trainer: {str(error).splitlines()[0]}") from None
-    except RuntimeError as error:
-        # Lightning's check of an srun line, e.g. `--ntasks` where it needs `--ntasks-per-node`.
-        if "SLURM" not in str(error):
-            raise
-        raise PipelineError(f"SLURM: {str(error).splitlines()[0]}") from None
-
-
-def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
-    """bf16 on a CPU without AVX-512 BF16 or AMX is emulated: on an AVX2-only AMD EPYC the
-    default recipe ran 1.06 steps/s in bf16-mixed against 10.65 in 32-true."""
-    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
-    bf16 = str(cfg.trainer.precision).startswith("bf16")
-    if on_cpu and bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print(
-            f"warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
-            f"trainer.precision={cfg.trainer.precision} trains about 10x slower here than "
-            "trainer.precision=32-true"
-        )
 
 
 def train(

@@ -1,0 +1,208 @@
+"""The project on one NVIDIA GPU in one command, for the minutes a GPU is lent: bench/gpu_check.sh
+runs this where hydra-core, MLflow and DVC may be missing (it brings hydra-core's wheels).
+
+1. The chapter CNN with its recipe on `trainer=gpu` (bf16-mixed) on real CIFAR-10: training
+   images/s, test accuracy as deployed (scored on the CPU, as the evaluate stage does), and the
+   ONNX parity of that checkpoint (onnxruntime against PyTorch on the CPU, as the parity stage).
+2. `model=resnet9` with RESNET9's recipe: test accuracy as deployed after every epoch (on the
+   GPU, not counted in the seconds), and the training seconds until it first reaches --target.
+
+usage: python bench/gpu_check.py --data DIR [--json OUT.json] [--resnet-epochs N] [OVERRIDE ...]
+       python bench/gpu_check.py --device cpu --data DIR ...   # the same steps on the CPU (tests)
+Overrides are Hydra overrides of conf/ applied to both trainings. No MLflow: this composes conf/
+and trains with cnnpipe.training's builders directly, in a temporary folder.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Timer
+
+from cnnpipe import PipelineError, contract
+from cnnpipe.config import compose_params
+from cnnpipe.data import CIFAR10DataModule, read_split
+from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.onnx_export import export_onnx
+from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.training import build_module, build_trainer, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# The GPU recipes; the chapter CNN's is the project's own (conf/), on conf/trainer/gpu.yaml.
+CHAPTER = ["trainer=gpu", "trainer.max_epochs=18"]
+# ResNet-9 as in the CIFAR-10 speed runs: batch 512, 4-pixel crops; a small validation split.
+RESNET9 = [
+    "model=resnet9", "trainer=gpu", "loader.batch_size=512", "data.crop_padding=4",
+    "data.val_size=1000", "optim.lr=4e-3",
+]  # fmt: skip
+
+
+def no_gpu_line(device: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return (
+            "gpu_check: no CUDA GPU found (torch.cuda.is_available() is False); run it on a "
+            "machine with an NVIDIA GPU, or pass --device cpu for the same steps on the CPU"
+        )
+    return None
+
+
+def compose(overrides: list[str], data: Path, folder: Path, device: str) -> DictConfig:
+    # No progress bars: what this prints is read as a log, after the fact.
+    quiet = ["callbacks.progress_bar.refresh_rate=0", f"paths.data={data}"]
+    cfg = OmegaConf.create(compose_params([*overrides, *quiet], ROOT / "conf"))
+    if device == "cpu":
+        cfg.trainer.merge_with({"accelerator": "cpu", "precision": "32-true"})
+    cfg.paths.checkpoint = str(folder / "model.ckpt")
+    return cfg
+
+
+class TestAccuracy(pl.Callback):
+    """After each epoch, the test accuracy of the weights a checkpoint would hold: at the end of
+    validation, where weight averaging has put the averaged weights in place (as in
+    bench/time_to_accuracy.py), with the recipe's test-time views; and the training seconds so
+    far, the scoring's own time left out."""
+
+    def __init__(self, cfg: DictConfig, timer: Timer) -> None:
+        images, self.labels = read_split(Path(cfg.paths.data), "test")
+        self.images, self.cfg, self.timer = nhwc(images), cfg, timer
+        self.rows: list[dict] = []
+        self.scoring = 0.0
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        start = time.perf_counter()
+        model = TorchModel(module, **self.cfg.evaluate.tta)
+        probs = predict_probs(model, self.images.to(module.device), self.cfg.evaluate.batch_size)
+        module.train()
+        acc = float((probs.argmax(1).cpu() == self.labels).float().mean())
+        seconds = self.timer.time_elapsed("train") - self.scoring
+        self.rows.append({"epoch": trainer.current_epoch + 1, "seconds": seconds, "acc": acc})
+        print(f"  epoch {trainer.current_epoch + 1}: test accuracy {acc:.2%} at {seconds:.1f} s")
+        self.scoring += time.perf_counter() - start
+
+
+def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, TestAccuracy | None]:
+    """Train `cfg` as the train stage does (no MLflow, no resume) and save its checkpoint; with
+    `scorer`, score the test set after every epoch. Returns epochs, seconds and images/s."""
+    data = CIFAR10DataModule(
+        cfg.paths.data, cfg.loader.batch_size, cfg.data.val_size, cfg.data.crop_padding,
+        cfg.data.flip, cfg.seed,
+    )  # fmt: skip
+    data.setup("fit")
+    pl.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, data.class_names)
+    timer = Timer()
+    tracker = TestAccuracy(cfg, timer) if scorer else None
+    callbacks = [timer, tracker] if tracker else [timer]
+    trainer = build_trainer(cfg, callbacks, default_root_dir=folder)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(cfg.paths.checkpoint, weights_only=True)
+    seconds = tracker.rows[-1]["seconds"] if tracker else timer.time_elapsed("train")
+    images = len(data.train_images) * trainer.current_epoch
+    result = {"epochs": trainer.current_epoch, "seconds": seconds, "images_per_s": images / seconds}
+    return result, tracker
+
+
+def chapter_cnn(cfg: DictConfig, folder: Path) -> dict:
+    result, _ = fit(cfg, folder)
+    # Scored and exported as the evaluate, export and parity stages do: on the CPU, in fp32.
+    model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
+    images, labels = read_split(Path(cfg.paths.data), "test")
+    images = nhwc(images)
+    want = predict_probs(model, images, cfg.evaluate.batch_size).numpy()
+    metadata = contract.Metadata(
+        class_names=model.classifier.hparams.class_names, model_name="gpu-check",
+        test_accuracy=float((want.argmax(1) == labels.numpy()).mean()),
+        tta_flip=cfg.evaluate.tta.flip, tta_shift=cfg.evaluate.tta.shift,
+        mlflow_run_id="", git_commit="",
+    )  # fmt: skip
+    onnx_path = folder / "model.onnx"
+    export_onnx(model, onnx_path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+    got = OnnxModel.load(onnx_path).probabilities(images.numpy(), cfg.parity.batch_size)
+    return {
+        **result,
+        "test_acc": metadata.test_accuracy,
+        "parity_max_abs_diff": float(np.abs(got - want).max()),
+        "parity_top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+    }
+
+
+def resnet9(cfg: DictConfig, folder: Path, target: float) -> dict:
+    result, tracker = fit(cfg, folder, scorer=True)
+    reached = [row for row in tracker.rows if row["acc"] >= target]
+    return {
+        **result,
+        "test_acc": tracker.rows[-1]["acc"],
+        "best_test_acc": max(row["acc"] for row in tracker.rows),
+        "target": target,
+        "seconds_to_target": reached[0]["seconds"] if reached else None,
+        "epochs_to_target": reached[0]["epoch"] if reached else None,
+        "per_epoch": tracker.rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="cifar-10-batches-py")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--resnet-epochs", type=int, default=24)
+    parser.add_argument("--target", type=float, default=0.94)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if line := no_gpu_line(args.device):
+        sys.exit(line)
+    torch.backends.cudnn.benchmark = True
+    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    report = {
+        "device": where or platform.machine(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+    }
+    print(f"gpu_check on {report['device']}: torch {report['torch']}, Lightning {pl.__version__}")
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        folder = Path(tmp)
+        started = time.monotonic()
+        cfg = compose([*CHAPTER, *args.overrides], args.data, folder / "chapter", args.device)
+        report["chapter_cnn"] = chapter_cnn(cfg, folder / "chapter")
+        c = report["chapter_cnn"]
+        print(
+            f"chapter CNN: {c['epochs']} epochs in {c['seconds']:.1f} s, "
+            f"{c['images_per_s']:,.0f} images/s; test accuracy {c['test_acc']:.2%}; ONNX parity "
+            f"max |diff| {c['parity_max_abs_diff']:.1e}, agreement {c['parity_top1_agreement']:.2%}"
+        )
+        overrides = [*RESNET9, f"trainer.max_epochs={args.resnet_epochs}", *args.overrides]
+        cfg = compose(overrides, args.data, folder / "resnet9", args.device)
+        report["resnet9"] = resnet9(cfg, folder / "resnet9", args.target)
+        r = report["resnet9"]
+        target = f"{args.target:.0%}"
+        reached = (
+            f"{target} after {r['epochs_to_target']} epochs, {r['seconds_to_target']:.1f} s"
+            if r["seconds_to_target"] is not None
+            else f"{target} not reached (best {r['best_test_acc']:.2%})"
+        )
+        print(
+            f"ResNet-9: {r['epochs']} epochs in {r['seconds']:.1f} s, {r['images_per_s']:,.0f} "
+            f"images/s; test accuracy {r['test_acc']:.2%}; {reached}"
+        )
+        report["wall_s"] = time.monotonic() - started
+    print(f"gpu_check: {report['wall_s']:.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PipelineError as error:
+        sys.exit(f"gpu_check: error: {error}")
