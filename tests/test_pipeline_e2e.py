@@ -223,6 +223,19 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
 
     assert "Data and pipelines are up to date." in run("dvc", "repro")
 
+    # docs/scale-out.md: the outputs through a DVC remote into a teammate's fresh clone.
+    remote = tmp_path / "dvc-remote"
+    run("dvc", "remote", "add", "-d", "storage", str(remote))
+    run("dvc", "push")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "Results")
+    teammate = tmp_path / "teammate"
+    run("git", "clone", "-q", str(repo), str(teammate))
+    pulled = subprocess.run(["dvc", "pull"], cwd=teammate, env=env, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    for name in OUTPUTS:
+        assert (teammate / name).read_bytes() == (repo / name).read_bytes(), name
+
     # Only meaningful plots: curves on epochs and seconds with named axes, one confusion matrix
     # with true classes on the rows, the chapter's pictures; nothing twice.
     plots = json.loads(run("dvc", "plots", "show", "--json"))["data"]

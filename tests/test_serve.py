@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +390,45 @@ def test_open_inference_protocol_answers_any_hostile_body_with_a_json_4xx(server
         assert "\n" not in answer["error"] and len(answer["error"]) < 200, (name, answer)
     metrics = urllib.request.urlopen(f"{server}/metrics", timeout=30).read().decode()
     assert 'status="500"' not in metrics
+
+
+def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
+    import psutil
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    service = subprocess.Popen(
+        [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path), "--port",
+         str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health/ready", timeout=1)
+                break
+            except OSError:
+                assert service.poll() is None and time.monotonic() < deadline, "serve started"
+                time.sleep(0.2)
+
+        def infer(n: int) -> int:
+            images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            tensor = {"name": "images", "shape": [n, 32, 32, 3], "datatype": "UINT8"}
+            body = {"inputs": [{**tensor, "data": images.reshape(-1).tolist()}]}
+            data = json.dumps(body, separators=(",", ":")).encode()
+            return call(f"{url}/v2/models/cnnpipe-test/infer", data, "application/json")[0]
+
+        process = psutil.Process(service.pid)
+        assert infer(1) == 200
+        idle = process.memory_info().rss
+        # 900 images: a 9.9 MB body, just under the 10 MB limit.
+        assert infer(900) == 200
+        grown = (process.memory_info().rss - idle) / 1e6
+        # onnxruntime's arena alone kept about 180 MB of the large batch's activations.
+        assert grown < 60, f"{grown:.0f} MB kept after the request"
+    finally:
+        service.terminate()
+        service.wait(timeout=30)

@@ -106,7 +106,7 @@ def create_app(
     registered: dict | None = None,
 ) -> Starlette:
     """The service for the ONNX file at `model_path`; `registered` names its registry version."""
-    onnx_model = OnnxModel.load(model_path)
+    onnx_model = OnnxModel.load(model_path, release_memory=True)
     # One inference before the port opens: a model that loads but cannot run fails here, at
     # start, and the first request does not pay for onnxruntime's first-run allocations.
     try:

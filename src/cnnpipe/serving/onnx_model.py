@@ -11,12 +11,22 @@ from cnnpipe import PipelineError, contract
 class OnnxModel:
     """An onnxruntime session over a file `cnnpipe export` wrote, with its metadata."""
 
-    def __init__(self, session: ort.InferenceSession, metadata: contract.Metadata) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, metadata: contract.Metadata, release_memory: bool
+    ) -> None:
         self.session, self.metadata = session, metadata
         self.class_names = metadata.class_names
+        self.run_options = ort.RunOptions()
+        if release_memory:
+            # onnxruntime's arena keeps what the largest batch needed: after one 900-image
+            # request a service stayed at 273 MB (90 MB idle). Shrinking it after each run
+            # gives that back, at no cost to one-image requests.
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     @classmethod
-    def load(cls, path: Path | str) -> "OnnxModel":
+    def load(cls, path: Path | str, release_memory: bool = False) -> "OnnxModel":
+        """The model in `path`; `release_memory`: give back after each run what it took (for a
+        long-running service)."""
         try:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions
@@ -29,13 +39,15 @@ class OnnxModel:
                 f"{path} has no class_names metadata; export it with `cnnpipe export`"
             ) from None
         check_signature(path, session, len(metadata.class_names))
-        return cls(session, metadata)
+        return cls(session, metadata, release_memory)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The contract's (N, H, W, 3) uint8 RGB images -> (N, classes) probabilities."""
         return np.concatenate(
             [
-                self.session.run(None, {contract.INPUT_NAME: images[i : i + batch_size]})[0]
+                self.session.run(
+                    None, {contract.INPUT_NAME: images[i : i + batch_size]}, self.run_options
+                )[0]
                 for i in range(0, len(images), batch_size)
             ]
         )
