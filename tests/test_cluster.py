@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -123,7 +124,7 @@ def experiment_runs(uri: str, name: str) -> list[mlflow.entities.Run]:
 
 
 def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_server(
-    cluster, team_server, project
+    cluster, team_server, project, capsys
 ):
     repo, tiny = project
     base, bucket = team_server
@@ -170,7 +171,8 @@ def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_ser
     begin = time.monotonic()
     cnnpipe("train", "--multirun", *grid, "mlflow.experiment=in-turn", env=env)
     in_turn = time.monotonic() - begin
-    print(f"\n2-job grid sweep: {on_slurm:.1f} s through SLURM, {in_turn:.1f} s in turn")
+    with capsys.disabled():  # in CI's log too
+        print(f"\n2-job grid sweep: {on_slurm:.1f} s through SLURM, {in_turn:.1f} s in turn")
 
 
 def job_state(cluster, job: str) -> dict[str, str]:
@@ -237,7 +239,7 @@ def test_a_requeued_slurm_job_resumes_from_its_last_epoch_in_the_same_run(cluste
 
 
 def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
-    cluster, team_server, project
+    cluster, team_server, project, capsys
 ):
     repo, tiny = project
     base, _ = team_server
@@ -294,8 +296,9 @@ def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
     for t in done:
         assert children[t.number].info.status == "FINISHED"
         assert children[t.number].data.metrics["val/acc"] == t.value
-    print(f"\nsearch on SLURM and PostgreSQL: {len(before)} trials before the kill, "
-          f"{len(done)} complete of {len(trials)} after the rerun")  # fmt: skip
+    with capsys.disabled():
+        print(f"\nsearch on SLURM and PostgreSQL: {len(before)} trials before the kill, "
+              f"{len(done)} complete of {len(trials)} after the rerun")  # fmt: skip
 
 
 def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
@@ -393,3 +396,35 @@ def answers(url: str, process: subprocess.Popen) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster, tmp_path):
+    # `cluster` first: the session's cluster shows the packages are there and this is root.
+    import psutil
+
+    script = [sys.executable, str(ROOT / "tools" / "local_cluster.py")]
+    folder = Path(tempfile.mkdtemp(prefix="cnnpipe-cli-cluster-"))
+    try:
+        started = subprocess.run([*script, "start", str(folder)], capture_output=True,
+                                 text=True, timeout=300)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        conf = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)[1]
+        port = re.search(r"PostgreSQL on 127.0.0.1:(\d+)", started.stdout)[1]
+        pids = json.loads((folder / "cluster.json").read_text())["pids"]
+        assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres"}
+        env = {**os.environ, "SLURM_CONF": conf}
+        ran = subprocess.run(["srun", "-n1", "echo", "ran"], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert ran.stdout == "ran\n", ran.stderr
+        psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc", "select 1"]
+        assert subprocess.run(psql, capture_output=True, text=True, timeout=60).stdout == "1\n"
+        again = subprocess.run([*script, "start", str(folder)], capture_output=True, text=True)
+        assert again.returncode == 1
+        assert again.stderr.startswith("local cluster: error: a cluster is recorded in ")
+    finally:
+        subprocess.run([*script, "stop", str(folder)], timeout=300)
+    assert not [pid for pid in pids.values() if psutil.pid_exists(pid)], "all stopped"
+    assert not (folder / "cluster.json").exists()
+    # ... and the session's cluster still runs.
+    assert slurm(cluster, "sinfo", "-h", "-o", "%t").stdout.strip() == "idle"
+    shutil.rmtree(folder, ignore_errors=True)
