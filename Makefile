@@ -28,11 +28,12 @@ test: install browser
 	ruff format --check src tests bench tools
 	pytest -m "not slow"
 
-# Everything, the slow end-to-end tests too: what CI runs.
+# Everything, the slow end-to-end tests too: what CI runs. Two workers, one file each at a time:
+# the slow tests wait on servers, SLURM and subprocesses for much of their time.
 test-all: install browser
 	ruff check src tests bench tools
 	ruff format --check src tests bench tools
-	pytest
+	pytest -n 2 --dist loadfile --durations=15
 
 # A one-node SLURM cluster and a PostgreSQL server on this machine, as root (docs/scale-out.md);
 # the tests start their own.

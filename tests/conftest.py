@@ -83,3 +83,18 @@ def cluster():
     yield started
     started.stop()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The figures tests record (`record_property("figure", ...)`), at the end of the run's
+    output: the cluster's timings, for the log of CI (which runs the tests in 2 workers)."""
+    figures = [
+        f"{report.nodeid.split('::')[-1]}: {value}"
+        for report in terminalreporter.stats.get("passed", [])
+        for key, value in report.user_properties
+        if key == "figure" and report.when == "call"
+    ]
+    if figures:
+        terminalreporter.section("figures")
+        for line in figures:
+            terminalreporter.write_line(line)

@@ -178,10 +178,11 @@ class Rendezvous(pl.Callback):
 
 
 class WeightsDigest(pl.Callback):
-    """Prints, when training ends, `RANK <rank> <world size> <batches per epoch> <sha256 of the
-    weights>` for each process, so a test can compare what every DDP rank ended with."""
+    """Prints, when fitting ends, `RANK <rank> <world size> <batches per epoch> <sha256 of the
+    weights>` for each process, so a test can compare what every DDP rank ended with: the
+    weights the checkpoint holds (weight averaging puts its average in place at train end)."""
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
         weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
         digest = hashlib.sha256(weights).hexdigest()
         print(
