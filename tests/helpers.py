@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -185,11 +186,16 @@ class WeightsDigest(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.parameters())
         digest = hashlib.sha256(weights).hexdigest()
-        print(
-            f"RANK {trainer.global_rank} {trainer.world_size} {trainer.num_training_batches} "
-            f"{digest}",
-            flush=True,
-        )
+        line = f"RANK {trainer.global_rank} {trainer.world_size} {trainer.num_training_batches} "
+        # One write, which a pipe keeps whole: the ranks share the terminal.
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), f"{line}{digest}\n".encode())
+
+
+def ranks(output: str) -> dict[str, list[str]]:
+    """WeightsDigest's lines in `output`: [world size, batches, digest] by rank."""
+    found = re.findall(r"RANK (\d+) (\d+) (\d+) ([0-9a-f]{64})", output)
+    return {rank: list(rest) for rank, *rest in found}
 
 
 class HoldOnce(pl.Callback):

@@ -46,12 +46,6 @@ def slurm(cluster, *command: str, timeout: float = 600, **kwargs) -> subprocess.
     return result
 
 
-def ranks(output: str) -> dict[str, list[str]]:
-    """`RANK r world batches digest` lines (tests.helpers.WeightsDigest) by rank."""
-    found = [line.split()[1:] for line in output.splitlines() if line.startswith("RANK ")]
-    return {rank: rest for rank, *rest in found}
-
-
 def test_ddp_through_srun_trains_two_ranks_into_one_run(cluster, project):
     repo, tiny = project
     digest = "+callbacks.digest._target_=tests.helpers.WeightsDigest"
@@ -60,7 +54,7 @@ def test_ddp_through_srun_trains_two_ranks_into_one_run(cluster, project):
     srun = ["srun", "--ntasks-per-node=2", "--cpus-per-task=1", str(BIN / "cnnpipe"), "train"]
     result = slurm(cluster, *srun)
 
-    by_rank = ranks(result.stdout)
+    by_rank = helpers.ranks(result.stdout)
     assert set(by_rank) == {"0", "1"}, result.stdout[-2000:]
     assert by_rank["0"] == by_rank["1"], "both ranks end with the same weights"
     world, batches, _ = by_rank["0"]

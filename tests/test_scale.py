@@ -160,8 +160,7 @@ def test_ddp_with_two_cpu_processes(project):
     ddp = ["trainer=ddp", "trainer.max_epochs=2", "loader.batch_size=32", digest]
     (repo / "params.yaml").write_text(compose_params([*tiny, *ddp], conf_dir=repo / "conf"))
     result = cnnpipe("train")
-    found = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("RANK ")]
-    ranks = {rank: rest for rank, *rest in found}
+    ranks = helpers.ranks(result.stdout)
     assert set(ranks) == {"0", "1"}, result.stdout[-2000:]
     assert ranks["0"] == ranks["1"], "both ranks end with the same weights"
     world, batches, digest = ranks["0"]
