@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,8 +24,8 @@ from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking import recipe_params
 from cnnpipe.trainer import HISTORY_KEYS
 from tests import helpers
-from tests.helpers import ROOT, free_port, make_archive
-from tests.test_pipeline_e2e import copy_repo
+from tests.helpers import ROOT, free_port, make_archive, wait_for_http
+from tests.test_pipeline_e2e import copy_repo, repo_env
 from tests.test_scale import compose_for
 from tests.test_search import SEARCH
 
@@ -97,16 +96,11 @@ def team_server(cluster, tmp_path_factory):
             stdout=output, stderr=subprocess.STDOUT,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"mlflow server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_for_http(f"{base}/health", server, "mlflow server", deadline_s=180)
+    except AssertionError as error:
+        server.kill()
+        pytest.fail(f"{error}\n{log.read_text()[-2000:]}")
     yield base, bucket
     server.terminate()
     server.wait(timeout=60)
@@ -306,18 +300,7 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     md5 = make_archive(www / "cifar-10-python.tar.gz")
     repo = tmp_path / "repo"
     copy_repo(repo)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_TRACKING_URI": base,
-        **{
-            f"GIT_{who}_{what}": "t"
-            for who in ("AUTHOR", "COMMITTER")
-            for what in ("NAME", "EMAIL")
-        },
-    }
+    env = {**repo_env(repo), "MLFLOW_TRACKING_URI": base}
 
     def run(*command: str) -> str:
         result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
@@ -362,7 +345,7 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until("cnnpipe serve", lambda: answers(f"{url}/health/ready", server), 120)
+        wait_for_http(f"{url}/health/ready", server, "cnnpipe serve")
         with urllib.request.urlopen(f"{url}/metadata", timeout=30) as response:
             model = json.loads(response.read())["model"]
         assert (model["name"], model["version"], model["alias"]) == (
@@ -385,44 +368,3 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     table = run("cnnpipe", "runs", "--last", "5").splitlines()
     assert table[0].split()[:3] == ["run", "started", "status"]
     assert any(line.startswith(pipeline.info.run_id[:8]) for line in table[1:]), table
-
-
-def answers(url: str, process: subprocess.Popen) -> bool:
-    assert process.poll() is None, process.stderr.read().decode()[-2000:]
-    try:
-        urllib.request.urlopen(url, timeout=2)
-        return True
-    except OSError:
-        return False
-
-
-def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster, tmp_path):
-    # `cluster` first: the session's cluster shows the packages are there and this is root.
-    import psutil
-
-    script = [sys.executable, str(ROOT / "tools" / "local_cluster.py")]
-    folder = Path(tempfile.mkdtemp(prefix="cnnpipe-cli-cluster-"))
-    try:
-        started = subprocess.run([*script, "start", str(folder)], capture_output=True,
-                                 text=True, timeout=300)  # fmt: skip
-        assert started.returncode == 0, started.stderr
-        conf = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)[1]
-        port = re.search(r"PostgreSQL on 127.0.0.1:(\d+)", started.stdout)[1]
-        pids = json.loads((folder / "cluster.json").read_text())["pids"]
-        assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres"}
-        env = {**os.environ, "SLURM_CONF": conf}
-        ran = subprocess.run(["srun", "-n1", "echo", "ran"], env=env, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
-        assert ran.stdout == "ran\n", ran.stderr
-        psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc", "select 1"]
-        assert subprocess.run(psql, capture_output=True, text=True, timeout=60).stdout == "1\n"
-        again = subprocess.run([*script, "start", str(folder)], capture_output=True, text=True)
-        assert again.returncode == 1
-        assert again.stderr.startswith("local cluster: error: a cluster is recorded in ")
-    finally:
-        subprocess.run([*script, "stop", str(folder)], timeout=300)
-    assert not [pid for pid in pids.values() if psutil.pid_exists(pid)], "all stopped"
-    assert not (folder / "cluster.json").exists()
-    # ... and the session's cluster still runs.
-    assert slurm(cluster, "sinfo", "-h", "-o", "%t").stdout.strip() == "idle"
-    shutil.rmtree(folder, ignore_errors=True)

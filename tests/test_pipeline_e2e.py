@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, free_port, make_archive
+from tests.helpers import ROOT, free_port, make_archive, wait_for_http
 
 OUTPUTS = [
     "data/cifar-10-batches-py/test_batch",
@@ -62,6 +62,21 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(ROOT / name, dest / name)
 
 
+def repo_env(repo: Path) -> dict[str, str]:
+    """The environment a user's shell gives `dvc` and `git` in the copy `repo`: the project's
+    console scripts, its sources, no MLflow or DVC settings of the caller's, a git identity."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+
 def check_mlflow_serves_the_champion(repo: Path, env: dict) -> None:
     """`mlflow models serve -m models:/<name>@champion` answers as the ONNX file does."""
     port = free_port()
@@ -78,15 +93,7 @@ def check_mlflow_serves_the_champion(repo: Path, env: dict) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not start"
-                time.sleep(0.5)
+        wait_for_http(f"{base}/ping", server, "mlflow models serve", deadline_s=90)
         images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
         request = urllib.request.Request(
             f"{base}/invocations",
@@ -108,16 +115,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     md5 = make_archive(www / "cifar-10-python.tar.gz")
     repo = tmp_path / "repo"
     copy_repo(repo)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
+    env = repo_env(repo)
 
     def run(*cmd):
         result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)

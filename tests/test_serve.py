@@ -395,7 +395,7 @@ def test_open_inference_protocol_answers_any_hostile_body_with_a_json_4xx(server
 def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
     import psutil
 
-    from tests.helpers import free_port
+    from tests.helpers import free_port, wait_for_http
 
     port = free_port()
     service = subprocess.Popen(
@@ -405,14 +405,7 @@ def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health/ready", timeout=1)
-                break
-            except OSError:
-                assert service.poll() is None and time.monotonic() < deadline, "serve started"
-                time.sleep(0.2)
+        wait_for_http(f"{url}/health/ready", service, "cnnpipe serve", deadline_s=60)
 
         def infer(n: int) -> int:
             images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
