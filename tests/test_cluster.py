@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -368,3 +369,35 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     table = run("cnnpipe", "runs", "--last", "5").splitlines()
     assert table[0].split()[:3] == ["run", "started", "status"]
     assert any(line.startswith(pipeline.info.run_id[:8]) for line in table[1:]), table
+
+
+def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster):
+    # `cluster` first: the session's cluster shows the packages are there and this is root.
+    import psutil
+
+    script = [sys.executable, str(ROOT / "tools" / "local_cluster.py")]
+    folder = Path(tempfile.mkdtemp(prefix="cnnpipe-cli-cluster-"))
+    try:
+        started = subprocess.run([*script, "start", str(folder)], capture_output=True,
+                                 text=True, timeout=300)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        conf = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)[1]
+        port = re.search(r"PostgreSQL on 127.0.0.1:(\d+)", started.stdout)[1]
+        pids = json.loads((folder / "cluster.json").read_text())["pids"]
+        assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres"}
+        env = {**os.environ, "SLURM_CONF": conf}
+        ran = subprocess.run(["srun", "-n1", "echo", "ran"], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert ran.stdout == "ran\n", ran.stderr
+        psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc", "select 1"]
+        assert subprocess.run(psql, capture_output=True, text=True, timeout=60).stdout == "1\n"
+        again = subprocess.run([*script, "start", str(folder)], capture_output=True, text=True)
+        assert again.returncode == 1
+        assert again.stderr.startswith("local cluster: error: a cluster is recorded in ")
+    finally:
+        subprocess.run([*script, "stop", str(folder)], timeout=300)
+    assert not [pid for pid in pids.values() if psutil.pid_exists(pid)], "all stopped"
+    assert not (folder / "cluster.json").exists()
+    # ... and the session's cluster still runs.
+    assert slurm(cluster, "sinfo", "-h", "-o", "%t").stdout.strip() == "idle"
+    shutil.rmtree(folder, ignore_errors=True)
