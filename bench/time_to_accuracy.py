@@ -100,9 +100,9 @@ def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) ->
     # The history's clock runs through validation, and so through the scoring.
     scoring = accumulate(scorer.seconds)
     seconds = [float(r["seconds"]) - s for r, s in zip(rows, scoring, strict=True)]
-    test = evaluate(cfg)["test/acc"]
+    test = evaluate(cfg)["test.acc"]
     print(f"\n{name}: {' '.join(overrides) or 'default config'}")
-    print("epoch  val/acc  test/acc  training s")
+    print("epoch  val/acc  test.acc  training s")
     for epoch, (row, acc, s) in enumerate(zip(rows, scorer.accuracy, seconds, strict=True), 1):
         print(f"{epoch:>5}  {float(row['val/acc']):7.4f}  {acc:8.4f}  {s:10.1f}")
     reached = next((e for e, acc in enumerate(scorer.accuracy, 1) if acc >= target), None)
@@ -110,13 +110,13 @@ def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) ->
         "name": name,
         "cfg": cfg,
         "epochs": len(rows),
-        "test/acc": test,
+        "test.acc": test,
         "seconds": seconds[-1],
         "epochs_to_target": reached,
         "seconds_to_target": seconds[reached - 1] if reached else None,
     }
     print(
-        f"test/acc {test:.4f} after {len(rows)} epochs, training {seconds[-1]:.0f} s; "
+        f"test.acc {test:.4f} after {len(rows)} epochs, training {seconds[-1]:.0f} s; "
         + (
             f"{target:.0%} reached after {reached} epochs, {result['seconds_to_target']:.0f} s"
             if reached
@@ -131,8 +131,8 @@ def accuracy_at_budget(name: str, overrides: list[str], data: Path, tmp: str) ->
     """Train without scoring each epoch; the test accuracy as `evaluate` gives it."""
     cfg = job_config(name, overrides, data, tmp)
     train(cfg)
-    test = evaluate(cfg)["test/acc"]
-    print(f"\n{name}: {' '.join(overrides)}\ntest/acc {test:.4f}", flush=True)
+    test = evaluate(cfg)["test.acc"]
+    print(f"\n{name}: {' '.join(overrides)}\ntest.acc {test:.4f}", flush=True)
     return test
 
 
@@ -172,12 +172,12 @@ def main() -> None:
         new = run("new", common, data, tmp, args.target)
         old = run("old", [*OLD, *common], data, tmp, args.target)
 
-        print(f"\nrecipe  epochs  test/acc  training s  epochs to {args.target:.0%}  seconds to it")
+        print(f"\nrecipe  epochs  test.acc  training s  epochs to {args.target:.0%}  seconds to it")
         for r in (old, new):
             to = r["epochs_to_target"] or "-"
             s = f"{r['seconds_to_target']:.0f}" if r["epochs_to_target"] else "-"
             print(
-                f"{r['name']:<6}  {r['epochs']:>6}  {r['test/acc']:8.4f}  {r['seconds']:10.0f}  "
+                f"{r['name']:<6}  {r['epochs']:>6}  {r['test.acc']:8.4f}  {r['seconds']:10.0f}  "
                 f"{to:>12}  {s:>13}"
             )
         if old["epochs_to_target"] and new["epochs_to_target"]:
@@ -195,11 +195,11 @@ def main() -> None:
                 acc = accuracy_at_budget(f"no-{off.split('=')[0]}", [*common, off], data, tmp)
             rows.append((trick, off, acc))
     budget = f"{new['epochs']} epochs"
-    print(f"\n| trick | switched off by | test/acc at {budget} without it | it gives |")
+    print(f"\n| trick | switched off by | test.acc at {budget} without it | it gives |")
     print("|---|---|---|---|")
-    print(f"| all on (the default) | | {new['test/acc']:.2%} | |")
+    print(f"| all on (the default) | | {new['test.acc']:.2%} | |")
     for trick, off, acc in rows:
-        print(f"| {trick} | `{off}` | {acc:.2%} | {new['test/acc'] - acc:+.2%} |")
+        print(f"| {trick} | `{off}` | {acc:.2%} | {new['test.acc'] - acc:+.2%} |")
 
 
 if __name__ == "__main__":

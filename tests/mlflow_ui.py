@@ -9,6 +9,8 @@ browser download is not used.
 
 import argparse
 import contextlib
+import html
+import json
 import os
 import re
 import socket
@@ -87,6 +89,7 @@ def open_runs(page: Page, base: str, experiment_id: str) -> list[str]:
 
 def val_acc_chart(page: Page, base: str, experiment_id: str, run_id: str) -> dict:
     """The run's "Model metrics" tab searched for val/acc: the x axis and the points drawn."""
+    page.goto("about:blank")  # a fresh page: the tab keeps its charts from before otherwise
     page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
     page.get_by_placeholder("Search metric charts").fill("val/acc")
     chart = page.locator(".js-plotly-plot")
@@ -98,6 +101,50 @@ def val_acc_chart(page: Page, base: str, experiment_id: str, run_id: str) -> dic
         "x_ticks": [float(t.text_content()) for t in page.locator(".xtick text").all()],
         "points": page.locator(".scatterlayer .point").count(),
     }
+
+
+def model_metrics_as_opened(page: Page, base: str, experiment_id: str, run_id: str) -> dict:
+    """The run's "Model metrics" tab as it opens, without a search: its sections in order, and
+    the charts drawn first, in order, as (section, title, "line" or "bar")."""
+    page.goto("about:blank")
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.locator(".js-plotly-plot").first.wait_for()
+    headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
+    sections = [h.inner_text().splitlines()[0].strip() for h in headers.all()]
+    charts = []
+    # Each section's cards follow its header; MLflow draws the cards near the view only.
+    for card in page.get_by_test_id("experiment-view-compare-runs-card").all():
+        card.locator(".js-plotly-plot").wait_for()
+        section = card.locator(
+            "xpath=preceding::*[@data-testid='experiment-view-compare-runs-section-header'][1]"
+        )
+        kind = "line" if card.locator(".scatterlayer .point").count() else "bar"
+        title = card.inner_text().strip().splitlines()[0]
+        charts.append((section.inner_text().splitlines()[0].strip(), title, kind))
+    return {"sections": sections, "charts": charts}
+
+
+def logged_models(page: Page, base: str, experiment_id: str) -> dict[str, dict[str, str]]:
+    """The experiment's "Models" tab: for each logged model, the metric columns its row fills
+    (metric: the text shown, each column one metric on one dataset, named "metric @ dataset")."""
+    # The table draws only the columns in view; a person scrolls right, the test widens the view.
+    size = page.viewport_size
+    page.set_viewport_size({"width": 3200, "height": size["height"]})
+    page.goto(f"{base}/#/experiments/{experiment_id}/models")
+    page.locator("[role=gridcell][col-id=name]").first.wait_for()
+    cells = page.evaluate(
+        """() => [...document.querySelectorAll('[role=row][row-index] [role=gridcell][col-id]')]
+            .map(c => [c.closest('[role=row]').getAttribute('row-index'),
+                       c.getAttribute('col-id'), c.innerText.trim()])"""
+    )
+    page.set_viewport_size(size)
+    names = {row: text.splitlines()[-1] for row, col, text in cells if col == "name"}
+    shown: dict[str, dict[str, str]] = {name: {} for name in names.values()}
+    for row, col, text in cells:
+        if col.startswith("metrics.{") and text:
+            column = json.loads(html.unescape(col.removeprefix("metrics.")))
+            shown[names[row]][f"{column['metricKey']} @ {column['datasetName']}"] = text
+    return shown
 
 
 def compare(page: Page, base: str, experiment_id: str, names: list[str]) -> None:
@@ -145,13 +192,18 @@ def main() -> None:
         page.goto(f"{base}/#/experiments/{experiment}/runs/{args.run_id}")
         page.get_by_text("Description").first.wait_for()
         page.screenshot(path=args.out / "mlflow-run.png")
-        val_acc_chart(page, base, experiment, args.run_id)
-        page.screenshot(path=args.out / "mlflow-val-acc.png")
+        model_metrics_as_opened(page, base, experiment, args.run_id)
+        page.screenshot(path=args.out / "mlflow-model-metrics.png")
+        page.set_viewport_size({"width": 2600, "height": 400})
+        page.goto(f"{base}/#/experiments/{experiment}/models")
+        page.locator("[role=gridcell][col-id=name]").first.wait_for()
+        page.screenshot(path=args.out / "mlflow-models.png")
+        page.set_viewport_size({"width": 1500, "height": 950})
         compare(page, base, experiment, [run.info.run_name, child.info.run_name])
         params_shown_with_diff_only(page, {r.info.run_id: r.data.params for r in (run, child)})
         page.get_by_text("Parameters", exact=True).last.scroll_into_view_if_needed()
         page.screenshot(path=args.out / "mlflow-compare.png")
-    print(f"wrote 4 screenshots to {args.out}")
+    print(f"wrote 5 screenshots to {args.out}")
 
 
 if __name__ == "__main__":

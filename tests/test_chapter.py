@@ -62,16 +62,16 @@ def pipeline_cfg(tmp_path, data_dir, monkeypatch):
 def test_every_picture_and_number_is_produced(pipeline_cfg):
     cfg = pipeline_cfg
     baseline = json.loads(Path(cfg.paths.baseline_metrics).read_text())
-    assert baseline["baseline/params"] == 201_482
+    assert baseline["baseline.params"] == 201_482
     # The recorded accuracy is the baseline checkpoint's, recomputed here.
-    assert baseline["baseline/test_acc"] == evaluate(baseline_config(cfg))["test/acc"]
+    assert baseline["baseline.test_acc"] == evaluate(baseline_config(cfg))["test.acc"]
 
     numbers = chapter(cfg)
-    errors = [numbers[f"chapter/conv1_equivariance_error_shift{k}"] for k in (1, 2, 3)]
+    errors = [numbers[f"chapter.conv1_equivariance_error_shift{k}"] for k in (1, 2, 3)]
     assert all(e < 1e-4 for e in errors)
     for net in ("cnn", "dense"):
-        assert all(0 <= numbers[f"chapter/{net}_prediction_kept_shift{k}"] <= 1 for k in (1, 2, 3))
-    assert 0 < numbers["chapter/mistakes_shown"] <= cfg.chapter.mistakes
+        assert all(0 <= numbers[f"chapter.{net}_prediction_kept_shift{k}"] <= 1 for k in (1, 2, 3))
+    assert 0 < numbers["chapter.mistakes_shown"] <= cfg.chapter.mistakes
 
     for key in ("params_png", "curves_png", "filters_png", "feature_maps_png", "mistakes_png"):
         assert Path(cfg.paths[key]).read_bytes()[:4] == b"\x89PNG", key

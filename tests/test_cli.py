@@ -50,6 +50,13 @@ def test_config_errors_are_one_line(tmp_path):
          "or remake it with `cnnpipe params`"),
         (("train",), "", "cnnpipe train: error: no params.yaml here; run the stages in the "
          "repository root, or make it with `cnnpipe params`"),
+        # Under Hydra's own command line, composed by Hydra: the same lines, and only them.
+        (("train", "model=does_not_exist"), None, "cnnpipe train: error: conf/model has no "
+         "does_not_exist; choose one of: chapter_cnn, chapter_cnn_bn, dense_baseline, resnet9"),
+        (("train", "model@baseline.model=wide"), None, "cnnpipe train: error: conf/model has "
+         "no wide; choose one of: chapter_cnn, chapter_cnn_bn, dense_baseline, resnet9"),
+        (("train", "trainer.max_epochs=abc"), None,
+         "cnnpipe train: error: config key trainer.max_epochs: 'abc' is not an integer"),
     ]  # fmt: skip
     for args, params, message in cases:
         (tmp_path / "params.yaml").unlink(missing_ok=True)

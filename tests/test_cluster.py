@@ -144,7 +144,7 @@ def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_ser
         assert child.info.status == "FINISHED"
         assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
-        assert {"test/acc", "train/seconds", "train/loss"} <= set(child.data.metrics)
+        assert {"test.acc", "train.seconds", "train/loss"} <= set(child.data.metrics)
         assert child.data.tags["sweep.overrides"].startswith("optim.lr=")
     assert len(list(bucket.rglob("train_history.csv"))) == 2, "artifacts kept by the server"
     rows = re.findall(r"^\| optim\.lr=\S+ \| ([\d.]+) \|", out, re.M)
@@ -325,8 +325,8 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     client = mlflow.MlflowClient(base)
     (pipeline,) = experiment_runs(base, "team-pipeline")
     assert pipeline.info.status == "FINISHED"
-    test_acc = json.loads((repo / "metrics" / "eval.json").read_text())["test/acc"]
-    assert pipeline.data.metrics["test/acc"] == test_acc
+    test_acc = json.loads((repo / "metrics" / "eval.json").read_text())["test.acc"]
+    assert pipeline.data.metrics["test.acc"] == test_acc
     assert list(bucket.rglob("model.onnx")), "the ONNX model kept by the server"
     name = "cnnpipe-cifar10"
     first = client.get_model_version_by_alias(name, "champion")

@@ -72,3 +72,17 @@ def test_an_unknown_choice_of_every_group_names_the_group_and_its_options():
         assert str(error.value) == (
             f"conf/{group} has no does_not_exist; choose one of: {', '.join(options)}"
         )
+
+
+def test_an_unknown_choice_is_left_to_hydra_outside_cnnpipe_and_for_optional_groups(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "small.yaml").write_text("width: 1\n")
+    (tmp_path / "config.yaml").write_text("defaults:\n  - model: small\n")
+    refused = pytest.raises(MissingConfigException, match="Could not find 'model/big'")
+    with initialize_config_dir(str(tmp_path), version_base=None), refused:
+        compose(config_name="config", overrides=["model=big"])
+    # cnnpipe's optional conf/local/default.yaml stays optional: params.yaml has no mark.
+    assert "unknown_choice" not in compose_params(conf_dir=ROOT / "conf")

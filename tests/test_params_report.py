@@ -70,11 +70,11 @@ def test_markdown_and_metrics_carry_the_same_numbers(report):
     assert "| conv2 | Conv2d | (None, 13, 13, 64) | 18,496 |" in md
     assert "**122,570**" in md and "150,529,000" in md
     assert to_metrics(report) == {
-        "model/params": 122_570,
-        "model/trainable_params": 122_570,
-        "model/macs": 4_548_608,
-        "model/dense_layer_32x32x3_to_64_params": 196_672,
-        "model/dense_layer_32x32x3_to_64_times_model": round(196_672 / 122_570, 2),
-        "model/dense_layer_224x224x3_to_1000_params": 150_529_000,
-        "model/dense_layer_224x224x3_to_1000_times_model": round(150_529_000 / 122_570, 2),
+        "model.params": 122_570,
+        "model.trainable_params": 122_570,
+        "model.macs": 4_548_608,
+        "model.dense_layer_32x32x3_to_64_params": 196_672,
+        "model.dense_layer_32x32x3_to_64_times_model": round(196_672 / 122_570, 2),
+        "model.dense_layer_224x224x3_to_1000_params": 150_529_000,
+        "model.dense_layer_224x224x3_to_1000_times_model": round(150_529_000 / 122_570, 2),
     }

@@ -148,16 +148,16 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     # for other services nor a library's deprecation notice.
     shown = repro.stdout + repro.stderr
     (tmp_path / "repro.log").write_text(shown)
-    assert "Epoch 0: 100%" in shown and "test/acc" in shown
+    assert "Epoch 0: 100%" in shown and "test.acc" in shown
     assert "💡" not in shown and "LeafSpec" not in shown and "Traceback" not in shown
     for name in OUTPUTS:
         assert (repo / name).is_file(), f"{name} missing"
     params = json.loads((repo / "metrics/params.json").read_text())
-    assert params["model/params"] == 122_570
+    assert params["model.params"] == 122_570
     parity = json.loads((repo / "metrics/parity.json").read_text())
-    assert parity["parity/top1_agreement"] == 1.0 and parity["parity/max_abs_diff"] <= 1e-5
-    assert parity["parity/images"] == 50
-    test_acc = json.loads((repo / "metrics/eval.json").read_text())["test/acc"]
+    assert parity["parity.top1_agreement"] == 1.0 and parity["parity.max_abs_diff"] <= 1e-5
+    assert parity["parity.images"] == 50
+    test_acc = json.loads((repo / "metrics/eval.json").read_text())["test.acc"]
 
     run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -169,7 +169,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     for path in sorted((repo / "metrics").glob("*.json")):
         recorded = json.loads(path.read_text())
         assert {k: metrics[k] for k in recorded} == {k: float(v) for k, v in recorded.items()}, path
-    assert metrics["test/acc"] == test_acc
+    assert metrics["test.acc"] == test_acc
     assert mlflow_run.data.tags["mlflow.source.git.commit"] == commit
     artifacts = {a.path for a in client.list_artifacts(run_id, "lineage")}
     assert artifacts == {"lineage/params.yaml", "lineage/dvc.lock"}
@@ -177,13 +177,13 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     assert "reports/chapter.html" in html and "reports/chapter.md" not in html
     (version,) = client.search_model_versions("name='cnnpipe-cifar10'")
     assert version.run_id == run_id
-    assert f"**{parity['parity/onnx_test_acc']:.2%}** on 50 test images" in version.description
+    assert f"**{parity['parity.onnx_test_acc']:.2%}** on 50 test images" in version.description
     assert f"(#/experiments/{mlflow_run.info.experiment_id}/runs/{run_id})" in version.description
     assert "122,570 parameters" in version.description
     # The INT8 model, kept, is registered and served from the registry like the FP32 one.
     (int8,) = client.search_model_versions("name='cnnpipe-cifar10-int8'")
     quantized = json.loads((repo / "metrics/quantize.json").read_text())
-    assert f"**{quantized['int8/test_acc']:.2%}**" in int8.description
+    assert f"**{quantized['int8.test_acc']:.2%}**" in int8.description
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
@@ -203,17 +203,17 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     }  # fmt: skip
     assert own == {
         "ChapterCNN-onnx": {
-            ("test/acc", parity["parity/onnx_test_acc"], "cifar10-test"),
-            ("parity/max_abs_diff", parity["parity/max_abs_diff"], "cifar10-test"),
-            ("parity/top1_agreement", parity["parity/top1_agreement"], "cifar10-test"),
+            ("test.acc", parity["parity.onnx_test_acc"], "cifar10-test"),
+            ("parity.max_abs_diff", parity["parity.max_abs_diff"], "cifar10-test"),
+            ("parity.top1_agreement", parity["parity.top1_agreement"], "cifar10-test"),
         },
         "ChapterCNN-onnx-int8": {
             (key, quantized[key], "cifar10-test")
-            for key in ("int8/test_acc", "int8/accuracy_drop", "int8/speedup")
+            for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")
         },
     }
     # ... while the run keeps the pipeline's own values under the same names.
-    assert mlflow_run.data.metrics["test/acc"] == parity["parity/onnx_test_acc"]
+    assert mlflow_run.data.metrics["test.acc"] == parity["parity.onnx_test_acc"]
     props = {p.key: p.value for p in onnx.load(repo / "models/model.onnx").metadata_props}
     assert props["mlflow_run_id"] == run_id and props["git_commit"] == commit
     assert not (repo / "mlruns").exists(), "nothing in the deprecated file store"
@@ -261,7 +261,14 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
 
     # A bad value costs nothing: DVC would delete the outputs before the stage fails.
     kept = {name: (repo / name).read_bytes() for name in OUTPUTS}
-    for bad in ("fetch.md5=00000000000000000000000000000000", "trainer.max_epochs=abc"):
+    models = ", ".join(sorted(p.stem for p in (repo / "conf/model").glob("*.yaml")))
+    why = {
+        "fetch.md5=00000000000000000000000000000000": "expected 00000000000000000000000000000000",
+        "trainer.max_epochs=abc": "config key trainer.max_epochs: 'abc' is not an integer",
+        # DVC composes conf/ itself: an unknown choice still ends in the stage's one line.
+        "model=does_not_exist": f"conf/model has no does_not_exist; choose one of: {models}",
+    }
+    for bad, reason in why.items():
         tried = [*(o for o in overrides if not o.startswith(bad.split("=")[0])), bad]
         failed = subprocess.run(
             ["dvc", "exp", "run", *(arg for o in tried for arg in ("-S", o))],
@@ -272,6 +279,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
         # One line from the stage, which says how to get params.yaml back.
         (said,) = [line for line in failed.stderr.splitlines() if line.startswith("cnnpipe ")]
         assert said.endswith("`git checkout params.yaml` restores the committed ones)"), said
+        assert reason in said, said
         assert "Traceback" not in failed.stderr, failed.stderr
     run("git", "checkout", "params.yaml")
 
@@ -298,11 +306,11 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     shown = run("dvc", "exp", "show", "--csv")
     header, *rows = list(csv.reader(io.StringIO(shown)))
     (row,) = [dict(zip(header, r, strict=True)) for r in rows if r[0] == "two-epochs"]
-    assert row["trainer.max_epochs"] == "2" and float(row["test/acc"]) >= 0
+    assert row["trainer.max_epochs"] == "2" and float(row["test.acc"]) >= 0
     (queued_run,) = client.search_runs(
         [mlflow_run.info.experiment_id], "tags.`dvc.exp_name` = 'two-epochs'"
     )
     assert queued_run.data.params["trainer.max_epochs"] == "2"
     assert queued_run.info.run_name == "two-epochs", "named as DVC names the experiment"
-    assert queued_run.data.metrics["test/acc"] == pytest.approx(float(row["test/acc"]))
+    assert queued_run.data.metrics["test.acc"] == pytest.approx(float(row["test.acc"]))
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("*/mlflow.db")), "no store in a copy"

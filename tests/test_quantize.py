@@ -69,11 +69,11 @@ def test_stage_drops_an_int8_model_that_is_not_fast_enough_and_says_why(project,
         metrics = json.loads((repo / "metrics/quantize.json").read_text())
         verdicts[bar] = (
             capsys.readouterr().out.strip().splitlines()[-1],
-            metrics["int8/kept"],
+            metrics["int8.kept"],
             (repo / "models/int8/model.onnx").is_file(),
             (dropped := repo / "models/int8/dropped.txt").is_file() and dropped.read_text() or None,
         )
-        speedup = metrics["int8/speedup"]
+        speedup = metrics["int8.speedup"]
     line, kept, exists, dropped = verdicts["quantize.min_speedup=100"]
     assert not kept and not exists
     assert line.endswith("x the FP32 images/s, under quantize.min_speedup 100x")

@@ -50,7 +50,7 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
         (lr, net) for lr in ("0.001", "0.003") for net in ("ChapterCNN", "ChapterCNNBatchNorm")
     }
     for child in children:
-        assert {"val/acc", "test/acc", "train/loss"} <= set(child.data.metrics)
+        assert {"val/acc", "test.acc", "train/loss"} <= set(child.data.metrics)
         assert child.data.tags["sweep.overrides"].startswith("optim.lr=")
         assert child.info.status == "FINISHED"
     assert parent.info.status == "FINISHED"
@@ -73,7 +73,7 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
     for overrides, val, test in rows:
         child = by_overrides[overrides]
         assert float(val) == pytest.approx(child.data.metrics["val/acc"], abs=1e-4)
-        assert float(test) == pytest.approx(child.data.metrics["test/acc"], abs=1e-4)
+        assert float(test) == pytest.approx(child.data.metrics["test.acc"], abs=1e-4)
     assert [float(v) for _, v, _ in rows] == sorted((float(v) for _, v, _ in rows), reverse=True)
     artifact = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep_summary.md")
     assert artifact.count("| optim.lr=") == 4 and artifact.count("](#/experiments/") == 4
@@ -114,7 +114,7 @@ def test_parallel_sweep_on_sqlite_loses_nothing(project):
         assert child.info.status == "FINISHED"
         assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
-        assert {"test/acc", "train/seconds"} <= set(child.data.metrics)
+        assert {"test.acc", "train.seconds"} <= set(child.data.metrics)
 
 
 @pytest.mark.slow

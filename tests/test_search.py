@@ -113,7 +113,7 @@ def test_tpe_search_prunes_and_each_trial_is_one_mlflow_run(project):
                    .get_metric_history(child.info.run_id, "val/acc")]  # fmt: skip
         assert list(trial.intermediate_values) == history, "one report per logged epoch"
         assert child.data.params["optim.lr"] == str(trial.params["optim.lr"])
-        assert "test/acc" not in child.data.metrics, "a search never looks at the test set"
+        assert "test.acc" not in child.data.metrics, "a search never looks at the test set"
         if number in pruned:
             assert (child.info.status, child.data.tags["optuna.state"]) == ("KILLED", "PRUNED")
             assert history == [1], "stopped after its first epoch"

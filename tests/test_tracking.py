@@ -134,7 +134,7 @@ def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     assert run.info.status == "FINISHED"
     assert running_tags["cnnpipe.stage"] == "train" and "cnnpipe.pid" not in running_tags
     assert run.data.tags["cnnpipe.stage"] == "evaluate"
-    test_acc = json.loads(Path("metrics/eval.json").read_text())["test/acc"]
+    test_acc = json.loads(Path("metrics/eval.json").read_text())["test.acc"]
     assert f"test accuracy, as deployed: **{test_acc:.2%}**" in run.data.tags["mlflow.note.content"]
 
     # A change to the code shows in the next run's name and tags.
@@ -214,7 +214,7 @@ def test_a_failed_train_stage_reads_failed_and_leaves_the_previous_results(proje
         batch.write_bytes(kept)
     stage("evaluate")
     assert the_run(repo).info.run_id == good.info.run_id
-    assert "test/acc" in the_run(repo).data.metrics
+    assert "test.acc" in the_run(repo).data.metrics
     assert client.get_run(bad.info.run_id).info.status == "FAILED"
 
 

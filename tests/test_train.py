@@ -51,10 +51,10 @@ def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) == {"epoch", "train/loss", "train/acc", "val/loss", "val/acc", "seconds"}
     assert {k: metrics[k] for k in HISTORY_KEYS} == {k: float(rows[-1][k]) for k in HISTORY_KEYS}
-    assert metrics["train/epochs"] == 2
-    # train/seconds is rounded to 0.01 s, which is a few percent of a tiny training.
-    seconds = metrics["train/seconds"]
-    assert metrics["train/images_per_second"] == pytest.approx(
+    assert metrics["train.epochs"] == 2
+    # train.seconds is rounded to 0.01 s, which is a few percent of a tiny training.
+    seconds = metrics["train.seconds"]
+    assert metrics["train.images_per_second"] == pytest.approx(
         160 * 2 / seconds, abs=160 * 2 * 0.0051 / seconds**2 + 0.05
     )
     assert not list(Path(cfg.paths.checkpoint).parent.glob(".*partial*"))
@@ -123,7 +123,7 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     images, labels = read_split(Path(cfg.paths.data), "test")
     model = TorchModel(module, **cfg.evaluate.tta)
     predicted = predict_probs(model, nhwc(images), 64).argmax(1)
-    assert evaluate(cfg)["test/acc"] == pytest.approx((predicted == labels).float().mean().item())
+    assert evaluate(cfg)["test.acc"] == pytest.approx((predicted == labels).float().mean().item())
 
 
 def test_same_seed_gives_the_same_metrics(cfg):

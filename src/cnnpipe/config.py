@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from cnnpipe import PipelineError
 from cnnpipe.args import Parser
 from cnnpipe.files import atomic_path
-from cnnpipe.schema import validate
+from cnnpipe.schema import unknown_choice, validate
 
 CONF_DIR = Path("conf")
 PARAMS_FILE = Path("params.yaml")
@@ -31,16 +31,10 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
             raise PipelineError(
                 f"conf/ has no setting {unknown[1]}; see params.yaml for the settings there are"
             ) from None
-        choice = re.search(
-            r"Could not find '(\w+)/([^']+)'.*options in '\w+':\s*(.*)", str(error), re.S
-        )
-        if choice:
-            options = ", ".join(choice[3].split("Config search path")[0].split())
-            raise PipelineError(
-                f"conf/{choice[1]} has no {choice[2]}; choose one of: {options}"
-            ) from None
         message = str(error).split("Config search path")[0]  # the paths Hydra searched
         raise PipelineError(" ".join(message.split())) from None
+    if problem := unknown_choice(cfg):
+        raise PipelineError(problem)
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
 

@@ -29,9 +29,9 @@ def evaluate(cfg: DictConfig) -> dict:
     confusion = MulticlassConfusionMatrix(len(names))
     confusion.update(probs, labels)
     metrics = {
-        "test/acc": round(float((predicted == labels).float().mean()), 6),
-        "test/loss": round(float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)), 6),
-        **{f"test/acc/{n}": round(float(a), 6) for n, a in zip(names, per_class, strict=True)},
+        "test.acc": round(float((predicted == labels).float().mean()), 6),
+        "test.loss": round(float(F.nll_loss(probs.clamp_min(1e-12).log(), labels)), 6),
+        **{f"test.acc.{n}": round(float(a), 6) for n, a in zip(names, per_class, strict=True)},
     }
     with atomic_path(cfg.paths.confusion_csv) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict:
         writer.writerows([names[a], names[p]] for a, p in zip(labels, predicted, strict=True))
     fig, ax = confusion.plot(labels=names)
     fig.set_size_inches(8, 8)
-    ax.set_title(f"CIFAR-10 test set: accuracy {metrics['test/acc']:.2%}")
+    ax.set_title(f"CIFAR-10 test set: accuracy {metrics['test.acc']:.2%}")
     with atomic_path(cfg.paths.confusion_png) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return metrics

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cnnpipe import PipelineError
+from hydra_plugins.cnnpipe_choices.unknown_choice import UNKNOWN_CHOICE
 
 # Settings that say where things are or how fast they run, not what is computed: left out of the
 # MLflow params, so comparing runs shows only differences in the recipe.
@@ -180,8 +181,23 @@ def misshapen(node: DictConfig, schema: type, prefix: str = "") -> str | None:
     return None
 
 
+def unknown_choice(node: Any) -> str | None:
+    """The line for the first unknown choice of a config group composed into `node`, if any
+    (hydra_plugins/cnnpipe_choices marks it)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        if choice := node.get(UNKNOWN_CHOICE):
+            options = ", ".join(choice["options"])
+            return f"conf/{choice['group']} has no {choice['name']}; choose one of: {options}"
+        return next(filter(None, map(unknown_choice, node.values())), None)
+    return None
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """`cfg` checked against the schema; a PipelineError names the first offending key."""
+    if problem := unknown_choice(cfg):
+        raise PipelineError(problem)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     except OmegaConfBaseException as error:

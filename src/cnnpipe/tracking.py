@@ -238,11 +238,11 @@ def describe(client: mlflow.MlflowClient, run_id: str) -> str:
     dirty = dirty if tags.get(DIRTY) == "true" else ""
     lines.append(f"Code: commit `{commit}`{dirty}. Last stage: `{tags.get(STAGE)}`.")
     headline = {
-        "test/acc": ("test accuracy, as deployed", "{:.2%}"),
+        "test.acc": ("test accuracy, as deployed", "{:.2%}"),
         "val/acc": ("validation accuracy", "{:.2%}"),
-        "parity/max_abs_diff": ("ONNX vs PyTorch, largest difference", "{:.1e}"),
-        "model/params": ("parameters", "{:,.0f}"),
-        "train/seconds": ("training time", "{:,.0f} s"),
+        "parity.max_abs_diff": ("ONNX vs PyTorch, largest difference", "{:.1e}"),
+        "model.params": ("parameters", "{:,.0f}"),
+        "train.seconds": ("training time", "{:,.0f} s"),
     }
     shown = [
         f"- {text}: **{form.format(m[key])}** (`{key}`)"

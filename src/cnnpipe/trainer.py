@@ -159,13 +159,13 @@ def train(
     seconds = timer.time_elapsed("train")
     metrics = {
         **{k: v for k, v in history.rows[-1].items() if k not in ("epoch", "seconds")},
-        "train/epochs": history.rows[-1]["epoch"],
-        "train/seconds": round(seconds, 2),
-        "train/images_per_second": round(
+        "train.epochs": history.rows[-1]["epoch"],
+        "train.seconds": round(seconds, 2),
+        "train.images_per_second": round(
             len(data.train_images) * trainer.current_epoch / seconds, 1
         ),
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
-        "train/peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "train.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if not is_rank_zero:
         # Only joins the barrier inside save_checkpoint: rank 0 writes the file.

@@ -18,8 +18,8 @@ COLUMNS = {
     "lr": lambda r: r.data.params.get("optim.lr", ""),
     "epochs": lambda r: r.data.params.get("trainer.max_epochs", ""),
     "val/acc": lambda r: _metric(r, "val/acc", ".4f"),
-    "test/acc": lambda r: _metric(r, "test/acc", ".4f"),
-    "train s": lambda r: _metric(r, "train/seconds", ".0f"),
+    "test.acc": lambda r: _metric(r, "test.acc", ".4f"),
+    "train s": lambda r: _metric(r, "train.seconds", ".0f"),
 }
 
 

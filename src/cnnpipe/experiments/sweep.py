@@ -32,7 +32,7 @@ PARENT_ENV = "CNNPIPE_SWEEP_PARENT_RUN"
 # The keys the sweep varies, so each job's run is named by its values of those alone.
 VARIED_ENV = "CNNPIPE_SWEEP_VARIED"
 # The summary's metric columns and their formats.
-SUMMARY = {"val/acc": ".4f", "test/acc": ".4f", "train/seconds": ".1f"}
+SUMMARY = {"val/acc": ".4f", "test.acc": ".4f", "train.seconds": ".1f"}
 
 
 def job(cfg: DictConfig) -> dict:
@@ -40,7 +40,10 @@ def job(cfg: DictConfig) -> dict:
     try:
         return train_and_test(cfg)
     except PipelineError as error:
-        # Hydra prints this kind as one line instead of a traceback.
+        if HydraConfig.get().mode == RunMode.RUN:
+            # Past Hydra's own reporting, which would add a line on HYDRA_FULL_ERROR.
+            sys.exit(f"cnnpipe train: error: {error}")
+        # A sweep's other jobs go on; Hydra prints this kind as one line, not a traceback.
         raise CompactHydraException(f"cnnpipe train: error: {error}") from None
 
 
@@ -75,15 +78,15 @@ def train_and_test(cfg: DictConfig) -> dict:
     if trial:
         print(f"[{name}] val/acc {metrics['val/acc']:.4f}")
         return {"val/acc": metrics["val/acc"]}
-    print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test/acc {test['test/acc']:.4f}")
-    return {"val/acc": metrics["val/acc"], "test/acc": test["test/acc"]}
+    print(f"[{overrides}] val/acc {metrics['val/acc']:.4f} test.acc {test['test.acc']:.4f}")
+    return {"val/acc": metrics["val/acc"], "test.acc": test["test.acc"]}
 
 
 def summary_table(children: list, links: bool = False) -> str:
     """Markdown: one row per child run (named by what the sweep varied), best validation
     accuracy first, with `links` to the runs in the MLflow UI."""
     lines = [
-        "| overrides | val/acc | test/acc | train s | status | run |",
+        "| overrides | val/acc | test.acc | train s | status | run |",
         "|---|---:|---:|---:|---|---|",
     ]
     for run in sorted(children, key=lambda r: -r.data.metrics.get("val/acc", -1)):

@@ -17,10 +17,10 @@ def train_baseline(cfg: DictConfig) -> dict:
     tested = evaluate(bcfg)
     module = load_checkpoint(bcfg.paths.checkpoint)
     return {
-        "baseline/params": sum(p.numel() for p in module.net.parameters()),
-        "baseline/val_acc": trained["val/acc"],
-        "baseline/test_acc": tested["test/acc"],
-        "baseline/train_seconds": trained["train/seconds"],
+        "baseline.params": sum(p.numel() for p in module.net.parameters()),
+        "baseline.val_acc": trained["val/acc"],
+        "baseline.test_acc": tested["test.acc"],
+        "baseline.train_seconds": trained["train.seconds"],
     }
 
 
@@ -31,6 +31,6 @@ def main(argv: list[str] | None = None) -> None:
         metrics = train_baseline(cfg)
         tracking.record(cfg.paths.baseline_metrics, metrics)
     print(
-        f"dense baseline: {metrics['baseline/params']:,} parameters, "
-        f"test/acc {metrics['baseline/test_acc']:.4f}"
+        f"dense baseline: {metrics['baseline.params']:,} parameters, "
+        f"test.acc {metrics['baseline.test_acc']:.4f}"
     )

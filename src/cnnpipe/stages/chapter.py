@@ -182,7 +182,7 @@ def chapter(cfg: DictConfig) -> dict:
     x = normalise(module, images[:256])
     margin = max(c.shifts) + conv.kernel_size[0]
     numbers = {
-        f"chapter/conv1_equivariance_error_shift{k}": round(
+        f"chapter.conv1_equivariance_error_shift{k}": round(
             equivariance_error(conv, x, k, margin), 8
         )
         for k in c.shifts
@@ -193,9 +193,9 @@ def chapter(cfg: DictConfig) -> dict:
         model = TorchModel(classifier)
         before = predict_probs(model, nhwc(images), batch).argmax(1)
         for k, agreement in shift_agreement(model, images, before, c.shifts, batch).items():
-            numbers[f"chapter/{net}_prediction_kept_shift{k}"] = agreement
+            numbers[f"chapter.{net}_prediction_kept_shift{k}"] = agreement
     probs = predict_probs(TorchModel(module, **cfg.evaluate.tta), nhwc(images), batch)
-    numbers["chapter/mistakes_shown"] = draw_mistakes(
+    numbers["chapter.mistakes_shown"] = draw_mistakes(
         images, labels, probs, names, c.mistakes, Path(cfg.paths.mistakes_png)
     )
     draw_filters(conv, Path(cfg.paths.filters_png))
@@ -221,7 +221,7 @@ def report(cfg: DictConfig, numbers: dict) -> str:
 
     shifts = [str(k) for k in cfg.chapter.shifts]
     dense_layers = [
-        (f"{h}x{w}x{ch}", units, f"model/dense_layer_{h}x{w}x{ch}_to_{units}")
+        (f"{h}x{w}x{ch}", units, f"model.dense_layer_{h}x{w}x{ch}_to_{units}")
         for h, w, ch, units in cfg.report.dense_baselines
     ]
     lines = [
@@ -229,7 +229,7 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "",
         "## 1. A dense layer on raw pixels explodes; convolutions stay small",
         "",
-        f"The whole CNN has {params['model/params']:,} parameters. "
+        f"The whole CNN has {params['model.params']:,} parameters. "
         + " ".join(
             f"One dense layer from a {image} image to {units:,} units has "
             f"{params[f'{key}_params']:,} ({params[f'{key}_times_model']:,}x the CNN)."
@@ -244,11 +244,11 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "",
         "| Network | Parameters | Test accuracy | Training time |",
         "|---|---:|---:|---:|",
-        f"| CNN ({network_name(cfg.model)}) | {params['model/params']:,} "
-        f"| {cnn_test['test/acc']:.2%} | {cnn_train['train/seconds']:.0f} s |",
+        f"| CNN ({network_name(cfg.model)}) | {params['model.params']:,} "
+        f"| {cnn_test['test.acc']:.2%} | {cnn_train['train.seconds']:.0f} s |",
         f"| Dense ({network_name(cfg.baseline.model)}) "
-        f"| {dense['baseline/params']:,} | {dense['baseline/test_acc']:.2%} "
-        f"| {dense['baseline/train_seconds']:.0f} s |",
+        f"| {dense['baseline.params']:,} | {dense['baseline.test_acc']:.2%} "
+        f"| {dense['baseline.train_seconds']:.0f} s |",
         "",
         "## 3. Filters learn to detect edges and colours",
         "",
@@ -267,7 +267,7 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         "| Shift (pixels) | " + " | ".join(shifts) + " |",
         "|---|" + "---:|" * len(shifts),
         "| Relative error | "
-        + " | ".join(f"{numbers[f'chapter/conv1_equivariance_error_shift{k}']:.1e}" for k in shifts)
+        + " | ".join(f"{numbers[f'chapter.conv1_equivariance_error_shift{k}']:.1e}" for k in shifts)
         + " |",
         "",
         "Tolerance: the share of test images whose predicted class survives a shift "
@@ -279,8 +279,8 @@ def report(cfg: DictConfig, numbers: dict) -> str:
         *(
             f"| {label} | " + " | ".join(f"{numbers[f'{key}_shift{k}']:.1%}" for k in shifts) + " |"
             for label, key in (
-                ("CNN", "chapter/cnn_prediction_kept"),
-                ("Dense", "chapter/dense_prediction_kept"),
+                ("CNN", "chapter.cnn_prediction_kept"),
+                ("Dense", "chapter.dense_prediction_kept"),
             )
         ),
         "",

@@ -12,4 +12,4 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.stage_run(cfg, "evaluate"):
         metrics = evaluate(cfg)
         log_evaluation(cfg, metrics)
-    print(f"test/acc {metrics['test/acc']:.4f}")
+    print(f"test.acc {metrics['test.acc']:.4f}")

@@ -15,9 +15,9 @@ from cnnpipe.training import load_checkpoint
 
 def test_accuracy(eval_metrics: Path) -> float:
     try:
-        return float(json.loads(eval_metrics.read_text())["test/acc"])
+        return float(json.loads(eval_metrics.read_text())["test.acc"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise PipelineError(f"no test/acc in {eval_metrics}; run `dvc repro evaluate`") from None
+        raise PipelineError(f"no test.acc in {eval_metrics}; run `dvc repro evaluate`") from None
 
 
 def main(argv: list[str] | None = None) -> None:

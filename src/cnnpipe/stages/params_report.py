@@ -14,12 +14,12 @@ from cnnpipe.training import load_checkpoint
 def to_metrics(report: dict) -> dict:
     """The numbers worth comparing between runs; the per-layer table is in the Markdown report."""
     metrics = {
-        "model/params": report["total_params"],
-        "model/trainable_params": report["trainable_params"],
-        "model/macs": report["total_macs"],
+        "model.params": report["total_params"],
+        "model.trainable_params": report["trainable_params"],
+        "model.macs": report["total_macs"],
     }
     for b in report["dense_baselines"]:
-        name = f"model/dense_layer_{b['input']}_to_{b['units']}"
+        name = f"model.dense_layer_{b['input']}_to_{b['units']}"
         metrics |= {f"{name}_params": b["params"], f"{name}_times_model": b["times_model"]}
     return metrics
 

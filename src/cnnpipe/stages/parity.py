@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} (parity.atol "
                 f"{cfg.parity.atol:.0e}), top-1 agreement {result['top1_agreement']:.4%}"
             )
-        tracking.record(cfg.paths.parity_metrics, {f"parity/{k}": v for k, v in result.items()})
+        tracking.record(cfg.paths.parity_metrics, {f"parity.{k}": v for k, v in result.items()})
 
         # Only a model that passed parity is logged with the ONNX flavour and registered.
         example = images[:4].numpy()
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             version_description(cfg, result, params, link),
             (example, onnx_model.probabilities(example)),
             {
-                "test/acc": result["onnx_test_acc"],
-                "parity/max_abs_diff": result["max_abs_diff"],
-                "parity/top1_agreement": result["top1_agreement"],
+                "test.acc": result["onnx_test_acc"],
+                "parity.max_abs_diff": result["max_abs_diff"],
+                "parity.top1_agreement": result["top1_agreement"],
             },
             tracking.cifar_dataset(Path(cfg.paths.data), "test"),
         )

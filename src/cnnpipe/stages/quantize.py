@@ -206,12 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"No INT8 model: {' and '.join(why_not)} (metrics/quantize.json).\n"
                 )
             metrics = {
-                "int8/test_acc": int8_acc,
-                "int8/accuracy_drop": round(drop, 6),
-                "int8/images_per_second": round(speed["int8"], 1),
-                "int8/fp32_images_per_second": round(speed["fp32"], 1),
-                "int8/speedup": round(speedup, 3),
-                "int8/kept": kept,
+                "int8.test_acc": int8_acc,
+                "int8.accuracy_drop": round(drop, 6),
+                "int8.images_per_second": round(speed["int8"], 1),
+                "int8.fp32_images_per_second": round(speed["fp32"], 1),
+                "int8.speedup": round(speedup, 3),
+                "int8.kept": kept,
             }
             tracking.record(cfg.paths.quantize_metrics, metrics)
             if kept:
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     verdict = f"kept as {out_dir / 'model.onnx'}" if kept else f"dropped: {' and '.join(why_not)}"
     print(
-        f"INT8 test/acc {int8_acc:.4f} vs FP32 {fp32_acc:.4f}, {speedup:.2f}x the FP32 "
+        f"INT8 test.acc {int8_acc:.4f} vs FP32 {fp32_acc:.4f}, {speedup:.2f}x the FP32 "
         f"images/s at batch {q.batch_size}; {verdict}"
     )
 
@@ -242,10 +242,10 @@ def register(
     description = (
         f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel 7-bit weights), "
         f"same input and output as `{cfg.mlflow.model_name}`.\n\n"
-        f"- Test accuracy as deployed: **{metrics['int8/test_acc']:.2%}** "
-        f"({metrics['int8/accuracy_drop'] * 100:.2f} points below FP32)\n"
+        f"- Test accuracy as deployed: **{metrics['int8.test_acc']:.2%}** "
+        f"({metrics['int8.accuracy_drop'] * 100:.2f} points below FP32)\n"
         f"- Images/s against FP32 at batch {cfg.quantize.batch_size}: "
-        f"{metrics['int8/speedup']:.2f}x\n"
+        f"{metrics['int8.speedup']:.2f}x\n"
         f"- [The pipeline run that made it]({link})"
     )
     tracking.log_onnx_model(
@@ -254,6 +254,6 @@ def register(
         f"{cfg.mlflow.model_name}-int8",
         description,
         (example, quant.probabilities(example)),
-        {key: metrics[key] for key in ("int8/test_acc", "int8/accuracy_drop", "int8/speedup")},
+        {key: metrics[key] for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
         tracking.cifar_dataset(Path(cfg.paths.data), "test"),
     )

@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
         log_training(cfg, metrics)
     # Only a finished training becomes the run that the later stages log into.
     tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
-    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train/seconds']:.0f}s")
+    print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train.seconds']:.0f}s")
