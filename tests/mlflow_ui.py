@@ -91,7 +91,11 @@ def val_acc_chart(page: Page, base: str, experiment_id: str, run_id: str) -> dic
     """The run's "Model metrics" tab searched for val/acc: the x axis and the points drawn."""
     page.goto("about:blank")  # a fresh page: the tab keeps its charts from before otherwise
     page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.locator(".js-plotly-plot").first.wait_for()
     page.get_by_placeholder("Search metric charts").fill("val/acc")
+    # The search applies after a pause: the train section, drawn first, goes when it has.
+    headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
+    headers.filter(has_text="train").wait_for(state="detached")
     chart = page.locator(".js-plotly-plot")
     chart.first.wait_for()
     page.locator(".scatterlayer .point").first.wait_for()
