@@ -1,7 +1,7 @@
 """The MLflow UI in a real headless browser, used as a person uses it: for tests/test_mlflow_ui.py
 and for the screenshots of docs/tracking.md.
 
-    python tests/mlflow_ui.py RUN_ID CHILD_RUN_ID --out docs/images   # store: MLFLOW_TRACKING_URI
+    python -m tests.mlflow_ui RUN_ID CHILD_RUN_ID --out docs/images   # store: MLFLOW_TRACKING_URI
 
 Needs Debian's chromium (`apt-get install chromium`) and Playwright from pip; Playwright's own
 browser download is not used.
@@ -13,15 +13,14 @@ import html
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
+
+from tests.helpers import free_port, wait_for_http
 
 CHROMIUM = "/usr/bin/chromium"
 # MLflow 3 opens on its GenAI views and an assistant panel; a person picks "Model training" and
@@ -37,9 +36,7 @@ TIMEOUT_MS = 60_000
 @contextlib.contextmanager
 def mlflow_server(store_uri: str, start_s: float = 120) -> Iterator[str]:
     """`mlflow server` on a free port of 127.0.0.1 for `store_uri`; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1"]
     server = subprocess.Popen(
@@ -49,15 +46,7 @@ def mlflow_server(store_uri: str, start_s: float = 120) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not answer within {start_s} s") from None
-                time.sleep(0.5)
+        wait_for_http(f"{base}/health", server, "mlflow server", deadline_s=start_s)
         yield base
     finally:
         server.terminate()
