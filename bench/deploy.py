@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, input_shape(256), dtype=np.uint8)
+    batch = rng.integers(0, 256, input_shape(256, (32, 32)), dtype=np.uint8)
     rounds, count, requests = (9, 1000, 400) if not args.tiny else (1, 30, 20)
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:

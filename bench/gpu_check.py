@@ -29,9 +29,10 @@ from pytorch_lightning.callbacks import Timer
 
 from cnnpipe import PipelineError, contract
 from cnnpipe.config import compose_params
-from cnnpipe.data import CIFAR10DataModule, read_split
+from cnnpipe.data import ImageDataModule, read_split
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
+from cnnpipe.preparation import prepare
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.training import build_module, build_trainer, load_checkpoint
 
@@ -71,7 +72,7 @@ class TestAccuracy(pl.Callback):
     far, the scoring's own time left out."""
 
     def __init__(self, cfg: DictConfig, timer: Timer) -> None:
-        images, self.labels = read_split(Path(cfg.paths.data), "test")
+        images, self.labels = read_split(cfg, "test")
         self.images, self.cfg, self.timer = nhwc(images), cfg, timer
         self.rows: list[dict] = []
         self.scoring = 0.0
@@ -93,13 +94,10 @@ class TestAccuracy(pl.Callback):
 def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, TestAccuracy | None]:
     """Train `cfg` as the train stage does (no MLflow, no resume) and save its checkpoint; with
     `scorer`, score the test set after every epoch. Returns epochs, seconds and images/s."""
-    data = CIFAR10DataModule(
-        cfg.paths.data, cfg.loader.batch_size, cfg.data.val_size, cfg.data.crop_padding,
-        cfg.data.flip, cfg.seed,
-    )  # fmt: skip
+    data = ImageDataModule(cfg)
     data.setup("fit")
     pl.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, data.class_names)
+    module = build_module(cfg, data)
     timer = Timer()
     tracker = TestAccuracy(cfg, timer) if scorer else None
     callbacks = [timer, tracker] if tracker else [timer]
@@ -107,16 +105,24 @@ def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, Test
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(cfg.paths.checkpoint, weights_only=True)
     seconds = tracker.rows[-1]["seconds"] if tracker else timer.time_elapsed("train")
-    images = len(data.train_images) * trainer.current_epoch
+    images = data.train_size * trainer.current_epoch
     result = {"epochs": trainer.current_epoch, "seconds": seconds, "images_per_s": images / seconds}
     return result, tracker
+
+
+def prepare_archive(archive: Path, dest: Path) -> Path:
+    """CIFAR-10's archive at `archive` prepared into `dest`, as the prepare stage does."""
+    data = compose([f"data.source={archive}"], dest, dest.parent, "cpu").data
+    data.md5 = None  # a copy of the data made on the spot, checked by reading it
+    prepare(data, dest)
+    return dest
 
 
 def chapter_cnn(cfg: DictConfig, folder: Path) -> dict:
     result, _ = fit(cfg, folder)
     # Scored and exported as the evaluate, export and parity stages do: on the CPU, in fp32.
     model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
-    images, labels = read_split(Path(cfg.paths.data), "test")
+    images, labels = read_split(cfg, "test")
     images = nhwc(images)
     want = predict_probs(model, images, cfg.evaluate.batch_size).numpy()
     metadata = contract.Metadata(
@@ -152,7 +158,10 @@ def resnet9(cfg: DictConfig, folder: Path, target: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="cifar-10-batches-py")
+    parser.add_argument(
+        "--data", type=Path, required=True,
+        help="a prepared data set (data/prepared), or CIFAR-10's archive to prepare first",
+    )  # fmt: skip
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--resnet-epochs", type=int, default=24)
@@ -173,6 +182,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         folder = Path(tmp)
         started = time.monotonic()
+        if args.data.is_file():
+            args.data = prepare_archive(args.data, folder / "prepared")
         cfg = compose([*CHAPTER, *args.overrides], args.data, folder / "chapter", args.device)
         report["chapter_cnn"] = chapter_cnn(cfg, folder / "chapter")
         c = report["chapter_cnn"]

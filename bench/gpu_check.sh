@@ -27,15 +27,14 @@ if ! "$PYTHON" -c "import hydra, omegaconf" 2>/dev/null; then
     --target "$WORK/site" hydra-core omegaconf antlr4-python3-runtime
   export PYTHONPATH="$PYTHONPATH:$WORK/site"
 fi
-DATA=${CIFAR10_DIR:-}
+DATA=${CIFAR10_DATA:-}
 if [ -z "$DATA" ]; then
   if [ ! -f "$BUNDLE/cifar10-jpeg.tar.gz" ]; then
-    echo "gpu_check: no $BUNDLE/cifar10-jpeg.tar.gz and no CIFAR10_DIR; run make gpu-bundle" >&2
+    echo "gpu_check: no $BUNDLE/cifar10-jpeg.tar.gz and no CIFAR10_DATA; run make gpu-bundle" >&2
     exit 1
   fi
   "$PYTHON" "$BUNDLE/make_cifar10_archive.py" "$WORK/cifar-10-python.tar.gz" \
     --source "$BUNDLE/cifar10-jpeg.tar.gz" > /dev/null
-  tar -xzf "$WORK/cifar-10-python.tar.gz" -C "$WORK"
-  DATA="$WORK/cifar-10-batches-py"
+  DATA="$WORK/cifar-10-python.tar.gz"
 fi
 exec "$PYTHON" bench/gpu_check.py --data "$DATA" "$@"

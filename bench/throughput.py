@@ -8,7 +8,7 @@
 3. tutorial: the recipe most tutorials use: per-image PIL transforms (RandomCrop, RandomHorizontal-
              Flip, ToTensor, Normalize) in a DataLoader with 2 workers, fp32, NCHW.
 
-usage: python bench/throughput.py [--data data/cifar-10-batches-py] [OVERRIDE ...]
+usage: python bench/throughput.py [--data data/prepared] [OVERRIDE ...]
        python bench/throughput.py --tiny          # random data, seconds: the CI smoke test
 Overrides are Hydra overrides of conf/ (e.g. trainer.precision=bf16-mixed loader.batch_size=256).
 
@@ -21,10 +21,13 @@ that is repeated `--repeats` times and the median of each is compared.
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -33,11 +36,17 @@ from PIL import Image
 from torchvision import transforms
 
 from cnnpipe.config import compose_params
-from cnnpipe.data import BatchLoader, read_split
+from cnnpipe.data import BatchLoader
+from cnnpipe.prepared import Prepared, write_random
 from cnnpipe.training import build_module, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
+
+
+def cifar_like(cfg: DictConfig) -> SimpleNamespace:
+    """What build_module reads of a datamodule: ten classes of 32x32 images, CIFAR's statistics."""
+    return SimpleNamespace(class_names=CLASSES, mean=cfg.data.mean, std=cfg.data.std, image_size=32)
 
 
 def forever(loader: Iterable) -> Iterator:
@@ -45,10 +54,13 @@ def forever(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def project_loader(cfg: DictConfig, images: torch.Tensor, labels: torch.Tensor) -> BatchLoader:
+def project_loader(cfg: DictConfig, prepared: Prepared) -> BatchLoader:
+    """The train stage's loader: batches read from the prepared arrays on disk."""
+    rows = np.arange(len(prepared.labels))
     return BatchLoader(
-        images,
-        labels,
+        prepared.images,
+        torch.from_numpy(prepared.labels),
+        rows,
         cfg.loader.batch_size,
         shuffle=True,
         crop_padding=cfg.data.crop_padding,
@@ -69,15 +81,15 @@ def timed_steps(step, batches: Iterator, steps: int, warmup: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def plain_step(cfg: DictConfig, images, labels, total_steps: int):
+def plain_step(cfg: DictConfig, prepared: Prepared, total_steps: int):
     """One step of the plain loop per call, each on the next batch; returns the seconds it took."""
-    module = build_module(cfg, CLASSES).train()
+    module = build_module(cfg, cifar_like(cfg)).train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.optim.lr, total_steps)
     bf16 = cfg.trainer.precision.startswith("bf16")
-    batches = forever(project_loader(cfg, images, labels))
+    batches = forever(project_loader(cfg, prepared))
 
     def step() -> float:
         start = time.perf_counter()
@@ -115,17 +127,18 @@ class Alternate(pl.Callback):
         self.end = time.perf_counter()
 
 
-def plain_and_project(cfg: DictConfig, images, labels, steps: int, warmup: int):
+def plain_and_project(cfg: DictConfig, prepared: Prepared, steps: int, warmup: int):
     """images/s of the plain loop and of the project's Lightning loop (as `cnnpipe train` builds
     it, validation left out), their steps alternating."""
     # The first `warmup` steps of each are not timed; the last plain step has no project step
     # after it to pair with, so it is dropped.
     total = warmup + steps + 1
-    alternate = Alternate(plain_step(cfg, images, labels, total), warmup)
+    alternate = Alternate(plain_step(cfg, prepared, total), warmup)
     trainer = build_trainer(
         cfg, logger=False, callbacks=[alternate], max_steps=total, limit_val_batches=0
     )
-    trainer.fit(build_module(cfg, CLASSES), train_dataloaders=project_loader(cfg, images, labels))
+    module = build_module(cfg, cifar_like(cfg))
+    trainer.fit(module, train_dataloaders=project_loader(cfg, prepared))
     plain, project = alternate.plain[:steps], alternate.project
     assert len(plain) == len(project) == steps, (len(plain), len(project))
     batch = cfg.loader.batch_size
@@ -158,7 +171,9 @@ def tutorial_loop(cfg: DictConfig, images, labels, steps: int, warmup: int) -> f
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.loader.batch_size, shuffle=True, num_workers=2
     )
-    net = build_module(OmegaConf.merge(cfg, {"loader": {"channels_last": False}}), CLASSES).net
+    net = build_module(
+        OmegaConf.merge(cfg, {"loader": {"channels_last": False}}), cifar_like(cfg)
+    ).net
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -176,7 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="data/cifar-10-batches-py")
+    parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--tiny", action="store_true", help="random data and a few steps")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
@@ -187,16 +202,19 @@ def main() -> None:
     overrides = ["optim.whiten=false", *args.overrides]
     cfg = OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
     steps, repeats, warmup = args.steps, args.repeats, 5
+    data = Path(args.data)
     if args.tiny:
-        images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
-        labels = torch.randint(0, 10, (512,))
+        data = Path(tempfile.mkdtemp()) / "prepared"
+        write_random(data, train=512, test=0)
         cfg.loader.batch_size, steps, repeats, warmup = 64, 4, 1, 1
-    else:
-        images, labels = read_split(Path(args.data), "train")
+    prepared = Prepared.open(data)
+    # The plain and tutorial loops hold the images in memory, as their tutorials do.
+    images = torch.from_numpy(prepared.images.take(np.arange(len(prepared.labels))))
+    images, labels = images.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(prepared.labels)
 
     runs = {"plain": [], "project": [], "tutorial": []}
     for _ in range(repeats):
-        plain, project = plain_and_project(cfg, images, labels, steps, warmup)
+        plain, project = plain_and_project(cfg, prepared, steps, warmup)
         runs["plain"].append(plain)
         runs["project"].append(project)
         runs["tutorial"].append(tutorial_loop(cfg, images, labels, steps, warmup))

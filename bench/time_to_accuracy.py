@@ -11,23 +11,21 @@ the weights and test-time views the checkpoint would be evaluated with; its time
 """
 
 import argparse
-import pickle
 import platform
 import tempfile
 import time
 from itertools import accumulate
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe.cifar import META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
 from cnnpipe.evaluation import evaluate
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.prepared import write_random
 from cnnpipe.trainer import train
 from cnnpipe.training import load_checkpoint
 
@@ -49,27 +47,14 @@ TRICKS = {
 TEST_TIME = ("evaluate.tta.",)
 
 
-def write_random_batches(folder: Path, per_batch: int) -> None:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for name in [*TRAIN_BATCHES, TEST_BATCH]:
-        batch = {
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, per_batch).tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    meta = {"label_names": [f"class{i}" for i in range(10)]}
-    (folder / META).write_bytes(pickle.dumps(meta, protocol=4))
-
-
 class TestAccuracy(pl.Callback):
     """The test accuracy after each epoch, scored as `evaluate` scores the checkpoint: at the end
     of validation, where weight averaging has put the averaged weights in place."""
 
-    def __init__(self, data: Path, tta: DictConfig, batch_size: int) -> None:
-        images, self.labels = read_split(data, "test")
+    def __init__(self, cfg: DictConfig) -> None:
+        images, self.labels = read_split(cfg, "test")
         self.images = nhwc(images)
-        self.tta, self.batch_size = dict(tta), batch_size
+        self.tta, self.batch_size = dict(cfg.evaluate.tta), cfg.evaluate.batch_size
         self.accuracy, self.seconds = [], []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -93,7 +78,7 @@ def job_config(name: str, overrides: list[str], data: Path, tmp: str) -> DictCon
 
 def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) -> dict:
     cfg = job_config(name, overrides, data, tmp)
-    scorer = TestAccuracy(data, cfg.evaluate.tta, cfg.evaluate.batch_size)
+    scorer = TestAccuracy(cfg)
     train(cfg, callbacks=(scorer,))
     history = Path(cfg.paths.history).read_text().splitlines()
     rows = [dict(zip(history[0].split(","), line.split(","), strict=True)) for line in history[1:]]
@@ -138,7 +123,7 @@ def accuracy_at_budget(name: str, overrides: list[str], data: Path, tmp: str) ->
 
 def rescore(cfg: DictConfig, tta: DictConfig) -> float:
     """The test accuracy of `cfg`'s checkpoint with other test-time views."""
-    images, labels = read_split(Path(cfg.paths.data), "test")
+    images, labels = read_split(cfg, "test")
     model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **tta)
     probs = predict_probs(model, nhwc(images), cfg.evaluate.batch_size)
     return float((probs.argmax(1) == labels).float().mean())
@@ -148,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="data/cifar-10-batches-py")
+    parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--tiny", action="store_true")
@@ -166,8 +151,8 @@ def main() -> None:
         data = Path(args.data).resolve()
         common = list(args.overrides)
         if args.tiny:
-            data = Path(tmp) / "batches"
-            write_random_batches(data, per_batch=64)
+            data = Path(tmp) / "prepared"
+            write_random(data, train=320, test=64)
             common = ["trainer.max_epochs=2", "data.val_size=64", "loader.batch_size=64", *common]
         new = run("new", common, data, tmp, args.target)
         old = run("old", [*OLD, *common], data, tmp, args.target)

@@ -20,11 +20,14 @@ def archive(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.fixture
 def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
-    """The tiny archive, fetched by the fetch stage's own function."""
-    from cnnpipe.stages.fetch import fetch
+    """The tiny archive, prepared by the prepare stage's own function."""
+    from omegaconf import OmegaConf
 
-    dest = tmp_path / "extracted" / "cifar-10-batches-py"
-    fetch(str(archive[0]), archive[1], dest)
+    from cnnpipe.preparation import prepare
+    from tests.helpers import composed
+
+    dest = tmp_path / "prepared"
+    prepare(OmegaConf.merge(composed().data, {"source": str(archive[0]), "md5": archive[1]}), dest)
     return dest
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -127,25 +128,34 @@ def free_port() -> int:
 
 
 def untrained(
-    class_names: list[str], net: str = "cnnpipe.models.ChapterCNN", seed: int = 0
+    class_names: list[str],
+    net: str = "cnnpipe.models.ChapterCNN",
+    seed: int = 0,
+    image_size: int = 32,
 ) -> LitClassifier:
     """`net` with seeded random weights, for tests and benches that need a model, not a trained
     one. Its normalisation differs per channel, as CIFAR-10's does."""
     torch.manual_seed(seed)
     return LitClassifier(
-        {"_target_": net}, class_names, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], optim={}
+        {"_target_": net},
+        class_names,
+        [0.49, 0.48, 0.45],
+        [0.25, 0.24, 0.26],
+        optim={},
+        image_size=image_size,
     )
 
 
 def export_random_model(
-    path: Path, class_names: list[str], flip: bool = True, shift: int = 0
+    path: Path, class_names: list[str], flip: bool = True, shift: int = 0, image_size: int = 32
 ) -> Path:
     """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
     from cnnpipe.inference import TorchModel
     from cnnpipe.onnx_export import export_onnx
 
     metadata = Metadata(class_names, "cnnpipe-test", 0.5, flip, shift)
-    export_onnx(TorchModel(untrained(class_names), flip, shift), path, 18, metadata, [1])
+    model = TorchModel(untrained(class_names, image_size=image_size), flip, shift)
+    export_onnx(model, path, 18, metadata, [1])
     return path
 
 
@@ -233,3 +243,75 @@ class HoldOnce(pl.Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not stopped within {self.deadline_s} s")
             time.sleep(0.1)
+
+
+def make_image_folder(
+    root: Path,
+    classes: list[str],
+    per_class: int,
+    size: tuple[int, int] = (40, 56),
+    fmt: str = "PNG",
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Write `per_class` images of each class to root/<class>/<i>.<fmt>, each with its class in
+    its colour so that a model can learn it; returns the pixels written, by path under root."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    suffix = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 64, (*size, 3), dtype=np.uint8)
+            pixels[..., label % 3] += np.uint8(40 + 60 * (label // 3) % 190)
+            path = root / name / f"{i}.{suffix}"
+            Image.fromarray(pixels).save(path, fmt)
+            written[path.relative_to(root).as_posix()] = pixels
+    return written
+
+
+def folder_config(source: Path, *overrides: str, prepared: Path | None = None) -> DictConfig:
+    """conf/ with data=folder reading `source`, written to `prepared` when given."""
+    paths = [f"paths.data={prepared}"] if prepared else []
+    return composed("data=folder", f"data.source={source}", *paths, *overrides)
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith((".dvc/tmp", "dvc.lock")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def repo_env(repo: Path) -> dict[str, str]:
+    """The environment a user's shell gives `dvc` and `git` in the copy `repo`: the project's
+    console scripts, its sources, no MLflow or DVC settings of the caller's, a git identity."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+
+
+def keras_chapter_params(size: int, classes: int) -> int:
+    """What Keras' model.summary() prints for the chapter's CNN on (size, size, 3), by hand."""
+    side = size
+    total = 0
+    for c_in, c_out, pool in ((3, 32, True), (32, 64, True), (64, 64, False)):
+        side -= 2
+        total += 3 * 3 * c_in * c_out + c_out
+        side = side // 2 if pool else side
+    return total + (side * side * 64) * 64 + 64 + 64 * classes + classes

@@ -36,6 +36,18 @@ def test_throughput_prints_both_ratios(tmp_path):
     assert re.search(r"project / tutorial = [\d.]+", out)
 
 
+def test_prepare_times_a_full_and_an_incremental_decode(tmp_path):
+    out = run_bench("prepare.py", tmp_path)
+    n, full, rate = re.search(
+        r"full decode: ([\d,]+) images in ([\d.]+) s, ([\d,]+) images/s", out
+    ).groups()
+    assert int(n.replace(",", "")) == 300
+    assert int(rate.replace(",", "")) == pytest.approx(300 / float(full), rel=0.05, abs=2)
+    again, ratio = re.search(r"20 added: ([\d.]+) s; full / incremental: ([\d.]+)x", out).groups()
+    assert float(ratio) == pytest.approx(float(full) / float(again), rel=0.1)
+    assert "decoded 40 of 320 images" in out
+
+
 def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
     # Any accuracy reaches 0%: the first epoch is the one to report, with its own time.
     out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0")

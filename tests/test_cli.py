@@ -9,14 +9,16 @@ from tests.helpers import ROOT, cnnpipe
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     params = compose_params(
-        ["fetch.url=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
+        ["data.source=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
     )
     (tmp_path / "params.yaml").write_text(params)
-    result = cnnpipe("fetch", cwd=tmp_path)
+    result = cnnpipe("prepare", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("cnnpipe fetch: error: cannot read file:///nonexistent")
+    assert result.stderr.strip().startswith(
+        "cnnpipe prepare: error: cannot read file:///nonexistent"
+    )
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
@@ -42,7 +44,7 @@ def test_config_errors_are_one_line(tmp_path):
          "trainer.foo; see params.yaml for the settings there are"),
         (("params", "trainer=tpu"), None,
          "cnnpipe params: error: conf/trainer has no tpu; choose one of: cpu, ddp, gpu"),
-        (("fetch",), "data:\n  url: [oops\n", "cnnpipe fetch: error: params.yaml is not valid "
+        (("prepare",), "data:\n  url: [oops\n", "cnnpipe prepare: error: params.yaml is not valid "
          "YAML (expected ',' or ']', but got '<stream end>' at line 3, column 1); fix it, or "
          "remake it with `cnnpipe params`"),
         (("evaluate",), "data:\n\turl: x\n", "cnnpipe evaluate: error: params.yaml is not valid "
@@ -70,7 +72,7 @@ def test_training_without_data_names_the_stage_to_run(tmp_path):
     (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
     result = cnnpipe("train", cwd=tmp_path)
     assert result.stderr.splitlines()[-1] == (
-        "cnnpipe train: error: no data/cifar-10-batches-py/data_batch_1; run `dvc repro fetch`"
+        "cnnpipe train: error: no prepared data in data/prepared; run `dvc repro prepare`"
     )
     assert "Traceback" not in result.stderr and result.returncode == 1
 

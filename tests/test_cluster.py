@@ -25,8 +25,7 @@ from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking import recipe_params
 from cnnpipe.trainer import HISTORY_KEYS
 from tests import helpers
-from tests.helpers import ROOT, free_port, make_archive, wait_for_http
-from tests.test_pipeline_e2e import copy_repo, repo_env
+from tests.helpers import ROOT, copy_repo, free_port, make_archive, repo_env, wait_for_http
 from tests.test_scale import compose_for
 from tests.test_search import SEARCH
 
@@ -312,7 +311,7 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
 
     (repo / "conf" / "local").mkdir()
     (repo / "conf" / "local" / "default.yaml").write_text(
-        f"fetch:\n  url: {www_base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
+        f"data:\n  source: {www_base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
     )
     tiny = ["data.val_size=40", "trainer.max_epochs=1", "loader.batch_size=64",
             "evaluate.batch_size=16", "mlflow.experiment=team-pipeline"]  # fmt: skip

@@ -27,12 +27,12 @@ def test_local_settings_go_over_everything_but_the_command_line(tmp_path):
     conf = shipped_conf(tmp_path)
     (conf / "local").mkdir()
     md5 = "5912d72513c2fa989e976f23c36e7bc6"
-    local = f"fetch:\n  url: /archives/cifar-10-python.tar.gz\n  md5: {md5}\nseed: 7\n"
+    local = f"data:\n  source: /archives/cifar-10-python.tar.gz\n  md5: {md5}\nseed: 7\n"
     (conf / "local" / "default.yaml").write_text(local)
     cfg = OmegaConf.create(compose_params(["seed=3"], conf_dir=conf))
-    assert cfg.fetch.url == "/archives/cifar-10-python.tar.gz" and cfg.fetch.md5 == md5
+    assert cfg.data.source == "/archives/cifar-10-python.tar.gz" and cfg.data.md5 == md5
     assert cfg.seed == 3
-    assert cfg.fetch.timeout_s == 60, "the rest of the node stays"
+    assert cfg.data.timeout_s == 60, "the rest of the node stays"
 
 
 def test_gitignore_keeps_local_settings_out_of_git():
@@ -53,8 +53,8 @@ def test_overrides_compose_into_params():
 
 def test_default_points_at_the_official_archive():
     cfg = OmegaConf.load(ROOT / "params.yaml")
-    assert cfg.fetch.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    assert cfg.fetch.md5 == "c58f30108f718f92721af3b95e74349a"
+    assert cfg.data.source == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert cfg.data.md5 == "c58f30108f718f92721af3b95e74349a"
 
 
 def test_dvc_composes_params_through_hydra():

@@ -6,15 +6,21 @@ import pytest
 import torch
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar import read_class_names, unpickle
-from cnnpipe.data import (
-    BatchLoader,
-    CIFAR10DataModule,
-    random_crop,
-    random_flip,
-    read_batch,
-    read_split,
-)
+from cnnpipe.cifar import load_batch, unpickle
+from cnnpipe.data import BatchLoader, ImageDataModule, random_crop, random_flip, read_split
+from cnnpipe.prepared import ImageArray
+from tests.helpers import composed
+
+
+def read_batch(path):
+    """One batch file as (N, 3, 32, 32) tensors, as the prepare stage lays them out."""
+    data, labels = load_batch(path)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+
+
+def image_array(folder, images: np.ndarray) -> ImageArray:
+    np.save(folder / "images.npy", images)
+    return ImageArray(folder / "images.npy")
 
 
 class RunsCode:
@@ -60,11 +66,11 @@ def test_malformed_batches_are_refused(tmp_path, entry, message):
         read_batch(path)
 
 
-def test_read_split_and_class_names(data_dir):
-    images, labels = read_split(data_dir, "train")
+def test_read_split_gives_every_training_image_and_the_test_batch(data_dir):
+    cfg = composed(f"paths.data={data_dir}")
+    images, labels = read_split(cfg, "train")
     assert images.shape == (200, 3, 32, 32) and len(labels) == 200
-    assert read_split(data_dir, "test")[0].shape == (50, 3, 32, 32)
-    assert read_class_names(data_dir)[:2] == ["airplane", "automobile"]
+    assert read_split(cfg, "test")[0].shape == (50, 3, 32, 32)
 
 
 def test_random_crop_shifts_each_image_within_the_padding():
@@ -96,9 +102,10 @@ def test_random_flip_flips_about_half():
     assert 400 < int(mirrored.sum()) < 600
 
 
-def test_batch_loader_visits_every_image_once_per_epoch():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32)
-    loader = BatchLoader(images, torch.arange(10), batch_size=4, shuffle=True)
+def test_batch_loader_visits_every_image_once_per_epoch(tmp_path):
+    pixels = np.broadcast_to(np.arange(10, dtype=np.uint8)[:, None, None, None], (10, 8, 8, 3))
+    images = image_array(tmp_path, np.ascontiguousarray(pixels))
+    loader = BatchLoader(images, torch.arange(10), np.arange(10), batch_size=4, shuffle=True)
     assert len(loader) == 3
     epochs = [torch.cat([y for _, y in loader]) for _ in range(2)]
     for seen in epochs:
@@ -110,19 +117,21 @@ def test_batch_loader_visits_every_image_once_per_epoch():
 
 def test_validation_split_is_seeded_and_disjoint(data_dir):
     def split(seed):
-        dm = CIFAR10DataModule(str(data_dir), 32, val_size=50, crop_padding=4, flip=True, seed=seed)
+        dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.val_size=50", f"seed={seed}"))
         dm.setup("fit")
-        return dm
+        return dm.rows
 
     a, b, c = split(0), split(0), split(1)
-    assert len(a.val_images) == 50 and len(a.train_images) == 150
-    assert torch.equal(a.val_images, b.val_images)
-    assert not torch.equal(a.val_images, c.val_images)
-    val_rows = {bytes(x.flatten().numpy()) for x in a.val_images}
-    assert not val_rows & {bytes(x.flatten().numpy()) for x in a.train_images}
+    assert len(a["val"]) == 50 and len(a["train"]) == 150
+    assert np.array_equal(a["val"], b["val"])
+    assert not np.array_equal(a["val"], c["val"])
+    assert not set(a["val"]) & set(a["train"]) and not set(a["test"]) & set(a["pool"])
+    # The recipe's draw since the first release: a permutation of the 200 training images.
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0)).numpy()
+    assert np.array_equal(a["val"], order[:50]) and np.array_equal(a["train"], order[50:])
 
 
 def test_validation_split_larger_than_the_data_is_refused(data_dir):
-    dm = CIFAR10DataModule(str(data_dir), 32, val_size=500, crop_padding=4, flip=True, seed=0)
+    dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.val_size=500"))
     with pytest.raises(PipelineError, match="data.val_size=500"):
         dm.setup("fit")

@@ -43,11 +43,12 @@ def test_the_train_stage_depends_on_the_recipe_a_resume_shares():
     assert train["params"] == RECIPE_KEYS
 
 
-def test_editing_the_fetch_stage_reruns_only_fetch(tmp_path):
+def test_editing_the_prepare_stage_reruns_only_prepare(tmp_path):
     """A real `dvc status` in a git repository laid out like ours: every stage's dependencies
-    and outputs recorded by `dvc commit`, then a comment added to stages/fetch.py."""
+    and outputs recorded by `dvc commit`, then a comment added to stages/prepare.py."""
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("local"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -74,6 +75,6 @@ def test_editing_the_fetch_stage_reruns_only_fetch(tmp_path):
     run(dvc, "init", "-q")
     run(dvc, "commit", "-f", "-q")
     assert json.loads(run(dvc, "status", "--json")) == {}
-    with open(repo / "src/cnnpipe/stages/fetch.py", "a") as f:
+    with open(repo / "src/cnnpipe/stages/prepare.py", "a") as f:
         f.write("# edited\n")
-    assert list(json.loads(run(dvc, "status", "--json"))) == ["fetch"]
+    assert list(json.loads(run(dvc, "status", "--json"))) == ["prepare"]

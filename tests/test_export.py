@@ -17,7 +17,7 @@ from tests.helpers import CLASSES, untrained
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
     """The contract's input: (n, 32, 32, 3) uint8."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, input_shape(n), dtype=torch.uint8, generator=g)
+    return torch.randint(0, 256, input_shape(n, (32, 32)), dtype=torch.uint8, generator=g)
 
 
 @pytest.fixture(scope="module", params=[(False, 0), (True, 1)], ids=["plain", "six_views"])
@@ -36,7 +36,9 @@ def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
     assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
-    assert dims[0].dim_param and tuple(d.dim_value for d in dims[1:]) == input_shape()[1:]
+    assert (
+        dims[0].dim_param and tuple(d.dim_value for d in dims[1:]) == input_shape("N", (32, 32))[1:]
+    )
     assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
 
 

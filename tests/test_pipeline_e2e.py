@@ -1,14 +1,12 @@
-"""`dvc repro` of the whole pipeline in a temporary git repository, fetching over real HTTP."""
+"""`dvc repro` of the whole pipeline in a temporary git repository, downloading over real HTTP."""
 
 import csv
 import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,10 +18,11 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from tests.helpers import ROOT, free_port, make_archive, wait_for_http
+from tests.helpers import copy_repo, free_port, make_archive, repo_env, wait_for_http
 
 OUTPUTS = [
-    "data/cifar-10-batches-py/test_batch",
+    "data/prepared/images.npy",
+    "data/prepared/manifest.json",
     "models/model.ckpt",
     "models/mlflow_run.json",
     "models/model.onnx",
@@ -46,35 +45,6 @@ OUTPUTS = [
     "plots/chapter/mistakes.png",
     "metrics/quantize.json",
 ]
-
-
-def copy_repo(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for name in files:
-        if (ROOT / name).is_file() and not name.startswith((".dvc/tmp", "dvc.lock")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-
-
-def repo_env(repo: Path) -> dict[str, str]:
-    """The environment a user's shell gives `dvc` and `git` in the copy `repo`: the project's
-    console scripts, its sources, no MLflow or DVC settings of the caller's, a git identity."""
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
 
 
 def check_mlflow_serves_the_champion(repo: Path, env: dict) -> None:
@@ -124,7 +94,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
 
     # The archive's place as an offline user gives it, once: `cnnpipe params`, `dvc exp run -S`
     # and queued experiments must all keep it.
-    local = f"fetch:\n  url: {base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
+    local = f"data:\n  source: {base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
     (repo / "conf/local").mkdir()
     (repo / "conf/local/default.yaml").write_text(local)
     overrides = [
@@ -263,7 +233,7 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     kept = {name: (repo / name).read_bytes() for name in OUTPUTS}
     models = ", ".join(sorted(p.stem for p in (repo / "conf/model").glob("*.yaml")))
     why = {
-        "fetch.md5=00000000000000000000000000000000": "expected 00000000000000000000000000000000",
+        "data.md5=00000000000000000000000000000000": "expected 00000000000000000000000000000000",
         "trainer.max_epochs=abc": "config key trainer.max_epochs: 'abc' is not an integer",
         # DVC composes conf/ itself: an unknown choice still ends in the stage's one line.
         "model=does_not_exist": f"conf/model has no does_not_exist; choose one of: {models}",

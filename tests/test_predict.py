@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe.serving.images import decode
+from cnnpipe.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 from tests.helpers import CLASSES, cnnpipe, export_random_model, foreign_model
 
@@ -92,7 +92,7 @@ def test_a_model_of_another_shape_is_refused_in_one_line(tmp_path, images):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (
         f"cnnpipe predict: error: {other} takes float (N, 10) and returns float (N, 10); cnnpipe "
-        "needs uint8 (N, 32, 32, 3) images in and float (N, 10) out, one probability per class "
+        "needs uint8 (N, H, W, 3) images in and float (N, 10) out, one probability per class "
         "name: export the model with `cnnpipe export`\n"
     )
 
@@ -114,7 +114,7 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     ids=["16-bit", "cmyk", "gray-alpha", "1-bit"],
 )
 def test_unusual_modes_decode_to_rgb(image, fmt):
-    pixels, _ = decode(encode(image, fmt))
+    pixels, _ = decode(encode(image, fmt), (32, 32))
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
 
 
@@ -131,12 +131,12 @@ def test_deep_gray_decodes_like_its_8_bit_version(deep, fmt):
     gray = np.random.default_rng(4).integers(0, 256, (32, 32), dtype=np.uint8)
     image = deep(gray)
     assert image.mode in ("I;16", "I", "F")
-    pixels, _ = decode(encode(image, fmt))
-    assert np.array_equal(pixels, decode(encode(Image.fromarray(gray), "PNG"))[0])
+    pixels, _ = decode(encode(image, fmt), (32, 32))
+    assert np.array_equal(pixels, decode(encode(Image.fromarray(gray), "PNG"), (32, 32))[0])
 
 
 def test_cmyk_red_stays_red():
-    pixels, _ = decode(encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"))
+    pixels, _ = decode(encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"), (32, 32))
     r, g, b = pixels.reshape(-1, 3).mean(0)
     assert r > 200 and g < 60 and b < 60
 
@@ -145,7 +145,7 @@ def test_huge_claimed_size_is_refused_before_decoding():
     bomb = encode(Image.new("L", (6000, 5000)), "PNG")
     assert len(bomb) < 200_000, "a small file"
     with pytest.raises(ValueError, match="6000x5000 pixels is too large"):
-        decode(bomb)
+        decode(bomb, (32, 32))
 
 
 def test_an_image_over_pillows_own_limit_is_refused_in_one_line_without_warnings():
@@ -154,4 +154,41 @@ def test_an_image_over_pillows_own_limit_is_refused_in_one_line_without_warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="10000x10000 pixels is too large"):
-            decode(bomb)
+            decode(bomb, (32, 32))
+
+
+def test_a_model_of_another_size_gets_its_images_at_its_size(tmp_path):
+    """A 48x48 model of three classes: predict and the service decode to 48x48, and the v2
+    protocol asks for its shape."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from cnnpipe.serving.app import create_app
+    from cnnpipe.serving.server import running
+
+    names = ["bolt", "nut", "washer"]
+    model = export_random_model(tmp_path / "m.onnx", names, image_size=48)
+    photo = tmp_path / "photo.png"
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 70, 3), np.uint8))
+    image.save(photo)
+    pixels, note = decode(photo.read_bytes(), (48, 48))
+    assert pixels.shape == (48, 48, 3) and note == "resized from 70x30"
+    want = OnnxModel.load(model).probabilities(pixels[None])[0]
+    result = cnnpipe("predict", model, photo, "--format", "json", "--top-k", "3")
+    (row,) = json.loads(result.stdout)
+    assert {p["label"]: p["probability"] for p in row["predictions"]} == pytest.approx(
+        dict(zip(names, want.tolist(), strict=True))
+    )
+    with running(create_app(str(model))) as url:
+        meta = json.loads(urllib.request.urlopen(f"{url}/metadata", timeout=30).read())
+        assert meta["model"]["input"]["shape"] == [-1, 48, 48, 3]
+        assert meta["request"].endswith("resized to 48x48")
+        tensor = {"name": "images", "shape": [1, 32, 32, 3], "datatype": "UINT8",
+                  "data": [0] * 3072}  # fmt: skip
+        request = urllib.request.Request(
+            f"{url}/v2/models/cnnpipe-test/infer", json.dumps({"inputs": [tensor]}).encode()
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert "shape must be [N, 48, 48, 3]" in refused.value.read().decode()

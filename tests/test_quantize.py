@@ -21,7 +21,7 @@ def model() -> TorchModel:
 @pytest.mark.parametrize("flip, shift", [(True, 1), (True, 0), (False, 0)])
 def test_rearranged_model_computes_the_torch_models_function(model, flip, shift):
     model = TorchModel(model.classifier, flip, shift)
-    images = torch.randint(0, 256, input_shape(16), dtype=torch.uint8)
+    images = torch.randint(0, 256, input_shape(16, (32, 32)), dtype=torch.uint8)
     rearranged = QuantizableModel(model)
     assert rearranged.folded, "ChapterCNN's first convolution has no padding"
     order = [type(m).__name__ for m in rearranged.net.children()][:3]
@@ -32,7 +32,7 @@ def test_rearranged_model_computes_the_torch_models_function(model, flip, shift)
 
 def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, model):
     int8 = tmp_path / "int8.onnx"
-    images = np.random.default_rng(0).integers(0, 256, input_shape(128), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, input_shape(128, (32, 32)), dtype=np.uint8)
     metadata = Metadata(CLASSES, model_name="m", tta_flip=True, tta_shift=1)
     quantize(model, int8, images[:64], metadata)
 

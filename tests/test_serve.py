@@ -239,7 +239,7 @@ def test_headers_on_time_are_answered_on_a_kept_alive_connection(server):
 def test_a_model_of_another_shape_is_refused_at_start(tmp_path):
     other = foreign_model(tmp_path / "other.onnx", CLASSES)
     want = (
-        f"{other} takes float (N, 10) and returns float (N, 10); cnnpipe needs uint8 (N, 32, 32, 3)"
+        f"{other} takes float (N, 10) and returns float (N, 10); cnnpipe needs uint8 (N, H, W, 3)"
     )
     with pytest.raises(PipelineError, match=re.escape(want)):
         create_app(str(other))

@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from cnnpipe.images import decode
 from cnnpipe.serving.app import create_app
-from cnnpipe.serving.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
 from tests.helpers import CLASSES, export_random_model
@@ -25,7 +25,7 @@ def test_a_person_chooses_images_and_reads_their_top_classes(tmp_path):
         photo
     )
     (tmp_path / "notes.txt").write_text("not an image")
-    pixels, _ = decode(photo.read_bytes())
+    pixels, _ = decode(photo.read_bytes(), (32, 32))
     probs = OnnxModel.load(model).probabilities(pixels[None])[0]
     top = np.argsort(-probs)[:3]
 

@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
 import sqlite3
@@ -14,16 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from cnnpipe import cli
-from cnnpipe.cifar import BATCH_FILES
 from cnnpipe.config import load_params
-from cnnpipe.stages.fetch import fetch
+from cnnpipe.preparation import prepare
+from cnnpipe.prepared import read_manifest
 from cnnpipe.tracking import read_run_id, recipe_params, tracking_uri
 from cnnpipe.trainer import HISTORY_KEYS, train
-from tests.helpers import cnnpipe, free_port, store
+from tests.helpers import cnnpipe, composed, free_port, store
 
 
 def git(repo: Path, *args: str) -> str:
@@ -61,7 +62,8 @@ def test_recipe_params_leave_out_paths_locations_and_speed_settings(project):
     composed = yaml.safe_load(Path("params.yaml").read_text())
     assert params["optim.lr"] == str(composed["optim"]["lr"])
     assert params["data.mean"] == str(composed["data"]["mean"])
-    left_out = {"fetch.url", "fetch.md5", "fetch.timeout_s"}
+    left_out = {f"data.{k}" for k in ("name", "source", "md5", "timeout_s", "dependency")}
+    left_out |= {"data.skip_unreadable"}
     left_out |= {"callbacks.progress_bar._target_", "callbacks.progress_bar.refresh_rate"}
     left_out |= {"evaluate.batch_size", "parity.batch_size"}
     assert not left_out & set(params)
@@ -105,12 +107,18 @@ def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     assert not {"lr", "net/_target_", "class_names", "mean"} & set(run.data.params)
     # ... and the data by content.
     (dataset,) = run.inputs.dataset_inputs
-    digest = hashlib.sha256()
-    for name in BATCH_FILES:
-        digest.update((Path(load_params().paths.data) / name).read_bytes())
+    manifest = read_manifest(Path(load_params().paths.data))
+    digest = hashlib.sha256(f"32 {json.dumps(manifest.classes)}".encode())
+    for f in manifest.files:
+        digest.update(f"{f['sha256']} {f['label']} {f['split']}\n".encode())
     assert dataset.dataset.digest == digest.hexdigest()[:16]
     assert dataset.dataset.name == "cifar10"
     assert archive[0].as_uri() in dataset.dataset.source
+    (column,) = json.loads(dataset.dataset.schema)["mlflow_colspec"]
+    assert column["tensor-spec"] == {"dtype": "uint8", "shape": [-1, 32, 32, 3]}
+    tags = {t.key: t.value for t in dataset.tags}
+    assert tags["image_size"] == "32x32" and tags["images"] == "250"
+    assert json.loads(tags["class_counts"]) == manifest.class_counts()
     # 3. Curves on epochs 1..N, one series each, no stray `epoch` series.
     with open("plots/train_history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -152,13 +160,12 @@ def test_the_same_data_has_the_same_digest_from_any_url(tmp_path, archive):
     copy = tmp_path / "elsewhere" / "mirror.tar.gz"
     copy.parent.mkdir()
     copy.write_bytes(archive[0].read_bytes())
-    from cnnpipe.cifar import data_digest, data_source
-
-    fetch(str(archive[0]), archive[1], tmp_path / "a")
-    fetch(copy.as_uri(), archive[1], tmp_path / "b")
-    assert data_digest(tmp_path / "a") == data_digest(tmp_path / "b")
-    assert data_source(tmp_path / "a") == archive[0].as_uri()
-    assert data_source(tmp_path / "b") == copy.as_uri()
+    data = composed().data
+    for url, dest in ((str(archive[0]), "a"), (copy.as_uri(), "b")):
+        prepare(OmegaConf.merge(data, {"source": url, "md5": archive[1]}), tmp_path / dest)
+    a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert a.digest() == b.digest()
+    assert (a.source, b.source) == (archive[0].as_uri(), copy.as_uri())
 
 
 class RunsCode:
@@ -174,18 +181,18 @@ OUTPUTS = [
 ]
 
 
-@pytest.mark.parametrize("fault", ["unsafe-batch", "diverged"])
+@pytest.mark.parametrize("fault", ["unsafe-images", "diverged"])
 def test_a_failed_train_stage_reads_failed_and_leaves_the_previous_results(project, fault):
     repo, _ = project
     stage("train")
     good = the_run(repo)
     before = {name: (repo / name).read_bytes() for name in OUTPUTS}
 
-    if fault == "unsafe-batch":
-        batch = Path(load_params().paths.data) / "data_batch_1"
+    if fault == "unsafe-images":
+        batch = Path(load_params().paths.data) / "images.npy"
         kept = batch.read_bytes()
-        batch.write_bytes(pickle.dumps(RunsCode()))
-        reason = "is not a safe CIFAR batch"
+        np.save(batch, np.array([RunsCode()], dtype=object), allow_pickle=True)
+        reason = "holds no readable prepared arrays (object (1,) is not uint8 (N, H, W, 3))"
     else:
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["optim"]["lr"] = 1e30
@@ -210,7 +217,7 @@ def test_a_failed_train_stage_reads_failed_and_leaves_the_previous_results(proje
     assert not Path("pwned").exists()
 
     # The later stages still log into the run of the model they read.
-    if fault == "unsafe-batch":
+    if fault == "unsafe-images":
         batch.write_bytes(kept)
     stage("evaluate")
     assert the_run(repo).info.run_id == good.info.run_id
@@ -245,9 +252,9 @@ def test_a_failed_rerun_of_a_finished_stage_leaves_the_finished_run_as_it_was(pr
     stage("evaluate")
     finished = the_run(repo)
     results = (repo / "metrics/eval.json").read_text()
-    test_batch = Path(load_params().paths.data) / "test_batch"
-    test_batch.write_bytes(test_batch.read_bytes()[:100])  # a corrupted batch
-    with pytest.raises(SystemExit, match="cnnpipe evaluate: error: .*test_batch") as error:
+    images = Path(load_params().paths.data) / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])  # a truncated array
+    with pytest.raises(SystemExit, match="cnnpipe evaluate: error: .*prepared arrays") as error:
         stage("evaluate")
     run = the_run(repo)
     assert run.info.status == "FINISHED"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnpipe import PipelineError
-from cnnpipe.data import CIFAR10DataModule, read_split
+from cnnpipe.data import ImageDataModule, read_split
 from cnnpipe.evaluation import evaluate
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.models import ChapterCNN, DenseBaseline
@@ -114,13 +114,16 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     module = load_checkpoint(cfg.paths.checkpoint)
     assert type(module.net).__name__ == network
     # The reported accuracies are the saved network's, recomputed here on both splits.
-    data = CIFAR10DataModule(cfg.paths.data, 64, cfg.data.val_size, 0, False, cfg.seed)
+    data = ImageDataModule(cfg)
     data.setup("fit")
+    val = data.rows["val"]
+    val_images = torch.from_numpy(data.prepared.images.take(val)).permute(0, 3, 1, 2)
     bf16 = cfg.trainer.precision.startswith("bf16")
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        predicted = module.eval()(data.val_images).argmax(1)
-    assert metrics["val/acc"] == pytest.approx((predicted == data.val_labels).float().mean().item())
-    images, labels = read_split(Path(cfg.paths.data), "test")
+        predicted = module.eval()(val_images).argmax(1)
+    val_labels = data.labels[val]
+    assert metrics["val/acc"] == pytest.approx((predicted == val_labels).float().mean().item())
+    images, labels = read_split(cfg, "test")
     model = TorchModel(module, **cfg.evaluate.tta)
     predicted = predict_probs(model, nhwc(images), 64).argmax(1)
     assert evaluate(cfg)["test.acc"] == pytest.approx((predicted == labels).float().mean().item())

@@ -1,11 +1,8 @@
-"""CIFAR-10's batch files: their names, a safe reader (they are pickles, and a pickle can run
-code), and the data's identity (digest and source) for the runs' lineage.
-
-Numpy only, so that `cnnpipe fetch` can check a download before it replaces the data.
+"""CIFAR-10's batch files: their names and a safe reader (they are pickles, and a pickle can run
+code). Numpy only, so that `cnnpipe prepare` can check a download before it replaces the data.
 """
 
 import hashlib
-import json
 import pickle
 from pathlib import Path
 
@@ -19,8 +16,6 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 BATCH_FILES = [*TRAIN_BATCHES, TEST_BATCH, META]
-# Written beside the batch files by the fetch stage: where they came from.
-SOURCE_FILE = "source.json"
 
 # What numpy arrays need to unpickle, under both the numpy 1 and the numpy 2 module names.
 _ALLOWED = {
@@ -47,7 +42,7 @@ def unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             obj = _CifarUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
-        raise PipelineError(f"no {path}; run `dvc repro fetch`") from None
+        raise PipelineError(f"no {path}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
         raise PipelineError(f"{path} is not a safe CIFAR batch ({error})") from None
     if not isinstance(obj, dict):
@@ -79,18 +74,24 @@ def read_class_names(data_dir: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def data_digest(data_dir: Path, names: list[str] = BATCH_FILES) -> str:
-    """sha256 of the batch files' contents (16 hex digits): the same data gives the same digest,
-    whatever URL or path it came from."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update((Path(data_dir) / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def data_source(data_dir: Path) -> str:
-    """The URL the fetch stage got `data_dir` from; the folder itself if it does not say."""
-    try:
-        return json.loads((Path(data_dir) / SOURCE_FILE).read_text())["url"]
-    except (OSError, ValueError, KeyError):
-        return Path(data_dir).resolve().as_uri()
+def read_batches(folder: Path) -> tuple[list[str], np.ndarray, list[dict]]:
+    """The class names, every image as uint8 (N, 32, 32, 3) (training batches first, then the
+    test batch) and a manifest entry for each: "data_batch_1/0", its label, split and digest."""
+    classes = read_class_names(folder)
+    images, files = [], []
+    for name in [*TRAIN_BATCHES, TEST_BATCH]:
+        data, labels = load_batch(folder / name, len(classes))
+        split = "test" if name == TEST_BATCH else "train"
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        files += [
+            {
+                "path": f"{name}/{i}",
+                "label": int(label),
+                "split": split,
+                "sha256": hashlib.sha256(row.tobytes()).hexdigest()[:16],
+                "size": row.size,
+                "mtime_ns": 0,
+            }
+            for i, (row, label) in enumerate(zip(data, labels, strict=True))
+        ]
+    return classes, np.concatenate(images), files

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from cnnpipe import PipelineError
 
-# Modules are imported on demand so that `cnnpipe fetch` does not pay for torch, MLflow and ONNX.
+# Modules are imported on demand so that `cnnpipe prepare` does not pay for torch, MLflow and ONNX.
 COMMANDS = {
     "params": "cnnpipe.config",
     # The stages of dvc.yaml, in its order.
-    "fetch": "cnnpipe.stages.fetch",
+    "prepare": "cnnpipe.stages.prepare",
     "train": "cnnpipe.stages.train",
     "evaluate": "cnnpipe.stages.evaluate",
     "params-report": "cnnpipe.stages.params_report",

@@ -51,6 +51,22 @@ def baseline_config(cfg: DictConfig) -> DictConfig:
     return outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
 
 
+def dataset_name(data: Mapping) -> str:
+    """data.name, else the source folder's or archive's name: /home/me/leaves.zip -> leaves."""
+    if data.get("name"):
+        return data["name"]
+    name = Path(str(data.get("source") or "images").rstrip("/")).name
+    for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+        name = name.removesuffix(suffix)
+    # It names the registered model, whose name takes no slashes or spaces.
+    return re.sub(r"[^\w.-]+", "-", name) or "images"
+
+
+def registered_name(cfg: DictConfig) -> str:
+    """The registry's name for the models: mlflow.model_name, else cnnpipe-<data set name>."""
+    return cfg.mlflow.model_name or f"cnnpipe-{dataset_name(cfg.data)}"
+
+
 def network_name(model: Mapping | str) -> str:
     """A network's class name, from its config node or `_target_`: "ChapterCNN"."""
     target = model if isinstance(model, str) else model["_target_"]

@@ -1,9 +1,9 @@
 """The exported model's interface, in numpy only: what `cnnpipe export` writes into the ONNX file
 and what parity, predict, the service, its v2 routes and the tests expect of one.
 
-One uint8 RGB input (N, 32, 32, 3), as images decode, and one float32 output (N, classes) of
-class probabilities; all preprocessing is inside the graph. The file's metadata names the
-classes and says where the model came from.
+One uint8 RGB input (N, H, W, 3) at the model's own size, as images decode, and one float32
+output (N, classes) of class probabilities; all preprocessing is inside the graph. The file's
+metadata names the classes and says where the model came from; its input's shape gives the size.
 """
 
 import json
@@ -12,23 +12,25 @@ from dataclasses import dataclass
 import numpy as np
 
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-HEIGHT, WIDTH, CHANNELS = 32, 32, 3
+CHANNELS = 3
 INPUT_DTYPE, OUTPUT_DTYPE = np.dtype(np.uint8), np.dtype(np.float32)
-INPUT_DESCRIPTION = (
-    f"uint8 RGB images as decoded, shape (N, {HEIGHT}, {WIDTH}, {CHANNELS}), values 0-255"
-)
 
 
-def input_shape(n: int | str = "N") -> tuple:
-    """(n, 32, 32, 3)."""
-    return (n, HEIGHT, WIDTH, CHANNELS)
+def input_shape(n: int | str, size: tuple[int, int]) -> tuple:
+    """(n, height, width, 3) for `size` (height, width)."""
+    return (n, *size, CHANNELS)
 
 
-def signature(classes: int) -> tuple[str, str]:
+def input_description(size: tuple[int, int]) -> str:
+    """The input in words, for the file's metadata and the registry."""
+    return f"uint8 RGB images as decoded, shape (N, {size[0]}, {size[1]}, 3), values 0-255"
+
+
+def signature(classes: int, size: tuple[int, int]) -> tuple[str, str]:
     """The input and output as `describe` writes them: ("uint8 (N, 32, 32, 3)", "float
     (N, 10)"), in onnxruntime's type names."""
     return (
-        f"uint8 ({', '.join(map(str, input_shape()))})",
+        f"uint8 ({', '.join(map(str, input_shape('N', size)))})",
         f"float (N, {classes})",
     )
 
@@ -52,15 +54,17 @@ class Metadata:
     tta_shift: int = 0
     mlflow_run_id: str | None = None
     git_commit: str | None = None
+    # The data set it was trained on, by name (data.name): "cifar10", "leaves".
+    dataset: str | None = None
 
-    def to_props(self) -> dict[str, str]:
+    def to_props(self, size: tuple[int, int]) -> dict[str, str]:
         props = {
             "class_names": json.dumps(self.class_names),
-            "input_description": INPUT_DESCRIPTION,
+            "input_description": input_description(size),
             "tta_flip": str(self.tta_flip).lower(),
             "tta_shift": str(self.tta_shift),
         }
-        for key in ("model_name", "test_accuracy", "mlflow_run_id", "git_commit"):
+        for key in ("model_name", "dataset", "test_accuracy", "mlflow_run_id", "git_commit"):
             if getattr(self, key) is not None:
                 props[key] = str(getattr(self, key))
         return props
@@ -75,6 +79,7 @@ class Metadata:
         return cls(
             class_names=[str(n) for n in names],
             model_name=props.get("model_name"),
+            dataset=props.get("dataset"),
             test_accuracy=float(accuracy) if accuracy else None,
             tta_flip=props.get("tta_flip") == "true",
             tta_shift=int(props.get("tta_shift", 0)),

@@ -1,26 +1,83 @@
-"""Serve the CIFAR-10 batch files from memory, augmented batch by batch."""
+"""The prepared data set as training, validation and test splits, served in augmented batches."""
 
 from collections.abc import Iterator
-from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar import TEST_BATCH, TRAIN_BATCHES, load_batch, read_class_names
+from cnnpipe.prepared import ImageArray, Prepared, channel_stats, duplicates_across, unit_hash
 
 
-def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,) from one batch file."""
-    data, labels = load_batch(path)
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+def split_rows(prepared: Prepared, data: DictConfig, seed: int) -> dict[str, np.ndarray]:
+    """The rows of each split: "train", "val" and "test", and "pool" (every row that is not test,
+    in file order). A split the source gave (CIFAR-10's test batch, a test/ folder) is kept;
+    otherwise test and validation files are held out by a seeded hash of their path, per class
+    (`unit_hash`), so adding files never moves others. With `data.val_size`, validation is that
+    many pool images drawn by `seed` instead, as the CIFAR-10 recipe has always drawn it. The
+    training rows come in an order drawn by `seed`."""
+    test, u, given = test_mask(prepared, data, seed)
+    labels = prepared.labels
+    pool = np.flatnonzero(~test)
+    generator = torch.Generator().manual_seed(seed)
+    if data.get("val_size"):
+        if not 0 < data.val_size < len(pool):
+            raise PipelineError(
+                f"data.val_size={data.val_size} must lie between 0 and the {len(pool)} "
+                "training images"
+            )
+        order = torch.randperm(len(pool), generator=generator).numpy()
+        val, train = pool[order[: data.val_size]], pool[order[data.val_size :]]
+    else:
+        # Above the test files' share of the hash, so the two never overlap.
+        low = 0 if given else data.test_fraction
+        val_mask = (~test) & (u >= low) & (u < low + data.val_fraction)
+        val_mask = at_least_one_per_class(val_mask, ~test & ~val_mask, u, labels)
+        val = np.flatnonzero(val_mask)
+        train = np.flatnonzero(~test & ~val_mask)
+        train = train[torch.randperm(len(train), generator=generator).numpy()]
+    return {"train": train, "val": val, "test": np.flatnonzero(test), "pool": pool}
 
 
-def read_split(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    names = TRAIN_BATCHES if split == "train" else [TEST_BATCH]
-    parts = [read_batch(Path(data_dir) / name) for name in names]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def test_mask(
+    prepared: Prepared, data: DictConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Which rows are test images; each file's hash in [0, 1); whether the source gave the
+    split."""
+    files = prepared.manifest.files
+    u = np.array([unit_hash(seed, f["path"]) for f in files])
+    given = np.array([f["split"] == "test" for f in files])
+    if given.any():
+        return given, u, True
+    test = at_least_one_per_class(u < data.test_fraction, np.ones(len(u), bool), u, prepared.labels)
+    return test, u, False
+
+
+def at_least_one_per_class(
+    chosen: np.ndarray, candidates: np.ndarray, u: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """`chosen` with, for each class that has no chosen file, its candidate of smallest hash:
+    a small class still gets a validation and a test image."""
+    chosen = chosen.copy()
+    for label in np.unique(labels):
+        mine = labels == label
+        if not (chosen & mine).any() and (candidates & mine).any():
+            rows = np.flatnonzero(candidates & mine)
+            chosen[rows[np.argmin(u[rows])]] = True
+    return chosen
+
+
+def read_split(cfg: DictConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as uint8 (N, 3, S, S) and labels as int64 (N,) of "test", or of "train": every
+    image that is not test, validation included, in file order."""
+    prepared = Prepared.open(cfg.paths.data)
+    test = test_mask(prepared, cfg.data, cfg.seed)[0]
+    rows = np.flatnonzero(test if split == "test" else ~test)
+    images = torch.from_numpy(prepared.images.take(rows)).permute(0, 3, 1, 2)
+    return images, torch.from_numpy(prepared.labels[rows])
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -41,12 +98,14 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 class BatchLoader:
-    """(uint8 images, labels) batches from tensors in memory, optionally shuffled and augmented."""
+    """(uint8 (N, 3, S, S) images, labels) batches of `rows` of the prepared images, read from
+    disk a batch at a time, optionally shuffled and augmented."""
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: ImageArray,
         labels: torch.Tensor,
+        rows: np.ndarray,
         batch_size: int,
         shuffle: bool = False,
         crop_padding: int = 0,
@@ -55,61 +114,70 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
+        self.images, self.labels, self.rows = images, labels, torch.from_numpy(rows)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.crop_padding, self.flip = crop_padding, flip
         self.generator = generator or torch.Generator()
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return -(-(len(self.images) // self.world_size) // self.batch_size)
+        return -(-(len(self.rows) // self.world_size) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.images)
+        n = len(self.rows)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         # Under DDP every process draws the same order and takes an equal share of it.
         order = order[self.rank : n - n % self.world_size : self.world_size]
         n = len(order)
         for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = self.images[index]
+            rows = self.rows[order[start : start + self.batch_size]]
+            nhwc = torch.from_numpy(self.images.take(rows.numpy()))
+            images = nhwc.permute(0, 3, 1, 2).contiguous()
             if self.crop_padding:
                 images = random_crop(images, self.crop_padding, self.generator)
             if self.flip:
                 images = random_flip(images, self.generator)
-            yield images, self.labels[index]
+            yield images, self.labels[rows]
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
-    """The training set split into augmented train and plain validation parts, held in memory."""
+class ImageDataModule(pl.LightningDataModule):
+    """The prepared data's training split, augmented, and its validation split, plain; with the
+    class names, image size, and per-channel mean and std (data.mean and data.std, or computed
+    from the training split where they are null)."""
 
-    def __init__(
-        self,
-        data_dir: str,
-        batch_size: int,
-        val_size: int,
-        crop_padding: int,
-        flip: bool,
-        seed: int,
-    ) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.cfg = cfg
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
-        images, labels = read_split(Path(hp.data_dir), "train")
-        if not 0 < hp.val_size < len(images):
-            raise PipelineError(
-                f"data.val_size={hp.val_size} must lie between 0 and the {len(images)} "
-                "training images"
+        cfg = self.cfg
+        self.prepared = Prepared.open(cfg.paths.data)
+        manifest = self.prepared.manifest
+        self.rows = split_rows(self.prepared, cfg.data, cfg.seed)
+        self.labels = torch.from_numpy(self.prepared.labels)
+        self.class_names, self.image_size = manifest.classes, manifest.image_size
+        if cfg.data.mean is None or cfg.data.std is None:
+            self.mean, self.std = channel_stats(self.prepared.images, self.rows["train"])
+        else:
+            self.mean, self.std = list(cfg.data.mean), list(cfg.data.std)
+        if leaked := duplicates_across(manifest, self.rows["pool"], self.rows["test"]):
+            print(
+                f"warning: {leaked} test images have the same bytes as a training or validation "
+                f"image of {manifest.name}; the test accuracy overstates what the model does on "
+                "new images (remove the copies from the source)"
             )
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(hp.seed))
-        val, train = order[: hp.val_size], order[hp.val_size :]
-        self.train_images, self.train_labels = images[train], labels[train]
-        self.val_images, self.val_labels = images[val], labels[val]
-        self.class_names = read_class_names(Path(hp.data_dir))
         # Shuffles and augmentations draw from this one generator, which checkpoints carry, so a
         # resumed run sees the batches the interrupted one would have seen.
-        self.generator = torch.Generator().manual_seed(hp.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.rows["train"])
+
+    def train_sample(self, n: int) -> torch.Tensor:
+        """The first `n` training images in the seeded order, uint8 (n, 3, S, S)."""
+        rows = self.rows["train"][:n]
+        return torch.from_numpy(self.prepared.images.take(rows)).permute(0, 3, 1, 2).contiguous()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -118,18 +186,20 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.generator.set_state(state["generator"])
 
     def train_dataloader(self) -> BatchLoader:
-        hp = self.hparams
+        data = self.cfg.data
         return BatchLoader(
-            self.train_images,
-            self.train_labels,
-            hp.batch_size,
+            self.prepared.images,
+            self.labels,
+            self.rows["train"],
+            self.cfg.loader.batch_size,
             shuffle=True,
-            crop_padding=hp.crop_padding,
-            flip=hp.flip,
+            crop_padding=data.crop_padding,
+            flip=data.flip,
             generator=self.generator,
             rank=self.trainer.global_rank if self.trainer else 0,
             world_size=self.trainer.world_size if self.trainer else 1,
         )
 
     def val_dataloader(self) -> BatchLoader:
-        return BatchLoader(self.val_images, self.val_labels, self.hparams.batch_size)
+        rows = self.rows["val"]
+        return BatchLoader(self.prepared.images, self.labels, rows, self.cfg.loader.batch_size)

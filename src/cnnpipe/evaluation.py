@@ -3,7 +3,6 @@ confusion matrix (CSV for `dvc plots`, PNG for people). The evaluate and baselin
 the sweeps' jobs score through `evaluate()`."""
 
 import csv
-from pathlib import Path
 
 import mlflow
 import torch.nn.functional as F
@@ -11,6 +10,7 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnnpipe import tracking
+from cnnpipe.config import dataset_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
@@ -21,7 +21,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint on the test set: write the confusion CSV and PNG, return the metrics."""
     module = load_checkpoint(cfg.paths.checkpoint)
     names = module.hparams.class_names
-    images, labels = read_split(Path(cfg.paths.data), "test")
+    images, labels = read_split(cfg, "test")
     model = TorchModel(module, **cfg.evaluate.tta)
     probs = predict_probs(model, nhwc(images), cfg.evaluate.batch_size)
     predicted = probs.argmax(1)
@@ -37,12 +37,23 @@ def evaluate(cfg: DictConfig) -> dict:
         writer = csv.writer(f)
         writer.writerow(["true class", "predicted class"])
         writer.writerows([names[a], names[p]] for a, p in zip(labels, predicted, strict=True))
-    fig, ax = confusion.plot(labels=names)
-    fig.set_size_inches(8, 8)
-    ax.set_title(f"CIFAR-10 test set: accuracy {metrics['test.acc']:.2%}")
+    fig, ax = confusion_figure(confusion, names)
+    ax.set_title(f"{dataset_name(cfg.data)} test set: accuracy {metrics['test.acc']:.2%}")
     with atomic_path(cfg.paths.confusion_png) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
     return metrics
+
+
+def confusion_figure(confusion: MulticlassConfusionMatrix, names: list[str]):
+    """The confusion matrix drawn to stay readable from 2 classes to 100: counts in the cells
+    only while they fit, class names shrinking with their number."""
+    n = len(names)
+    fig, ax = confusion.plot(labels=names, add_text=n <= 20)
+    fig.set_size_inches(*[min(max(8, 0.4 * n + 4), 40)] * 2)
+    if n > 20:
+        ax.tick_params(labelsize=max(4, 300 / n))
+        ax.tick_params(axis="x", labelrotation=90)
+    return fig, ax
 
 
 def log_evaluation(cfg: DictConfig, metrics: dict) -> None:

@@ -38,6 +38,8 @@ class TorchModel(nn.Module):
     def __init__(self, classifier: LitClassifier, flip: bool = False, shift: int = 0) -> None:
         super().__init__()
         self.classifier, self.flip, self.shift = classifier.eval(), flip, shift
+        # (height, width) of the images it takes: those it was trained on.
+        self.size = (classifier.hparams.image_size,) * 2
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # A contiguous NHWC batch seen as NCHW is channels-last in memory, which makes oneDNN

@@ -1,6 +1,24 @@
-"""The networks. Each takes float images (N, 3, 32, 32), already normalised, and returns logits."""
+"""The networks. Each takes float images (N, 3, S, S), already normalised, and returns logits.
+
+Every network is built for `num_classes` and `image_size` (S), which the data set decides: the
+classifier passes both, so conf/model holds only what a network's own shape depends on.
+"""
 
 from torch import nn
+
+from cnnpipe import PipelineError
+
+
+def chapter_feature_size(image_size: int) -> int:
+    """The side of the chapter CNN's last feature map, as Keras computes it: each 3x3 convolution
+    without padding takes 2 pixels, each 2x2 max-pool halves and rounds down (32 -> 4)."""
+    side = (((image_size - 2) // 2 - 2) // 2) - 2
+    if side < 1:
+        raise PipelineError(
+            f"data.image_size={image_size} is too small for the chapter CNN: its three "
+            "convolutions and two pools need at least 18 pixels"
+        )
+    return side
 
 
 class ChapterCNN(nn.Sequential):
@@ -9,8 +27,9 @@ class ChapterCNN(nn.Sequential):
     The final softmax lives in the loss and in the exported graph, so the network returns logits.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
+        side = chapter_feature_size(image_size)
         # Max-pooling before the ReLU computes the same function (max and ReLU commute) with the
         # ReLU and its gradient on a quarter of the values: 13% faster training steps on CPU.
         self.conv1 = nn.Conv2d(3, 32, 3)
@@ -23,7 +42,7 @@ class ChapterCNN(nn.Sequential):
         self.relu3 = nn.ReLU()
         # Keras flattens NHWC and PyTorch NCHW: the order differs, the parameter count does not.
         self.flatten = nn.Flatten()
-        self.dense1 = nn.Linear(4 * 4 * 64, 64)
+        self.dense1 = nn.Linear(side * side * 64, 64)
         self.relu4 = nn.ReLU()
         self.dense2 = nn.Linear(64, num_classes)
 
@@ -34,8 +53,9 @@ class ChapterCNNBatchNorm(nn.Sequential):
     Pooling moves before the ReLU as in ChapterCNN; batch norm stays before both.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
+        side = chapter_feature_size(image_size)
         self.conv1 = nn.Conv2d(3, 32, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         self.pool1 = nn.MaxPool2d(2)
@@ -48,7 +68,7 @@ class ChapterCNNBatchNorm(nn.Sequential):
         self.bn3 = nn.BatchNorm2d(64)
         self.relu3 = nn.ReLU()
         self.flatten = nn.Flatten()
-        self.dense1 = nn.Linear(4 * 4 * 64, 64, bias=False)
+        self.dense1 = nn.Linear(side * side * 64, 64, bias=False)
         self.bn4 = nn.BatchNorm1d(64)
         self.relu4 = nn.ReLU()
         self.dense2 = nn.Linear(64, num_classes)
@@ -72,10 +92,11 @@ class Residual(nn.Module):
 class ResNet9(nn.Sequential):
     """The ResNet-9 of the DAWNBench CIFAR-10 speed runs (94% in seconds on one modern GPU).
 
-    `width` scales every layer; 64 gives the published 6.6 million parameter network.
+    `width` scales every layer; 64 gives the published 6.6 million parameter network. Its global
+    max-pool takes any `image_size`.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64, image_size: int = 32) -> None:
         w = width
         super().__init__(
             conv_bn(3, w),
@@ -100,10 +121,10 @@ class DenseBaseline(nn.Sequential):
     more parameters (201,482) than the CNN (122,570).
     """
 
-    def __init__(self, num_classes: int = 10, hidden: int = 64) -> None:
+    def __init__(self, num_classes: int = 10, hidden: int = 64, image_size: int = 32) -> None:
         super().__init__()
         self.flatten = nn.Flatten()
-        self.dense1 = nn.Linear(3 * 32 * 32, hidden)
+        self.dense1 = nn.Linear(3 * image_size * image_size, hidden)
         self.relu1 = nn.ReLU()
         self.dense2 = nn.Linear(hidden, hidden)
         self.relu2 = nn.ReLU()

@@ -20,10 +20,10 @@ def export_onnx(
     metadata: contract.Metadata,
     check_batch_sizes: list[int],
 ) -> onnx.ModelProto:
-    """`model` (uint8 (N, H, W, 3) in, probabilities out) as ONNX at `path`, with `metadata`;
-    its output must match PyTorch's at each of `check_batch_sizes`."""
+    """`model` (uint8 (N, H, W, 3) in at its `size` (H, W), probabilities out) as ONNX at
+    `path`, with `metadata`; its output must match PyTorch's at each of `check_batch_sizes`."""
     model = model.eval()
-    example = torch.zeros(contract.input_shape(2), dtype=torch.uint8)
+    example = torch.zeros(contract.input_shape(2, model.size), dtype=torch.uint8)
     program = torch.onnx.export(
         model,
         (example,),
@@ -37,14 +37,14 @@ def export_onnx(
         verbose=False,
     )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata.to_props())
+    onnx.helper.set_model_props(proto, metadata.to_props(model.size))
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
         session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         generator = torch.Generator().manual_seed(0)
         for n in check_batch_sizes:
-            shape = contract.input_shape(n)
+            shape = contract.input_shape(n, model.size)
             images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
             (got,) = session.run(None, {contract.INPUT_NAME: images.numpy()})
             with torch.inference_mode():

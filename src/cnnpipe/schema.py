@@ -2,6 +2,7 @@
 front, naming the key, before any stage does work."""
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from types import UnionType
 from typing import Any, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,19 +17,25 @@ NOT_RECIPE = {"recipe": False}
 
 
 @dataclass
-class Fetch:
-    url: str
-    md5: str
-    timeout_s: float
-
-
-@dataclass
 class Data:
-    val_size: int
-    mean: list[float]
-    std: list[float]
+    layout: str
+    image_size: int
+    mean: list[float] | None
+    std: list[float] | None
     crop_padding: int
     flip: bool
+    # Where the images come from and how they are read: the runs record the data by content
+    # (an MLflow dataset), whichever copy it came from.
+    name: str | None = field(default=None, metadata=NOT_RECIPE)
+    source: str | None = field(default=None, metadata=NOT_RECIPE)
+    md5: str | None = field(default=None, metadata=NOT_RECIPE)
+    timeout_s: float = field(default=60, metadata=NOT_RECIPE)
+    dependency: str | None = field(default=None, metadata=NOT_RECIPE)
+    skip_unreadable: bool = field(default=False, metadata=NOT_RECIPE)
+    # A count (CIFAR-10's recipe) or fractions held out by hash (a folder).
+    val_size: int | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
 
 
 @dataclass
@@ -52,7 +59,7 @@ class Loader:
 class MLflow:
     tracking_uri: str | None
     experiment: str
-    model_name: str
+    model_name: str | None
 
 
 @dataclass
@@ -102,8 +109,6 @@ class Parity:
 
 @dataclass
 class Config:
-    # Where the archive comes from: the runs record the data by content (an MLflow dataset).
-    fetch: Fetch = field(metadata=NOT_RECIPE)
     data: Data
     optim: Optim
     loader: Loader
@@ -125,7 +130,7 @@ class Config:
 
 
 POSITIVE = [
-    "fetch.timeout_s", "data.val_size", "optim.lr", "trainer.max_epochs", "loader.batch_size",
+    "data.timeout_s", "data.image_size", "optim.lr", "trainer.max_epochs", "loader.batch_size",
     "evaluate.batch_size", "export.opset",
     "chapter.mistakes", "chapter.feature_map_images", "chapter.maps_per_layer",
     "quantize.calibration_images", "quantize.batch_size", "parity.atol", "parity.batch_size",
@@ -150,6 +155,8 @@ def recipe(cfg: DictConfig) -> dict:
         for f in fields(schema):
             if f.name not in node or f.metadata == NOT_RECIPE:
                 continue
+            if f.default is None and node[f.name] is None:  # an option this variant lacks
+                continue
             out[f.name] = keep(node[f.name], f.type) if is_dataclass(f.type) else node[f.name]
         return out
 
@@ -164,19 +171,22 @@ def misshapen(node: DictConfig, schema: type, prefix: str = "") -> str | None:
         value = node.get(f.name) if OmegaConf.is_dict(node) else None
         if value is None:
             continue
-        if is_dataclass(f.type):
+        kind = f.type
+        if isinstance(kind, UnionType):  # `list[float] | None`: the list
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        if is_dataclass(kind):
             if not OmegaConf.is_dict(value):
                 return f"{prefix}{f.name}"
-            if found := misshapen(value, f.type, f"{prefix}{f.name}."):
+            if found := misshapen(value, kind, f"{prefix}{f.name}."):
                 return found
-        elif get_origin(f.type) is list:
+        elif get_origin(kind) is list:
             if not OmegaConf.is_list(value):
                 return f"{prefix}{f.name}"
-            if get_origin(get_args(f.type)[0]) is list:  # a list of lists
+            if get_origin(get_args(kind)[0]) is list:  # a list of lists
                 for i, item in enumerate(value):
                     if not OmegaConf.is_list(item):
                         return f"{prefix}{f.name}[{i}]"
-        elif get_origin(f.type) is dict and not OmegaConf.is_dict(value):
+        elif get_origin(kind) is dict and not OmegaConf.is_dict(value):
             return f"{prefix}{f.name}"
     return None
 
@@ -192,6 +202,30 @@ def unknown_choice(node: Any) -> str | None:
             return f"conf/{choice['group']} has no {choice['name']}; choose one of: {options}"
         return next(filter(None, map(unknown_choice, node.values())), None)
     return None
+
+
+def data_problems(data: DictConfig) -> list[str]:
+    """What is impossible in the data group: its statistics, and how it is split."""
+    problems = []
+    if (data.mean is None) != (data.std is None):
+        problems.append("data.mean and data.std are both numbers or both null (computed)")
+    elif data.mean is not None and (
+        len(data.mean) != 3 or len(data.std) != 3 or min(data.std) <= 0
+    ):
+        problems.append("data.mean and data.std need 3 values each, std > 0")
+    if (data.val_size is None) == (data.val_fraction is None):
+        problems.append("the data group needs one of data.val_size and data.val_fraction")
+    if data.val_size is not None and data.val_size <= 0:
+        problems.append(f"data.val_size={data.val_size} must be > 0")
+    shares = {k: data[k] for k in ("val_fraction", "test_fraction") if data[k] is not None}
+    for key, share in shares.items():
+        if not 0 < share < 1:
+            problems.append(f"data.{key}={share} must lie between 0 and 1")
+    if sum(shares.values()) >= 1:
+        problems.append("data.val_fraction and data.test_fraction leave no training images")
+    if data.layout == "image_folder" and data.test_fraction is None:
+        problems.append("data.test_fraction is needed for a folder without a test/ split")
+    return problems
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -240,8 +274,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"config key trainer.precision: {cfg.trainer.precision!r} is not one of "
             f"{sorted(PRECISIONS)}"
         )
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
-        problems.append("data.mean and data.std need 3 values each, std > 0")
+    problems += data_problems(cfg.data)
     if problems:
         raise PipelineError("; ".join(problems))
     return cfg

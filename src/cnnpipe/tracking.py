@@ -17,13 +17,15 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunInfo
 from mlflow.exceptions import MlflowException
+from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar import TEST_BATCH, data_digest, data_source
 from cnnpipe.config import network_name
+from cnnpipe.data import test_mask
 from cnnpipe.files import atomic_path
+from cnnpipe.prepared import Prepared, read_manifest
 from cnnpipe.schema import recipe
 
 # What a person needs to follow a run, beside MLflow's own tags.
@@ -375,17 +377,32 @@ def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> Non
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})
 
 
-def cifar_dataset(data_dir: Path, split: str = "all") -> MetaDataset:
-    """The data by content, as an MLflow dataset, with the URL the fetch stage got it from:
-    every batch file ("cifar10", what training reads) or the test batch ("cifar10-test", what
-    the models are scored on)."""
+def mlflow_dataset(cfg: DictConfig, split: str = "all") -> MetaDataset:
+    """The prepared data by content, as an MLflow dataset with the source the prepare stage read
+    and the images' shape as its schema: every image (data.name, what training reads) or the
+    test split ("<name>-test", what the models are scored on)."""
+    prepared = Prepared.open(cfg.paths.data)
+    manifest = prepared.manifest
+    test = test_mask(prepared, cfg.data, cfg.seed)[0]
+    rows = np.flatnonzero(test) if split == "test" else None
     with warnings.catch_warnings():
         # MLflow registers its local-file source class twice and warns that it is ambiguous.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-        source = resolve_dataset_source(data_source(data_dir))
-    if split == "test":
-        return MetaDataset(source, "cifar10-test", data_digest(data_dir, [TEST_BATCH]))
-    return MetaDataset(source, "cifar10", data_digest(data_dir))
+        source = resolve_dataset_source(manifest.source)
+    size = manifest.image_size
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")])
+    name = f"{manifest.name}-test" if split == "test" else manifest.name
+    return MetaDataset(source, name, manifest.digest(rows), schema)
+
+
+def dataset_tags(cfg: DictConfig) -> dict[str, str]:
+    """What a run's training input says of the data beside its digest: size and class counts."""
+    manifest = read_manifest(Path(cfg.paths.data))
+    return {
+        "image_size": f"{manifest.image_size}x{manifest.image_size}",
+        "images": str(len(manifest.files)),
+        "class_counts": json.dumps(manifest.class_counts()),
+    }
 
 
 # The step a logged model is recorded at in its run: one no metric has, since MLflow links every

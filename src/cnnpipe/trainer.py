@@ -20,13 +20,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError, tracking
-from cnnpipe.data import CIFAR10DataModule
+from cnnpipe.data import ImageDataModule
 from cnnpipe.files import atomic_path
 from cnnpipe.sources import source_files
 from cnnpipe.training import build_module, build_trainer, warn_if_bf16_is_emulated
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
-# Every setting that changes what is trained (fetch.* only says where the data came from): what
+# Every setting that changes what is trained: what
 # a resume must share, and the train stage's `params` in dvc.yaml (a test holds them equal).
 RECIPE_KEYS = ["seed", "data", "model", "optim", "loader", "trainer"]
 
@@ -111,26 +111,19 @@ def train(
         resume_dir.mkdir(parents=True)
         state = {"fingerprint": fingerprint(cfg), "run_id": run_id}
         (resume_dir / "state.json").write_text(json.dumps(state) + "\n")
-    data = CIFAR10DataModule(
-        cfg.paths.data,
-        cfg.loader.batch_size,
-        cfg.data.val_size,
-        cfg.data.crop_padding,
-        cfg.data.flip,
-        cfg.seed,
-    )
+    data = ImageDataModule(cfg)
     data.setup("fit")
     if run_id:
-        # The data by content: runs on the same data show the same digest, whatever URL
-        # fetched it.
-        dataset = tracking.cifar_dataset(Path(cfg.paths.data))
+        # The data by content: runs on the same data show the same digest, wherever it came
+        # from.
+        dataset, tags = tracking.mlflow_dataset(cfg), tracking.dataset_tags(cfg)
         try:
-            mlflow.log_input(dataset, "training")
+            mlflow.log_input(dataset, "training", tags)
         except (MlflowException, SQLAlchemyError):
             # Parallel jobs on a new store can both find the dataset missing and both insert
             # it; the second insert fails, and once more it finds the first one's row.
-            mlflow.log_input(dataset, "training")
-    module = build_module(cfg, data.class_names)
+            mlflow.log_input(dataset, "training", tags)
+    module = build_module(cfg, data)
     timer = Timer()
     history = EpochHistory(timer, run_id)
     # With no metric to monitor, the one checkpoint kept is the newest.
@@ -161,9 +154,7 @@ def train(
         **{k: v for k, v in history.rows[-1].items() if k not in ("epoch", "seconds")},
         "train.epochs": history.rows[-1]["epoch"],
         "train.seconds": round(seconds, 2),
-        "train.images_per_second": round(
-            len(data.train_images) * trainer.current_epoch / seconds, 1
-        ),
+        "train.images_per_second": round(data.train_size * trainer.current_epoch / seconds, 1),
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
         "train.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -22,14 +22,16 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnpipe import PipelineError
+from cnnpipe.data import ImageDataModule
 
 
 class LitClassifier(pl.LightningModule):
     """Normalises uint8 (N, 3, H, W) images itself, so a checkpoint alone can be exported.
 
-    `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN", "num_classes": 10};
-    `optim` is conf/optim's node: the training recipe (optimiser, schedule, loss, weight
-    averaging, first-layer initialisation).
+    `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN"}, built for the data:
+    one output per class name, inputs of `image_size` pixels square. `optim` is conf/optim's
+    node: the training recipe (optimiser, schedule, loss, weight averaging, first-layer
+    initialisation).
     """
 
     def __init__(
@@ -39,10 +41,12 @@ class LitClassifier(pl.LightningModule):
         mean: list[float],
         std: list[float],
         optim: dict,
+        # Checkpoints of cnnpipe before other data sets were all CIFAR-10's 32x32.
+        image_size: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = instantiate(net)
+        self.net = instantiate({**net, "num_classes": len(class_names), "image_size": image_size})
         # Folding the 0-255 scale into mean and std saves one pass over the batch.
         self.register_buffer("mean", 255 * torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", 255 * torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -52,7 +56,7 @@ class LitClassifier(pl.LightningModule):
         self.train_loss = MeanMetric(nan_strategy=float("nan"))
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.example_input_array = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+        self.example_input_array = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net((images.float() - self.mean) / self.std)
@@ -62,7 +66,8 @@ class LitClassifier(pl.LightningModule):
         if stage == "fit" and self.hparams.optim["whiten"]:
             if self.trainer.datamodule is None:
                 raise PipelineError("optim.whiten needs the training images: fit with a datamodule")
-            whiten_first_conv(self.net, self.trainer.datamodule.train_images, self.mean, self.std)
+            images = self.trainer.datamodule.train_sample(1000)
+            whiten_first_conv(self.net, images, self.mean, self.std)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         hp = self.hparams.optim
@@ -142,7 +147,7 @@ def whiten_first_conv(
     if conv is None:
         return
     # 1,000 images give 900,000 3x3 patches: far more than the covariance's 27 dimensions need.
-    x = (images[:1000].float() - mean) / std
+    x = (images.float() - mean) / std
     patches = F.unfold(x, conv.kernel_size).transpose(1, 2).reshape(-1, conv.weight[0].numel())
     eigenvalues, eigenvectors = torch.linalg.eigh(patches.double().T.cov())
     pairs = min(conv.out_channels // 2, len(eigenvalues))
@@ -196,13 +201,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", r"The `srun` command is available on your system")
 
 
-def build_module(cfg: DictConfig, class_names: list[str]) -> LitClassifier:
+def build_module(cfg: DictConfig, data: ImageDataModule) -> LitClassifier:
+    """The classifier `cfg.model` and `cfg.optim` describe, sized and normalised for `data`."""
     module = LitClassifier(
         net=OmegaConf.to_container(cfg.model, resolve=True),
-        class_names=class_names,
-        mean=list(cfg.data.mean),
-        std=list(cfg.data.std),
+        class_names=data.class_names,
+        mean=data.mean,
+        std=data.std,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        image_size=data.image_size,
     )
     if cfg.loader.channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -25,9 +25,9 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from cnnpipe import PipelineError, contract
+from cnnpipe.images import decode
 from cnnpipe.serving import open_inference
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
-from cnnpipe.serving.images import decode
 from cnnpipe.serving.metrics import Metrics
 from cnnpipe.serving.onnx_model import OnnxModel
 
@@ -56,12 +56,14 @@ async def multipart_files(request: Request, body: bytes) -> list[tuple[str, byte
     return files
 
 
-def decode_all(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[str]]:
-    """The images stacked, and a note for each; ValueError names the first bad file."""
+def decode_all(
+    files: list[tuple[str, bytes]], size: tuple[int, int]
+) -> tuple[np.ndarray, list[str]]:
+    """The images at `size`, stacked, and a note for each; ValueError names the first bad file."""
     images, notes = [], []
     for name, data in files:
         try:
-            image, note = decode(data)
+            image, note = decode(data, size)
         except ValueError as reason:
             raise ValueError(f"{name}: {reason}") from None
         images.append(image)
@@ -76,6 +78,7 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
     registered = registered or {}
     return {
         "name": registered.get("name", meta.model_name),
+        "dataset": meta.dataset,
         "version": registered.get("version"),
         "alias": registered.get("alias"),
         "test_accuracy": meta.test_accuracy,
@@ -88,7 +91,7 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
         "input": {
             "name": contract.INPUT_NAME,
             "datatype": contract.INPUT_DTYPE.name,
-            "shape": list(contract.input_shape(-1)),
+            "shape": list(contract.input_shape(-1, model.size)),
         },
         "output": {
             "name": contract.OUTPUT_NAME,
@@ -110,7 +113,9 @@ def create_app(
     # One inference before the port opens: a model that loads but cannot run fails here, at
     # start, and the first request does not pay for onnxruntime's first-run allocations.
     try:
-        onnx_model.probabilities(np.zeros(contract.input_shape(1), contract.INPUT_DTYPE))
+        onnx_model.probabilities(
+            np.zeros(contract.input_shape(1, onnx_model.size), contract.INPUT_DTYPE)
+        )
     except Exception as failure:  # onnxruntime raises its own untyped exceptions
         text = str(failure).strip()
         reason = text.splitlines()[0] if text else repr(failure)
@@ -173,7 +178,7 @@ def create_app(
                 "model": model,
                 "class_names": onnx_model.class_names,
                 "request": "image files; each is converted to RGB and resized to "
-                f"{contract.WIDTH}x{contract.HEIGHT}",
+                f"{onnx_model.size[1]}x{onnx_model.size[0]}",
                 "max_body_bytes": max_body_bytes,
                 "top_k": top_k,
             }
@@ -218,7 +223,7 @@ def create_app(
             )
         # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
         try:
-            images, notes = await run_in_threadpool(decode_all, files)
+            images, notes = await run_in_threadpool(decode_all, files, onnx_model.size)
         except ValueError as reason:
             return error(400, str(reason))
         probs = await run_in_threadpool(onnx_model.probabilities, images)

@@ -16,6 +16,8 @@ class OnnxModel:
     ) -> None:
         self.session, self.metadata = session, metadata
         self.class_names = metadata.class_names
+        # (height, width): the size the model takes its images at, from its input's shape.
+        self.size = tuple(session.get_inputs()[0].shape[1:3])
         self.run_options = ort.RunOptions()
         if release_memory:
             # onnxruntime's arena keeps what the largest batch needed: after one 900-image
@@ -63,8 +65,11 @@ class OnnxModel:
 def check_signature(path: Path | str, session: ort.InferenceSession, classes: int) -> None:
     """Refuse, in one line, a model that does not take and return what `cnnpipe export` writes:
     onnxruntime would otherwise fail on every request with its own traceback."""
-    expected = contract.signature(classes)
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = inputs[0].shape if inputs else []
+    # The model's own size, where its input has one: images are decoded to it.
+    fixed = len(shape) == 4 and all(isinstance(d, int) for d in shape[1:3])
+    expected = contract.signature(classes, tuple(shape[1:3]) if fixed else ("H", "W"))
     got = tuple(
         ", ".join(contract.describe(a.type, a.shape) for a in io) for io in (inputs, outputs)
     )

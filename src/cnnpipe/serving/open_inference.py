@@ -47,7 +47,7 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def images_from(body: object, input_name: str) -> np.ndarray:
+def images_from(body: object, input_name: str, size: tuple[int, int]) -> np.ndarray:
     """The one UINT8 tensor of the contract's input shape in an infer request; ValueError says
     what is wrong with it. Everything is checked in Python before numpy sees it."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
@@ -57,7 +57,7 @@ def images_from(body: object, input_name: str) -> np.ndarray:
     shape, data = tensor.get("shape"), tensor.get("data")
     if tensor.get("datatype") != "UINT8":
         raise ValueError(f"datatype must be UINT8, not {str(tensor.get('datatype'))[:40]}")
-    want = contract.input_shape()
+    want = contract.input_shape("N", size)
     if (
         not isinstance(shape, list)
         or len(shape) != len(want)
@@ -125,7 +125,7 @@ def routes(
         try:
             # In a worker thread: checking a large body must not stall every other connection.
             images = await run_in_threadpool(
-                lambda: images_from(parse_json(body), contract.INPUT_NAME)
+                lambda: images_from(parse_json(body), contract.INPUT_NAME, onnx_model.size)
             )
         except ValueError as reason:
             raise RequestError(400, str(reason)) from None

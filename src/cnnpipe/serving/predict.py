@@ -10,7 +10,7 @@ import numpy as np
 
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, Parser
-from cnnpipe.serving.images import decode
+from cnnpipe.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     images, good, notes, failed = [], [], [], []
     for path in paths:
         try:
-            image, note = decode(path.read_bytes())
+            image, note = decode(path.read_bytes(), model.size)
         except (OSError, ValueError) as error:
             failed.append((path, str(error)))
             continue

@@ -174,7 +174,7 @@ def chapter(cfg: DictConfig) -> dict:
     module = load_checkpoint(cfg.paths.checkpoint)
     baseline = load_checkpoint(baseline_config(cfg).paths.checkpoint)
     names = module.hparams.class_names
-    images, labels = read_split(Path(cfg.paths.data), "test")
+    images, labels = read_split(cfg, "test")
     c = cfg.chapter
     batch = cfg.evaluate.batch_size
 

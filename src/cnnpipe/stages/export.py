@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, contract, tracking
 from cnnpipe.args import Parser
-from cnnpipe.config import load_params
+from cnnpipe.config import dataset_name, load_params, registered_name
 from cnnpipe.inference import TorchModel
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.training import load_checkpoint
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         commit, dirty = tracking.git_commit()
         metadata = contract.Metadata(
             class_names=module.hparams.class_names,
-            model_name=cfg.mlflow.model_name,
+            model_name=registered_name(cfg),
+            dataset=dataset_name(cfg.data),
             # What `cnnpipe serve` shows: evaluate scored the same TorchModel this file computes.
             test_accuracy=test_accuracy(Path(cfg.paths.eval_metrics)),
             tta_flip=cfg.evaluate.tta.flip,

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from cnnpipe import PipelineError, contract, tracking
 from cnnpipe.args import Parser
-from cnnpipe.config import load_params, network_name
+from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
 from cnnpipe.serving.onnx_model import OnnxModel
@@ -54,12 +54,14 @@ def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> b
     return True
 
 
-def version_description(cfg: DictConfig, result: dict, params: int, link: str) -> str:
+def version_description(
+    cfg: DictConfig, result: dict, params: int, size: tuple[int, int], link: str
+) -> str:
     """What a registered version holds and how it was checked, for the registry's page."""
     return (
-        f"{network_name(cfg.model)} ({params:,} parameters) as ONNX: {contract.INPUT_DESCRIPTION}"
-        f" in, class probabilities out, preprocessing and {describe_tta(**cfg.evaluate.tta)} "
-        "inside.\n\n"
+        f"{network_name(cfg.model)} ({params:,} parameters) as ONNX: "
+        f"{contract.input_description(size)} in, class probabilities out, preprocessing and "
+        f"{describe_tta(**cfg.evaluate.tta)} inside.\n\n"
         f"- Test accuracy as deployed (this file in onnxruntime): "
         f"**{result['onnx_test_acc']:.2%}** on {result['images']:,} test images\n"
         f"- Parity with PyTorch: max |diff| {result['max_abs_diff']:.2e}, top-1 agreement "
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         module = load_checkpoint(cfg.paths.checkpoint)
         model = TorchModel(module, **cfg.evaluate.tta)
         onnx_model = OnnxModel.load(cfg.paths.onnx)
-        images, labels = read_split(Path(cfg.paths.data), "test")
+        images, labels = read_split(cfg, "test")
         images = nhwc(images)
         result = compare(model, onnx_model, images, cfg.parity.batch_size, labels)
         if result["max_abs_diff"] > cfg.parity.atol or result["top1_agreement"] < 1:
@@ -92,19 +94,20 @@ def main(argv: list[str] | None = None) -> None:
         version = tracking.log_onnx_model(
             Path(cfg.paths.onnx),
             f"{network_name(cfg.model)}-onnx",
-            cfg.mlflow.model_name,
-            version_description(cfg, result, params, link),
+            registered_name(cfg),
+            version_description(cfg, result, params, model.size, link),
             (example, onnx_model.probabilities(example)),
             {
                 "test.acc": result["onnx_test_acc"],
                 "parity.max_abs_diff": result["max_abs_diff"],
                 "parity.top1_agreement": result["top1_agreement"],
             },
-            tracking.cifar_dataset(Path(cfg.paths.data), "test"),
+            tracking.mlflow_dataset(cfg, "test"),
         )
-        promoted = promote(MlflowClient(), cfg.mlflow.model_name, version, result["onnx_test_acc"])
+        name = registered_name(cfg)
+        promoted = promote(MlflowClient(), name, version, result["onnx_test_acc"])
     print(
-        f"registered {cfg.mlflow.model_name} version {version}"
+        f"registered {name} version {version}"
         + (f", now @{CHAMPION}" if promoted else f"; @{CHAMPION} stays on a more accurate version")
     )
     print(

@@ -30,7 +30,7 @@ from torch import nn
 
 from cnnpipe import contract, tracking
 from cnnpipe.args import Parser
-from cnnpipe.config import load_params, network_name
+from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.inference import TorchModel, nhwc, tta_views
@@ -79,7 +79,7 @@ class QuantizableModel(nn.Module):
         super().__init__()
         classifier = model.classifier
         self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.flip, self.shift = model.flip, model.shift
+        self.flip, self.shift, self.size = model.flip, model.shift, model.size
         self.register_buffer("mean", classifier.mean.clone())
         self.register_buffer("std", classifier.std.clone())
         first = next(self.net.children(), None)
@@ -128,7 +128,7 @@ def quantize(
                 weight_type=QuantType.QInt8,
             )
             proto = onnx.load(out)
-            onnx.helper.set_model_props(proto, metadata.to_props())
+            onnx.helper.set_model_props(proto, metadata.to_props(model.size))
             onnx.save(proto, out)
 
 
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg: DictConfig = load_params()
     q = cfg.quantize
     with tracking.stage_run(cfg, "quantize") as run:
-        train_images, _ = read_split(Path(cfg.paths.data), "train")
+        train_images, _ = read_split(cfg, "train")
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
         calibration = nhwc(train_images[pick[: q.calibration_images]])
-        test_images, test_labels = read_split(Path(cfg.paths.data), "test")
+        test_images, test_labels = read_split(cfg, "test")
         test_nhwc = nhwc(test_images).numpy()
 
         out_dir = Path(cfg.paths.int8)
@@ -241,7 +241,7 @@ def register(
     link = tracking.run_link(run.info.experiment_id, run.info.run_id)
     description = (
         f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel 7-bit weights), "
-        f"same input and output as `{cfg.mlflow.model_name}`.\n\n"
+        f"same input and output as `{registered_name(cfg)}`.\n\n"
         f"- Test accuracy as deployed: **{metrics['int8.test_acc']:.2%}** "
         f"({metrics['int8.accuracy_drop'] * 100:.2f} points below FP32)\n"
         f"- Images/s against FP32 at batch {cfg.quantize.batch_size}: "
@@ -251,9 +251,9 @@ def register(
     tracking.log_onnx_model(
         int8,
         f"{network}-onnx-int8",
-        f"{cfg.mlflow.model_name}-int8",
+        f"{registered_name(cfg)}-int8",
         description,
         (example, quant.probabilities(example)),
         {key: metrics[key] for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
-        tracking.cifar_dataset(Path(cfg.paths.data), "test"),
+        tracking.mlflow_dataset(cfg, "test"),
     )

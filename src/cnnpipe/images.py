@@ -1,13 +1,13 @@
-"""Image files decoded into one image of the contract's input: uint8 RGB, resized to its size."""
+"""Image bytes decoded into uint8 RGB at a model's size, in one place: the prepare stage, `cnnpipe
+predict` and the service all decode through `decode`, so a picture is the same pixels in training
+and in production. Numpy and Pillow only (the service imports it)."""
 
 import io
 import re
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
-from cnnpipe.contract import HEIGHT, WIDTH
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decoding is refused above this many pixels: a small file can claim a huge image.
 MAX_PIXELS = 25_000_000
@@ -25,8 +25,10 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
-def decode(data: bytes) -> tuple[np.ndarray, str | None]:
-    """Image bytes -> (HEIGHT, WIDTH, 3) uint8 RGB, and a note when the image had to be resized.
+def decode(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+    """Image bytes -> (height, width, 3) uint8 RGB at `size` (height, width), upright as its EXIF
+    orientation says, and a note when the image had to be resized. The first frame of an
+    animation; gray, palette, RGBA, CMYK and 16-bit images become 8-bit RGB.
 
     Raises ValueError with a short reason, for people, for anything that is not a usable image.
     """
@@ -39,6 +41,8 @@ def decode(data: bytes) -> tuple[np.ndarray, str | None]:
                 if image.width * image.height > MAX_PIXELS:
                     raise ValueError(too_large(f"{image.width}x{image.height}"))
                 image.load()
+                # Cameras store pixels as the sensor saw them and the way up in EXIF.
+                image = ImageOps.exif_transpose(image)
                 if image.mode.startswith("I") or image.mode == "F":
                     image = to_8bit(image)
                 rgb = image.convert("RGB")
@@ -50,7 +54,8 @@ def decode(data: bytes) -> tuple[np.ndarray, str | None]:
     except OSError:
         raise ValueError("not a readable image: the file is truncated or corrupt") from None
     note = None
-    if rgb.size != (WIDTH, HEIGHT):
+    height, width = size
+    if rgb.size != (width, height):
         note = f"resized from {rgb.width}x{rgb.height}"
-        rgb = rgb.resize((WIDTH, HEIGHT), Image.Resampling.BILINEAR)
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8), note

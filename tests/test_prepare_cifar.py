@@ -1,6 +1,8 @@
+"""The prepare stage on CIFAR-10's archive: downloaded, checked by md5, extracted safely and read
+into the prepared arrays, or the previous ones left as they were."""
+
 import hashlib
 import http.server
-import json
 import os
 import pickle
 import tarfile
@@ -10,11 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar import BATCH_FILES, SOURCE_FILE
-from cnnpipe.stages.fetch import fetch
-from tests.helpers import add_member, make_archive
+from cnnpipe.preparation import prepare
+from cnnpipe.prepared import IMAGES, LABELS, MANIFEST, Prepared
+from tests.helpers import add_member, composed, make_archive
+
+PREPARED = sorted([IMAGES, LABELS, MANIFEST])
+
+
+def fetch(url: str, md5: str, dest: Path, timeout_s: float = 60) -> None:
+    """The prepare stage's work on CIFAR-10 from `url`."""
+    data = OmegaConf.merge(composed().data, {"source": url, "md5": md5, "timeout_s": timeout_s})
+    prepare(data, dest)
 
 
 def test_fetch_over_http_extracts_all_batches(tmp_path, archive, http_server):
@@ -23,11 +34,12 @@ def test_fetch_over_http_extracts_all_batches(tmp_path, archive, http_server):
     (www / path.name).write_bytes(path.read_bytes())
     dest = tmp_path / "data" / "cifar-10-batches-py"
     fetch(f"{base}/{path.name}", md5, dest)
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*BATCH_FILES, SOURCE_FILE])
-    assert json.loads((dest / SOURCE_FILE).read_text()) == {
-        "url": f"{base}/{path.name}",
-        "md5": md5,
-    }
+    assert sorted(p.name for p in dest.iterdir()) == PREPARED
+    prepared = Prepared.open(dest)
+    assert prepared.manifest.source == f"{base}/{path.name}"
+    # 5 batches of 40 training images, then 50 test images, as make_archive wrote them.
+    assert prepared.images.shape == (250, 32, 32, 3)
+    assert [f["split"] for f in prepared.manifest.files] == ["train"] * 200 + ["test"] * 50
     assert [p.name for p in dest.parent.iterdir()] == [dest.name], "no temporary files left"
 
 
@@ -35,9 +47,7 @@ def test_fetch_accepts_plain_paths_and_file_urls(tmp_path, archive):
     path, md5 = archive
     fetch(str(path), md5, tmp_path / "a")
     fetch(path.as_uri(), md5, tmp_path / "b")
-    assert (tmp_path / "a" / "test_batch").read_bytes() == (
-        tmp_path / "b" / "test_batch"
-    ).read_bytes()
+    assert (tmp_path / "a" / IMAGES).read_bytes() == (tmp_path / "b" / IMAGES).read_bytes()
 
 
 def test_bad_checksum_leaves_nothing_behind(tmp_path, archive, http_server):
@@ -54,7 +64,7 @@ def test_unreachable_host_says_how_to_use_a_local_copy(tmp_path, http_server):
     base, _ = http_server
     with pytest.raises(
         PipelineError,
-        match="fetch.url and fetch.md5 at an archive on disk in conf/local/default.yaml",
+        match="data.source and data.md5 at an archive on disk in conf/local/default.yaml",
     ) as error:
         fetch(f"{base}/missing.tar.gz", "0" * 32, tmp_path / "data" / "x")
     assert "\n" not in str(error.value)
@@ -65,7 +75,7 @@ def test_not_an_archive_is_refused(tmp_path):
     page = tmp_path / "error.html"
     page.write_text("<html>503 Service Unavailable</html>")
     md5 = hashlib.md5(page.read_bytes()).hexdigest()
-    with pytest.raises(PipelineError, match="not a readable tar.gz"):
+    with pytest.raises(PipelineError, match=r"not a readable .tar.gz or .zip archive"):
         fetch(str(page), md5, tmp_path / "data" / "x")
     assert list((tmp_path / "data").iterdir()) == []
 
@@ -114,10 +124,10 @@ def test_existing_output_is_replaced_only_on_success(tmp_path, archive):
     path, md5 = archive
     dest = tmp_path / "data" / "cifar-10-batches-py"
     fetch(str(path), md5, dest)
-    before = (dest / "test_batch").read_bytes()
+    before = (dest / IMAGES).read_bytes()
     with pytest.raises(PipelineError):
         fetch(str(path), "0" * 32, dest)
-    assert (dest / "test_batch").read_bytes() == before
+    assert (dest / IMAGES).read_bytes() == before
 
 
 class Misbehaving(http.server.BaseHTTPRequestHandler):
@@ -156,7 +166,7 @@ def misbehaving_server():
 @pytest.mark.parametrize(
     "path, message",
     [
-        ("/stall", "sent nothing for 0.5 s; try again later or raise fetch.timeout_s"),
+        ("/stall", "sent nothing for 0.5 s; try again later or raise data.timeout_s"),
         ("/cut", r"stopped part way \(400 of 1000 bytes\); run the stage again"),
         ("/cut-unsized", "md5 of .* is [0-9a-f]{32}, expected"),
     ],
@@ -181,7 +191,8 @@ def test_extra_members_are_not_extracted(tmp_path):
     md5 = make_archive(path, per_batch=2, test=2, extra=extra)
     dest = tmp_path / "data" / "x"
     fetch(str(path), md5, dest)
-    assert sorted(p.name for p in dest.iterdir()) == sorted([*BATCH_FILES, SOURCE_FILE])
+    assert sorted(p.name for p in dest.iterdir()) == PREPARED
+    assert len(Prepared.open(dest).labels) == 12
 
 
 class RunsCode:
@@ -222,3 +233,19 @@ def test_an_archive_of_unsafe_batches_never_replaces_good_data(
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert not (tmp_path / "pwned").exists()
     assert [p.name for p in dest.parent.iterdir()] == ["cifar-10-batches-py"]
+
+
+def test_the_prepared_images_are_the_batches_pixels(tmp_path, archive):
+    """Row i is image i of the batches, as (32, 32, 3): channel planes of 1,024 pixels each."""
+    import pickle as pkl
+
+    path, md5 = archive
+    fetch(str(path), md5, tmp_path / "p")
+    prepared = Prepared.open(tmp_path / "p")
+    with tarfile.open(path) as tar:
+        member = tar.extractfile("cifar-10-batches-py/data_batch_2").read()
+    batch = pkl.loads(member)
+    want = batch["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert np.array_equal(prepared.images.array[40:80], want)
+    assert prepared.labels[40:80].tolist() == batch["labels"]
+    assert prepared.manifest.classes[0] == "airplane"

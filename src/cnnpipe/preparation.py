@@ -1,0 +1,124 @@
+"""The prepare stage's work: the configured images (CIFAR-10's batch files, or a folder of
+images or an archive of one), decoded once into the prepared arrays every later stage reads."""
+
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cnnpipe import PipelineError
+from cnnpipe.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
+from cnnpipe.config import dataset_name
+from cnnpipe.decoding import decode_entries
+from cnnpipe.download import as_url, extract, fetch_archive
+from cnnpipe.folder import check_counts, listing, scan
+from cnnpipe.prepared import Manifest, Prepared, create_images, write_index
+
+
+def previous(dest: Path) -> Prepared | None:
+    """The preparation already in `dest`, whose unchanged images need not be decoded again."""
+    try:
+        return Prepared.open(dest)
+    except PipelineError:
+        return None
+
+
+def prepare_cifar(data: DictConfig, work: Path, dest: Path) -> Manifest:
+    """CIFAR-10's archive downloaded, checked by md5 and read, safely, into the arrays."""
+    url = as_url(data.source)
+    archive = fetch_archive(url, data.md5, work / "cifar-10-python.tar.gz", data.timeout_s)
+    wanted = {ARCHIVE_DIR, *(f"{ARCHIVE_DIR}/{name}" for name in BATCH_FILES)}
+    extract(archive, work / "extracted", lambda name: name in wanted)
+    batches = work / "extracted" / ARCHIVE_DIR
+    missing = [name for name in BATCH_FILES if not (batches / name).is_file()]
+    if missing:
+        raise PipelineError(f"{url} has no {ARCHIVE_DIR}/{', '.join(missing)}")
+    try:
+        classes, images, files = read_batches(batches)
+    except PipelineError as error:
+        reason = str(error).replace(f"{batches}/", f"{ARCHIVE_DIR}/")
+        raise PipelineError(f"{url}: {reason}; {dest} was left as it was") from None
+    create_images(work / "out", len(images), 32)[:] = images
+    return Manifest(dataset_name(data), url, 32, classes, files)
+
+
+def folder_root(data: DictConfig, work: Path) -> tuple[Path, str]:
+    """The folder to read, and the source as a URL: the folder itself, or an archive (by path or
+    URL, with its md5) extracted into `work`."""
+    source = str(data.source)
+    local = Path(source).expanduser()
+    if "://" not in source and local.is_dir():
+        return local, local.resolve().as_uri()
+    if "://" not in source and not local.exists():
+        scan(local)  # says in one line that it does not exist
+    url = as_url(source)
+    archive = fetch_archive(url, data.md5, work / "archive", data.timeout_s)
+    extract(archive, work / "extracted")
+    # An archive of one folder (leaves.zip holding leaves/...) is read from inside it.
+    inside = [p for p in (work / "extracted").iterdir() if not p.name.startswith(".")]
+    if len(inside) == 1 and inside[0].is_dir() and inside[0].name not in ("train", "test"):
+        return inside[0], url
+    return work / "extracted", url
+
+
+def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
+    """The folder's images decoded at data.image_size, the unchanged ones reused from `dest`."""
+    if not data.source:
+        raise PipelineError(
+            "data.source is not set; point it at your images: "
+            "dvc exp run -S data=folder -S data.source=/path/to/images"
+        )
+    root, url = folder_root(data, work)
+    classes, entries = scan(root)
+    size = data.image_size
+    images = create_images(work / "all", len(entries), size)
+    result = decode_entries(root, entries, size, images, previous(dest))
+    print(f"decoded {result.decoded:,} of {len(entries):,} images ({root})")
+    keep = [i for i in range(len(entries)) if i not in result.errors]
+    if result.errors:
+        bad = [f"{entries[i].path} ({reason})" for i, reason in sorted(result.errors.items())]
+        if not data.skip_unreadable:
+            raise PipelineError(
+                f"{len(bad)} images cannot be read: {listing(bad)}; fix or remove them, or set "
+                "data.skip_unreadable=true to leave them out"
+            )
+        print(f"skipped {len(bad):,} unreadable images (listed in the manifest): {listing(bad)}")
+        check_counts(root, classes, [entries[i] for i in keep])
+        out = create_images(work / "out", len(keep), size)
+        for start in range(0, len(keep), 4096):
+            part = keep[start : start + 4096]
+            out[start : start + len(part)] = images[part]
+    else:
+        (work / "all").rename(work / "out")
+    files = [
+        {
+            "path": entries[i].path,
+            "label": entries[i].label,
+            "split": entries[i].split,
+            "sha256": result.digests[i],
+            "size": entries[i].size,
+            "mtime_ns": entries[i].mtime_ns,
+        }
+        for i in keep
+    ]
+    skipped = [[entries[i].path, reason] for i, reason in sorted(result.errors.items())]
+    return Manifest(dataset_name(data), url, size, classes, files, skipped)
+
+
+LAYOUTS = {"cifar10_batches": prepare_cifar, "image_folder": prepare_folder}
+
+
+def prepare(data: DictConfig, dest: Path) -> Manifest:
+    """Write the prepared data set `data` describes to `dest`, which is replaced only when
+    everything succeeded."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".prepare-") as tmp:
+        work = Path(tmp)
+        if data.layout not in LAYOUTS:
+            raise PipelineError(f"data.layout={data.layout} is not one of {', '.join(LAYOUTS)}")
+        manifest = LAYOUTS[data.layout](data, work, dest)
+        write_index(work / "out", manifest)
+        if dest.exists():
+            dest.rename(work / "old")
+        (work / "out").rename(dest)
+    return manifest

@@ -1,0 +1,21 @@
+"""Stage `prepare`: the configured images, decoded once into the arrays every later stage reads."""
+
+from pathlib import Path
+
+import numpy as np
+
+from cnnpipe.args import Parser
+from cnnpipe.config import load_params
+from cnnpipe.preparation import prepare
+
+
+def main(argv: list[str] | None = None) -> None:
+    Parser(prog="cnnpipe prepare", description=__doc__).parse_args(argv)
+    cfg = load_params()
+    manifest = prepare(cfg.data, Path(cfg.paths.data))
+    counts = np.array(list(manifest.class_counts().values()))
+    print(
+        f"prepared {manifest.name}: {len(manifest.files):,} images of {manifest.image_size}x"
+        f"{manifest.image_size}, {len(manifest.classes)} classes ({counts.min():,} to "
+        f"{counts.max():,} images each) in {cfg.paths.data}"
+    )
