@@ -35,6 +35,25 @@ def test_local_settings_go_over_everything_but_the_command_line(tmp_path):
     assert cfg.data.timeout_s == 60, "the rest of the node stays"
 
 
+def test_a_data_choice_in_local_settings_outlives_other_overrides(tmp_path):
+    """docs/own-images.md: the folder chosen once in conf/local stays chosen when `dvc exp run -S`
+    (Hydra overrides) changes something else, and the command line can still choose again."""
+    conf = shipped_conf(tmp_path)
+    (conf / "local").mkdir()
+    local = "defaults:\n  - override /data: folder\ndata:\n  source: /home/me/leaves\n"
+    (conf / "local" / "default.yaml").write_text(local)
+    cfg = OmegaConf.create(compose_params(["optim.lr=0.01"], conf_dir=conf))
+    assert (cfg.data.layout, cfg.data.source, cfg.optim.lr) == (
+        "image_folder",
+        "/home/me/leaves",
+        0.01,
+    )
+    assert cfg.data.dependency == "/home/me/leaves", "DVC watches the folder itself"
+    assert OmegaConf.create(compose_params(["data=cifar10"], conf_dir=conf)).data.layout == (
+        "cifar10_batches"
+    )
+
+
 def test_gitignore_keeps_local_settings_out_of_git():
     ignored = subprocess.run(
         ["git", "check-ignore", "conf/local/default.yaml"], cwd=ROOT, capture_output=True

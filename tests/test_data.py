@@ -1,14 +1,19 @@
 import os
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from cnnpipe import PipelineError
 from cnnpipe.cifar import load_batch, unpickle
+from cnnpipe.config import outputs_under
 from cnnpipe.data import BatchLoader, ImageDataModule, random_crop, random_flip, read_split
-from cnnpipe.prepared import ImageArray
+from cnnpipe.prepared import ImageArray, write_random
+from cnnpipe.trainer import train
 from tests.helpers import composed
 
 
@@ -135,3 +140,48 @@ def test_validation_split_larger_than_the_data_is_refused(data_dir):
     dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.val_size=500"))
     with pytest.raises(PipelineError, match="data.val_size=500"):
         dm.setup("fit")
+
+
+def resident_file_pages() -> int:
+    """Bytes of files mapped into this process and resident in it (Linux's RssFile)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"^RssFile:\s+(\d+) kB", status, re.M)[1]) * 1024
+
+
+class FilePagesDuringFit(pl.Callback):
+    """Resident file-mapped memory when fitting starts, and its largest value after any batch:
+    what the memory map of the images holds (the compute's own buffers are anonymous memory)."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.start = self.peak = resident_file_pages()
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.peak = max(self.peak, resident_file_pages())
+
+
+def test_training_holds_a_batch_in_memory_not_the_data_set(tmp_path, monkeypatch):
+    """A data set larger than memory trains: reading every image of a 160 MB array in an epoch
+    leaves only about a batch of it mapped in the process, since read pages go back to the page
+    cache (without that, the whole array stays resident: 175 MB)."""
+    monkeypatch.chdir(tmp_path)
+    write_random(tmp_path / "prepared", train=5800, test=200, size=96)
+    size = (tmp_path / "prepared" / "images.npy").stat().st_size
+    cfg = composed(
+        f"paths.data={tmp_path / 'prepared'}", "model=dense_baseline", "trainer.max_epochs=1",
+        "data.val_size=500", "optim.whiten=false", "callbacks.progress_bar.refresh_rate=0",
+    )  # fmt: skip
+    pages = FilePagesDuringFit()
+    metrics = train(outputs_under(cfg, tmp_path / "out"), callbacks=(pages,))
+    assert metrics["train.epochs"] == 1 and size > 160e6
+    grew = pages.peak - pages.start
+    assert grew < size / 20, f"{grew / 1e6:.0f} MB of the images stayed mapped"
+
+
+def test_a_size_the_prepared_data_does_not_have_is_one_line(data_dir):
+    dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.image_size=48"))
+    with pytest.raises(PipelineError) as error:
+        dm.setup("fit")
+    assert str(error.value) == (
+        f"{data_dir} holds cifar10 at 32x32, not data.image_size=48; run `dvc repro prepare` "
+        "with that size first"
+    )

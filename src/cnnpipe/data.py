@@ -153,6 +153,13 @@ class ImageDataModule(pl.LightningDataModule):
         cfg = self.cfg
         self.prepared = Prepared.open(cfg.paths.data)
         manifest = self.prepared.manifest
+        if manifest.image_size != cfg.data.image_size:
+            # A sweep's job reads the data `dvc repro` prepared; it cannot prepare its own.
+            raise PipelineError(
+                f"{cfg.paths.data} holds {manifest.name} at {manifest.image_size}x"
+                f"{manifest.image_size}, not data.image_size={cfg.data.image_size}; run "
+                "`dvc repro prepare` with that size first"
+            )
         self.rows = split_rows(self.prepared, cfg.data, cfg.seed)
         self.labels = torch.from_numpy(self.prepared.labels)
         self.class_names, self.image_size = manifest.classes, manifest.image_size

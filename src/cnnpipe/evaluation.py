@@ -51,8 +51,9 @@ def confusion_figure(confusion: MulticlassConfusionMatrix, names: list[str]):
     fig, ax = confusion.plot(labels=names, add_text=n <= 20)
     fig.set_size_inches(*[min(max(8, 0.4 * n + 4), 40)] * 2)
     if n > 20:
-        ax.tick_params(labelsize=max(4, 300 / n))
+        ax.tick_params(labelsize=8)
         ax.tick_params(axis="x", labelrotation=90)
+        ax.tick_params(axis="y", labelrotation=0)
     return fig, ax
 
 

@@ -2,6 +2,7 @@
 images or an archive of one), decoded once into the prepared arrays every later stage reads."""
 
 import tempfile
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -72,8 +73,13 @@ def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
     classes, entries = scan(root)
     size = data.image_size
     images = create_images(work / "all", len(entries), size)
+    start = time.perf_counter()
     result = decode_entries(root, entries, size, images, previous(dest))
-    print(f"decoded {result.decoded:,} of {len(entries):,} images ({root})")
+    seconds = time.perf_counter() - start
+    print(
+        f"decoded {result.decoded:,} of {len(entries):,} images ({root}) in {seconds:.1f} s, "
+        f"{result.decoded / seconds:,.0f} images/s"
+    )
     keep = [i for i in range(len(entries)) if i not in result.errors]
     if result.errors:
         bad = [f"{entries[i].path} ({reason})" for i, reason in sorted(result.errors.items())]
