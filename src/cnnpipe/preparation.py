@@ -76,10 +76,11 @@ def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
     start = time.perf_counter()
     result = decode_entries(root, entries, size, images, previous(dest))
     seconds = time.perf_counter() - start
-    print(
-        f"decoded {result.decoded:,} of {len(entries):,} images ({root}) in {seconds:.1f} s, "
-        f"{result.decoded / seconds:,.0f} images/s"
-    )
+    rate = f", {result.decoded / seconds:,.0f} images/s" if result.decoded else ""
+    unchanged = len(entries) - result.decoded
+    kept = f"; {unchanged:,} unchanged since the last preparation" if unchanged else ""
+    done = f"decoded {result.decoded:,} of {len(entries):,} images ({root}) in {seconds:.1f} s"
+    print(done + rate + kept)
     keep = [i for i in range(len(entries)) if i not in result.errors]
     if result.errors:
         bad = [f"{entries[i].path} ({reason})" for i, reason in sorted(result.errors.items())]
