@@ -17,7 +17,7 @@ from cnnpipe.data import ImageDataModule, split_rows
 from cnnpipe.images import decode
 from cnnpipe.models import ChapterCNN, DenseBaseline
 from cnnpipe.preparation import prepare
-from cnnpipe.prepared import IMAGES, MANIFEST, Prepared
+from cnnpipe.prepared import IMAGES, MANIFEST, Prepared, unit_hash
 from tests.helpers import folder_config, keras_chapter_params, make_image_folder
 
 CLASSES = ["bolt", "nut", "washer"]
@@ -111,30 +111,35 @@ def test_a_train_and_test_layout_keeps_its_own_test_split(tmp_path):
     assert {prepared.labels[i] for i in rows["val"]} == {0, 1, 2}, "a validation image per class"
 
 
+def splits_by_path(cfg, dest: Path) -> tuple[Prepared, dict[str, str]]:
+    """The prepared data in `dest`, and each file's split as `split_rows` assigns it."""
+    prepared = Prepared.open(dest)
+    rows = split_rows(prepared, cfg.data, cfg.seed)
+    files = prepared.manifest.files
+    return prepared, {
+        files[i]["path"]: split for split in ("train", "val", "test") for i in rows[split]
+    }
+
+
 def test_held_out_splits_are_stratified_and_stay_put_when_images_are_added(tmp_path):
     src, dest = tmp_path / "src", tmp_path / "out"
     make_image_folder(src, CLASSES, per_class=30)
     cfg = folder_config(src, prepared=dest)
     prepare(cfg.data, dest)
-    first = Prepared.open(dest)
-    rows = split_rows(first, cfg.data, cfg.seed)
-    before = {
-        first.manifest.files[i]["path"]: split for split in ("train", "val", "test")
-        for i in rows[split]
-    }  # fmt: skip
+    first, before = splits_by_path(cfg, dest)
+    # Test: each file whose hash is under test_fraction; validation: the next val_fraction.
+    for path, split in before.items():
+        u = unit_hash(cfg.seed, path)
+        want = "test" if u < 0.1 else "val" if u < 0.2 else "train"
+        assert split == want, path
     for split in ("val", "test"):
-        assert {first.labels[i] for i in rows[split]} == {0, 1, 2}, split
-    assert 0.03 < len(rows["test"]) / 90 < 0.25
+        classes = {p.split("/")[0] for p, s in before.items() if s == split}
+        assert classes == set(CLASSES), split
     for k in range(10):
         Image.new("RGB", (40, 56), (k, 0, 0)).save(src / "nut" / f"new{k}.png")
     prepare(cfg.data, dest)
-    second = Prepared.open(dest)
-    rows = split_rows(second, cfg.data, cfg.seed)
-    after = {
-        second.manifest.files[i]["path"]: split for split in ("train", "val", "test")
-        for i in rows[split]
-    }  # fmt: skip
-    assert {p: after[p] for p in before} == before
+    _, after = splits_by_path(cfg, dest)
+    assert len(after) == 100 and {p: after[p] for p in before} == before
 
 
 def test_only_changed_files_are_decoded_again(tmp_path, capsys):
