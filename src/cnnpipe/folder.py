@@ -89,14 +89,18 @@ def loose_images(root: Path, folder: Path) -> None:
         )
 
 
+def missing_source(root: Path) -> PipelineError:
+    what = "is not a folder" if root.exists() else "does not exist"
+    return PipelineError(
+        f"data.source {root} {what}; point it at a folder of <class>/<image> files or an "
+        "archive of one (docs/own-images.md)"
+    )
+
+
 def scan(root: Path) -> tuple[list[str], list[Entry]]:
     """The class names and every image file of the folder `root`, checked."""
     if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise PipelineError(
-            f"data.source {root} {what}; point it at a folder of <class>/<image> files or an "
-            "archive of one (docs/own-images.md)"
-        )
+        raise missing_source(root)
     top = {p.name for p in subfolders(root)}
     parts = [(root / s, s) for s in SPLITS] if top and top <= {*SPLITS} else [(root, None)]
     if parts[0][1] and not all((root / s).is_dir() for s in SPLITS):

@@ -3,6 +3,7 @@ images or an archive of one), decoded once into the prepared arrays every later 
 
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -12,7 +13,7 @@ from cnnpipe.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
 from cnnpipe.config import dataset_name
 from cnnpipe.decoding import decode_entries
 from cnnpipe.download import as_url, extract, fetch_archive
-from cnnpipe.folder import check_counts, listing, scan
+from cnnpipe.folder import Entry, check_counts, listing, missing_source, scan
 from cnnpipe.prepared import Manifest, Prepared, create_images, write_index
 
 
@@ -39,8 +40,9 @@ def prepare_cifar(data: DictConfig, work: Path, dest: Path) -> Manifest:
     except PipelineError as error:
         reason = str(error).replace(f"{batches}/", f"{ARCHIVE_DIR}/")
         raise PipelineError(f"{url}: {reason}; {dest} was left as it was") from None
-    create_images(work / "out", len(images), 32)[:] = images
-    return Manifest(dataset_name(data), url, 32, classes, files)
+    size = images.shape[1]
+    create_images(work / "out", len(images), size)[:] = images
+    return Manifest(dataset_name(data), url, size, classes, files)
 
 
 def folder_root(data: DictConfig, work: Path) -> tuple[Path, str]:
@@ -51,7 +53,7 @@ def folder_root(data: DictConfig, work: Path) -> tuple[Path, str]:
     if "://" not in source and local.is_dir():
         return local, local.resolve().as_uri()
     if "://" not in source and not local.exists():
-        scan(local)  # says in one line that it does not exist
+        raise missing_source(local)
     url = as_url(source)
     archive = fetch_archive(url, data.md5, work / "archive", data.timeout_s)
     extract(archive, work / "extracted")
@@ -81,35 +83,36 @@ def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
     kept = f"; {unchanged:,} unchanged since the last preparation" if unchanged else ""
     done = f"decoded {result.decoded:,} of {len(entries):,} images ({root}) in {seconds:.1f} s"
     print(done + rate + kept)
-    keep = [i for i in range(len(entries)) if i not in result.errors]
-    if result.errors:
-        bad = [f"{entries[i].path} ({reason})" for i, reason in sorted(result.errors.items())]
-        if not data.skip_unreadable:
-            raise PipelineError(
-                f"{len(bad)} images cannot be read: {listing(bad)}; fix or remove them, or set "
-                "data.skip_unreadable=true to leave them out"
-            )
-        print(f"skipped {len(bad):,} unreadable images (listed in the manifest): {listing(bad)}")
-        check_counts(root, classes, [entries[i] for i in keep])
+    keep = readable(data, root, classes, entries, result.errors)
+    if len(keep) == len(entries):
+        (work / "all").rename(work / "out")
+    else:
         out = create_images(work / "out", len(keep), size)
         for start in range(0, len(keep), 4096):
             part = keep[start : start + 4096]
             out[start : start + len(part)] = images[part]
-    else:
-        (work / "all").rename(work / "out")
-    files = [
-        {
-            "path": entries[i].path,
-            "label": entries[i].label,
-            "split": entries[i].split,
-            "sha256": result.digests[i],
-            "size": entries[i].size,
-            "mtime_ns": entries[i].mtime_ns,
-        }
-        for i in keep
-    ]
+    files = [{**asdict(entries[i]), "sha256": result.digests[i]} for i in keep]
     skipped = [[entries[i].path, reason] for i, reason in sorted(result.errors.items())]
     return Manifest(dataset_name(data), url, size, classes, files, skipped)
+
+
+def readable(
+    data: DictConfig, root: Path, classes: list[str], entries: list[Entry], errors: dict[int, str]
+) -> list[int]:
+    """The entries to keep: all of them, or with data.skip_unreadable those that decoded;
+    otherwise unreadable images stop the stage, naming them."""
+    if not errors:
+        return list(range(len(entries)))
+    bad = [f"{entries[i].path} ({reason})" for i, reason in sorted(errors.items())]
+    if not data.skip_unreadable:
+        raise PipelineError(
+            f"{len(bad)} images cannot be read: {listing(bad)}; fix or remove them, or set "
+            "data.skip_unreadable=true to leave them out"
+        )
+    print(f"skipped {len(bad):,} unreadable images (listed in the manifest): {listing(bad)}")
+    keep = [i for i in range(len(entries)) if i not in errors]
+    check_counts(root, classes, [entries[i] for i in keep])
+    return keep
 
 
 LAYOUTS = {"cifar10_batches": prepare_cifar, "image_folder": prepare_folder}

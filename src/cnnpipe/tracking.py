@@ -25,7 +25,7 @@ from cnnpipe import PipelineError
 from cnnpipe.config import network_name
 from cnnpipe.data import test_mask
 from cnnpipe.files import atomic_path
-from cnnpipe.prepared import Prepared, read_manifest
+from cnnpipe.prepared import Manifest, Prepared
 from cnnpipe.schema import recipe
 
 # What a person needs to follow a run, beside MLflow's own tags.
@@ -377,27 +377,29 @@ def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> Non
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})
 
 
-def mlflow_dataset(cfg: DictConfig, split: str = "all") -> MetaDataset:
+def mlflow_dataset(prepared: Prepared, rows: np.ndarray | None = None) -> MetaDataset:
     """The prepared data by content, as an MLflow dataset with the source the prepare stage read
-    and the images' shape as its schema: every image (data.name, what training reads) or the
-    test split ("<name>-test", what the models are scored on)."""
-    prepared = Prepared.open(cfg.paths.data)
+    and the images' shape as its schema: every image (named data.name, what training reads), or
+    `rows` of it."""
     manifest = prepared.manifest
-    test = test_mask(prepared, cfg.data, cfg.seed)[0]
-    rows = np.flatnonzero(test) if split == "test" else None
     with warnings.catch_warnings():
         # MLflow registers its local-file source class twice and warns that it is ambiguous.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
         source = resolve_dataset_source(manifest.source)
     size = manifest.image_size
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "images")])
-    name = f"{manifest.name}-test" if split == "test" else manifest.name
+    name = manifest.name if rows is None else f"{manifest.name}-test"
     return MetaDataset(source, name, manifest.digest(rows), schema)
 
 
-def dataset_tags(cfg: DictConfig) -> dict[str, str]:
+def scored_dataset(cfg: DictConfig) -> MetaDataset:
+    """The test split as an MLflow dataset ("<name>-test"): what the models are scored on."""
+    prepared = Prepared.open(cfg.paths.data)
+    return mlflow_dataset(prepared, np.flatnonzero(test_mask(prepared, cfg.data, cfg.seed)[0]))
+
+
+def dataset_tags(manifest: Manifest) -> dict[str, str]:
     """What a run's training input says of the data beside its digest: size and class counts."""
-    manifest = read_manifest(Path(cfg.paths.data))
     return {
         "image_size": f"{manifest.image_size}x{manifest.image_size}",
         "images": str(len(manifest.files)),

@@ -26,8 +26,8 @@ from cnnpipe.sources import source_files
 from cnnpipe.training import build_module, build_trainer, warn_if_bf16_is_emulated
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
-# Every setting that changes what is trained: what
-# a resume must share, and the train stage's `params` in dvc.yaml (a test holds them equal).
+# Every setting that changes what is trained: what a resume must share, and the train stage's
+# `params` in dvc.yaml (a test holds them equal).
 RECIPE_KEYS = ["seed", "data", "model", "optim", "loader", "trainer"]
 
 
@@ -116,7 +116,8 @@ def train(
     if run_id:
         # The data by content: runs on the same data show the same digest, wherever it came
         # from.
-        dataset, tags = tracking.mlflow_dataset(cfg), tracking.dataset_tags(cfg)
+        dataset = tracking.mlflow_dataset(data.prepared)
+        tags = tracking.dataset_tags(data.prepared.manifest)
         try:
             mlflow.log_input(dataset, "training", tags)
         except (MlflowException, SQLAlchemyError):

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 "parity.max_abs_diff": result["max_abs_diff"],
                 "parity.top1_agreement": result["top1_agreement"],
             },
-            tracking.mlflow_dataset(cfg, "test"),
+            tracking.scored_dataset(cfg),
         )
         name = registered_name(cfg)
         promoted = promote(MlflowClient(), name, version, result["onnx_test_acc"])

@@ -255,5 +255,5 @@ def register(
         description,
         (example, quant.probabilities(example)),
         {key: metrics[key] for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
-        tracking.mlflow_dataset(cfg, "test"),
+        tracking.scored_dataset(cfg),
     )
