@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel, describe_tta
 from cnnpipe.onnx_export import export_onnx
@@ -32,7 +33,6 @@ from cnnpipe.serving.app import create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
 from cnnpipe.stages.quantize import images_per_second, quantize
-from cnnpipe.training import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import untrained  # noqa: E402

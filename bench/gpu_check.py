@@ -27,14 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
 
-from cnnpipe import PipelineError, contract
+from cnnpipe import PipelineError, build, contract
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params
-from cnnpipe.data import ImageDataModule, read_split
+from cnnpipe.data import read_split
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.preparation import prepare
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.training import build_module, build_trainer, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # The GPU recipes; the chapter CNN's is the project's own (conf/), on conf/trainer/gpu.yaml.
@@ -94,14 +94,14 @@ class TestAccuracy(pl.Callback):
 def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, TestAccuracy | None]:
     """Train `cfg` as the train stage does (no MLflow, no resume) and save its checkpoint; with
     `scorer`, score the test set after every epoch. Returns epochs, seconds and images/s."""
-    data = ImageDataModule(cfg)
+    data = build.datamodule(cfg)
     data.setup("fit")
     pl.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, data)
+    module = build.module(cfg, data)
     timer = Timer()
     tracker = TestAccuracy(cfg, timer) if scorer else None
     callbacks = [timer, tracker] if tracker else [timer]
-    trainer = build_trainer(cfg, callbacks, default_root_dir=folder)
+    trainer = build.trainer(cfg, callbacks, default_root_dir=folder)
     trainer.fit(module, datamodule=data)
     trainer.save_checkpoint(cfg.paths.checkpoint, weights_only=True)
     seconds = tracker.rows[-1]["seconds"] if tracker else timer.time_elapsed("train")

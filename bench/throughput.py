@@ -35,18 +35,24 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision import transforms
 
+from cnnpipe import build
 from cnnpipe.config import compose_params
 from cnnpipe.data import BatchLoader
 from cnnpipe.prepared import Prepared, write_random
-from cnnpipe.training import build_module, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
 
 
 def cifar_like(cfg: DictConfig) -> SimpleNamespace:
-    """What build_module reads of a datamodule: ten classes of 32x32 images, CIFAR's statistics."""
-    return SimpleNamespace(class_names=CLASSES, mean=cfg.data.mean, std=cfg.data.std, image_size=32)
+    """What build.module reads of a datamodule: ten classes of 32x32 images, CIFAR's statistics."""
+    return SimpleNamespace(
+        class_names=CLASSES,
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        image_size=32,
+        channels_last=cfg.loader.channels_last,
+    )
 
 
 def forever(loader: Iterable) -> Iterator:
@@ -66,6 +72,7 @@ def project_loader(cfg: DictConfig, prepared: Prepared) -> BatchLoader:
         crop_padding=cfg.data.crop_padding,
         flip=cfg.data.flip,
         generator=torch.Generator().manual_seed(cfg.seed),
+        channels_last=cfg.loader.channels_last,
     )
 
 
@@ -83,7 +90,7 @@ def timed_steps(step, batches: Iterator, steps: int, warmup: int) -> float:
 
 def plain_step(cfg: DictConfig, prepared: Prepared, total_steps: int):
     """One step of the plain loop per call, each on the next batch; returns the seconds it took."""
-    module = build_module(cfg, cifar_like(cfg)).train()
+    module = build.module(cfg, cifar_like(cfg)).train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -134,10 +141,10 @@ def plain_and_project(cfg: DictConfig, prepared: Prepared, steps: int, warmup: i
     # after it to pair with, so it is dropped.
     total = warmup + steps + 1
     alternate = Alternate(plain_step(cfg, prepared, total), warmup)
-    trainer = build_trainer(
+    trainer = build.trainer(
         cfg, logger=False, callbacks=[alternate], max_steps=total, limit_val_batches=0
     )
-    module = build_module(cfg, cifar_like(cfg))
+    module = build.module(cfg, cifar_like(cfg))
     trainer.fit(module, train_dataloaders=project_loader(cfg, prepared))
     plain, project = alternate.plain[:steps], alternate.project
     assert len(plain) == len(project) == steps, (len(plain), len(project))
@@ -171,7 +178,7 @@ def tutorial_loop(cfg: DictConfig, images, labels, steps: int, warmup: int) -> f
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.loader.batch_size, shuffle=True, num_workers=2
     )
-    net = build_module(
+    net = build.module(
         OmegaConf.merge(cfg, {"loader": {"channels_last": False}}), cifar_like(cfg)
     ).net
     optimizer = torch.optim.AdamW(

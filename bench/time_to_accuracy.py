@@ -21,13 +21,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
 from cnnpipe.evaluation import evaluate
+from cnnpipe.fit import train
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.prepared import write_random
-from cnnpipe.trainer import train
-from cnnpipe.training import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default config before the current recipe (docs/performance.md, Time to accuracy).

@@ -23,9 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
+from cnnpipe.classifier import LitClassifier
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata
-from cnnpipe.training import LitClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -7,16 +7,16 @@ import pytest
 import torch
 from torch import nn
 
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import baseline_config
 from cnnpipe.evaluation import evaluate
+from cnnpipe.fit import train
 from cnnpipe.models import ChapterCNN, DenseBaseline
 from cnnpipe.param_count import params_report
 from cnnpipe.stages.baseline import train_baseline
 from cnnpipe.stages.chapter import chapter, equivariance_error, report, self_contained_html, shift
 from cnnpipe.stages.params_report import to_metrics
-from cnnpipe.tracking import record
-from cnnpipe.trainer import train
-from cnnpipe.training import load_checkpoint
+from cnnpipe.tracking.stage_run import record
 from tests.helpers import composed
 
 

@@ -21,9 +21,9 @@ import optuna
 import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
+from cnnpipe.fit import HISTORY_KEYS
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.tracking import recipe_params
-from cnnpipe.trainer import HISTORY_KEYS
+from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
 from tests.helpers import ROOT, copy_repo, free_port, make_archive, repo_env, wait_for_http
 from tests.test_scale import compose_for

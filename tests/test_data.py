@@ -8,12 +8,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cnnpipe import PipelineError
+from cnnpipe import PipelineError, build
 from cnnpipe.cifar import load_batch, unpickle
 from cnnpipe.config import outputs_under
-from cnnpipe.data import BatchLoader, ImageDataModule, random_crop, random_flip, read_split
+from cnnpipe.data import BatchLoader, random_crop, random_flip, read_split
+from cnnpipe.fit import train
 from cnnpipe.prepared import ImageArray, write_random
-from cnnpipe.trainer import train
 from tests.helpers import composed
 
 
@@ -122,7 +122,9 @@ def test_batch_loader_visits_every_image_once_per_epoch(tmp_path):
 
 def test_validation_split_is_seeded_and_disjoint(data_dir):
     def split(seed):
-        dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.val_size=50", f"seed={seed}"))
+        dm = build.datamodule(
+            composed(f"paths.data={data_dir}", "data.val_size=50", f"seed={seed}")
+        )
         dm.setup("fit")
         return dm.rows
 
@@ -137,7 +139,7 @@ def test_validation_split_is_seeded_and_disjoint(data_dir):
 
 
 def test_validation_split_larger_than_the_data_is_refused(data_dir):
-    dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.val_size=500"))
+    dm = build.datamodule(composed(f"paths.data={data_dir}", "data.val_size=500"))
     with pytest.raises(PipelineError, match="data.val_size=500"):
         dm.setup("fit")
 
@@ -179,7 +181,7 @@ def test_training_holds_a_batch_in_memory_not_the_data_set(tmp_path, monkeypatch
 
 
 def test_a_size_the_prepared_data_does_not_have_is_one_line(data_dir):
-    dm = ImageDataModule(composed(f"paths.data={data_dir}", "data.image_size=48"))
+    dm = build.datamodule(composed(f"paths.data={data_dir}", "data.image_size=48"))
     with pytest.raises(PipelineError) as error:
         dm.setup("fit")
     assert str(error.value) == (

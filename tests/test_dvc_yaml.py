@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from cnnpipe.fit import RECIPE_KEYS
 from cnnpipe.sources import imported, source_files
-from cnnpipe.trainer import RECIPE_KEYS
 from tests.helpers import ROOT
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cnnpipe import cli
 from cnnpipe.config import compose_params
-from cnnpipe.tracking import read_run_id
+from cnnpipe.tracking.stage_run import read_run_id
 from tests.helpers import store
 from tests.mlflow_ui import (
     CHROMIUM,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnpipe import PipelineError
-from cnnpipe.data import ImageDataModule, split_rows
+from cnnpipe import PipelineError, build
+from cnnpipe.data import split_rows
 from cnnpipe.images import decode
 from cnnpipe.models import ChapterCNN, DenseBaseline
 from cnnpipe.preparation import prepare
@@ -180,7 +180,7 @@ def test_computed_statistics_are_the_training_split_s(tmp_path):
     make_image_folder(tmp_path / "src", CLASSES, per_class=12)
     cfg = folder_config(tmp_path / "src", prepared=tmp_path / "out")
     prepare(cfg.data, tmp_path / "out")
-    data = ImageDataModule(cfg)
+    data = build.datamodule(cfg)
     data.setup("fit")
     pixels = data.prepared.images.array[np.sort(data.rows["train"])].reshape(-1, 3) / 255
     assert data.mean == pytest.approx(pixels.mean(0).tolist(), abs=1e-6)
@@ -314,7 +314,7 @@ def test_test_images_that_copy_training_images_are_counted(tmp_path, capsys):
         (src / "test" / "nut" / name).write_bytes((src / "train" / "nut" / name).read_bytes())
     cfg = folder_config(src, prepared=tmp_path / "out")
     prepare(cfg.data, tmp_path / "out")
-    ImageDataModule(cfg).setup("fit")
+    build.datamodule(cfg).setup("fit")
     assert "warning: 2 test images have the same bytes as a training or validation image" in (
         capsys.readouterr().out
     )

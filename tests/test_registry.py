@@ -1,6 +1,6 @@
 from mlflow import MlflowClient
 
-from cnnpipe.stages.parity import CHAMPION, promote
+from cnnpipe.tracking.registry import CHAMPION, promote
 
 
 def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path):

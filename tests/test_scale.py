@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
-from cnnpipe.tracking import recipe_params
+from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
 from tests.helpers import ROOT
 
@@ -167,7 +167,7 @@ def test_ddp_with_two_cpu_processes(project):
     # 160 training images: 80 per rank, in 3 batches of 32.
     assert world == "2" and batches == "3"
 
-    from cnnpipe.training import load_checkpoint
+    from cnnpipe.classifier import load_checkpoint
 
     module = load_checkpoint("models/model.ckpt")
     weights = b"".join(p.detach().numpy().tobytes() for p in module.parameters())

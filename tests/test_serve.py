@@ -265,7 +265,7 @@ def test_a_registered_version_is_served_with_its_name_version_and_alias(
     import mlflow
     import onnx
 
-    from cnnpipe.serving.server import fetch_registered
+    from cnnpipe.tracking.registry import fetch_registered
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -20,10 +20,12 @@ from omegaconf import OmegaConf
 
 from cnnpipe import cli
 from cnnpipe.config import load_params
+from cnnpipe.fit import HISTORY_KEYS, train
 from cnnpipe.preparation import prepare
 from cnnpipe.prepared import read_manifest
-from cnnpipe.tracking import read_run_id, recipe_params, tracking_uri
-from cnnpipe.trainer import HISTORY_KEYS, train
+from cnnpipe.tracking.lineage import recipe_params
+from cnnpipe.tracking.stage_run import read_run_id
+from cnnpipe.tracking.store import tracking_uri
 from tests.helpers import cnnpipe, composed, free_port, store
 
 
@@ -277,7 +279,7 @@ def test_a_failed_rerun_of_a_finished_stage_leaves_the_finished_run_as_it_was(pr
 KILLED_IN_EPOCH_3 = """
 import os, signal
 from cnnpipe import cli
-from cnnpipe.training import LitClassifier
+from cnnpipe.classifier import LitClassifier
 
 step = LitClassifier.training_step
 

@@ -8,20 +8,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
-from cnnpipe import PipelineError
-from cnnpipe.data import ImageDataModule, read_split
+from cnnpipe import PipelineError, build
+from cnnpipe.classifier import load_checkpoint, whiten_first_conv
+from cnnpipe.data import read_split
 from cnnpipe.evaluation import evaluate
+from cnnpipe.fit import HISTORY_KEYS, train
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.trainer import HISTORY_KEYS, train
-from cnnpipe.training import (
-    build_trainer,
-    load_checkpoint,
-    warn_if_bf16_is_emulated,
-    whiten_first_conv,
-)
-from tests.helpers import composed
+from tests.helpers import TINY, composed
 
 
 @pytest.fixture
@@ -29,13 +25,7 @@ def cfg(tmp_path, data_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    overrides = [
-        f"paths.data={data_dir}",
-        "trainer.max_epochs=2",
-        "loader.batch_size=64",
-        "data.val_size=40",
-    ]
-    return composed(*overrides)
+    return composed(f"paths.data={data_dir}", *TINY)
 
 
 def test_train_writes_checkpoint_history_and_metrics(cfg, capfd):
@@ -114,7 +104,7 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     module = load_checkpoint(cfg.paths.checkpoint)
     assert type(module.net).__name__ == network
     # The reported accuracies are the saved network's, recomputed here on both splits.
-    data = ImageDataModule(cfg)
+    data = build.datamodule(cfg)
     data.setup("fit")
     val = data.rows["val"]
     val_images = torch.from_numpy(data.prepared.images.take(val)).permute(0, 3, 1, 2)
@@ -129,6 +119,40 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     assert evaluate(cfg)["test.acc"] == pytest.approx((predicted == labels).float().mean().item())
 
 
+class OptimiserSeen(pl.Callback):
+    def on_train_start(self, trainer, module):
+        self.optimizer = trainer.optimizers[0]
+        self.schedule = trainer.lr_scheduler_configs[0].scheduler
+
+
+def test_another_optimiser_is_a_config_file(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = composed(f"paths.data={data_dir}", *TINY, "optim=sgd_onecycle", "optim.lr=0.02")
+    seen = OptimiserSeen()
+    train(cfg, callbacks=(seen,))
+    assert type(seen.optimizer) is torch.optim.SGD
+    # As configured; the one-cycle schedule then cycles the momentum itself.
+    given = seen.optimizer.defaults
+    assert (given["momentum"], given["nesterov"], given["weight_decay"]) == (0.9, True, 0.05)
+    # The one-cycle schedule, given the run's step count: 160 images in batches of 64, 2 epochs.
+    assert type(seen.schedule) is torch.optim.lr_scheduler.OneCycleLR
+    assert seen.schedule.total_steps == 6
+    assert seen.schedule.optimizer.param_groups[0]["max_lr"] == 0.02
+
+
+def test_a_checkpoint_from_before_the_optimiser_nodes_loads(cfg, tmp_path):
+    train(cfg)
+    checkpoint = torch.load(cfg.paths.checkpoint, weights_only=True)
+    for key in ("optimizer", "scheduler"):
+        del checkpoint["hyper_parameters"]["optim"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    images, _ = read_split(cfg, "test")
+    with torch.inference_mode():
+        want = load_checkpoint(cfg.paths.checkpoint).eval()(images)
+        assert torch.equal(load_checkpoint(str(old)).eval()(images), want)
+
+
 def test_same_seed_gives_the_same_metrics(cfg):
     first = train(cfg)
     second = train(cfg)
@@ -136,8 +160,9 @@ def test_same_seed_gives_the_same_metrics(cfg):
     assert {k: first[k] for k in same} == {k: second[k] for k in same}
 
 
-def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg):
-    cfg.optim.lr = 1e30
+def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(cfg, data_dir):
+    # Composed, as a user sets it: the optimiser and the schedule take optim.lr from there.
+    cfg = OmegaConf.merge(cfg, composed(f"paths.data={data_dir}", *TINY, "optim.lr=1e30"))
     # An interrupted bar would otherwise print itself after pytest's summary.
     cfg.callbacks.progress_bar.refresh_rate = 0
     with pytest.raises(
@@ -195,16 +220,16 @@ def _saved(obj) -> bytes:
 def test_emulated_bf16_is_named_before_training(cfg, monkeypatch, capsys, native, warned):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     cfg.trainer.precision = "bf16-mixed"
-    warn_if_bf16_is_emulated(cfg)
+    build.warn_if_bf16_is_emulated(cfg)
     assert ("trainer.precision=32-true" in capsys.readouterr().out) == warned
     cfg.trainer.precision = "32-true"
-    warn_if_bf16_is_emulated(cfg)
+    build.warn_if_bf16_is_emulated(cfg)
     assert capsys.readouterr().out == ""
 
 
 def test_a_trainer_argument_is_one_line_in_conf(cfg):
     cfg.trainer.gradient_clip_val = 0.5
-    assert build_trainer(cfg, []).gradient_clip_val == 0.5
+    assert build.trainer(cfg, []).gradient_clip_val == 0.5
 
 
 def test_an_unknown_trainer_argument_is_refused_in_one_line(cfg):

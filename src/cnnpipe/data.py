@@ -113,8 +113,10 @@ class BatchLoader:
         generator: torch.Generator | None = None,
         rank: int = 0,
         world_size: int = 1,
+        channels_last: bool = False,
     ) -> None:
         self.images, self.labels, self.rows = images, labels, torch.from_numpy(rows)
+        self.channels_last = channels_last
         self.batch_size, self.shuffle = batch_size, shuffle
         self.crop_padding, self.flip = crop_padding, flip
         self.generator = generator or torch.Generator()
@@ -132,7 +134,10 @@ class BatchLoader:
         for start in range(0, n, self.batch_size):
             rows = self.rows[order[start : start + self.batch_size]]
             nhwc = torch.from_numpy(self.images.take(rows.numpy()))
-            images = nhwc.permute(0, 3, 1, 2).contiguous()
+            # The rows as read are NHWC: channels_last as they are, else one copy to NCHW.
+            images = nhwc.permute(0, 3, 1, 2)
+            if not self.channels_last:
+                images = images.contiguous()
             if self.crop_padding:
                 images = random_crop(images, self.crop_padding, self.generator)
             if self.flip:
@@ -141,32 +146,37 @@ class BatchLoader:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """The prepared data's training split, augmented, and its validation split, plain; with the
-    class names, image size, and per-channel mean and std (data.mean and data.std, or computed
-    from the training split where they are null)."""
+    """The prepared data at `root`: its training split, augmented, and its validation split,
+    plain, in batches of `batch_size`, laid out NHWC in memory with `channels_last` (the layout
+    oneDNN's convolutions run fastest in on CPU); with the class names, image size, and
+    per-channel mean and std (`data.mean` and `data.std`, or computed from the training split
+    where they are null). `data` is conf/data's node, `seed` draws the splits and the batches."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(
+        self, data: DictConfig, root: str, seed: int, batch_size: int, channels_last: bool = False
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.data, self.root, self.seed = data, root, seed
+        self.batch_size, self.channels_last = batch_size, channels_last
 
     def setup(self, stage: str | None = None) -> None:
-        cfg = self.cfg
-        self.prepared = Prepared.open(cfg.paths.data)
+        data = self.data
+        self.prepared = Prepared.open(self.root)
         manifest = self.prepared.manifest
-        if manifest.image_size != cfg.data.image_size:
+        if manifest.image_size != data.image_size:
             # A sweep's job reads the data `dvc repro` prepared; it cannot prepare its own.
             raise PipelineError(
-                f"{cfg.paths.data} holds {manifest.name} at {manifest.image_size}x"
-                f"{manifest.image_size}, not data.image_size={cfg.data.image_size}; run "
+                f"{self.root} holds {manifest.name} at {manifest.image_size}x"
+                f"{manifest.image_size}, not data.image_size={data.image_size}; run "
                 "`dvc repro prepare` with that size first"
             )
-        self.rows = split_rows(self.prepared, cfg.data, cfg.seed)
+        self.rows = split_rows(self.prepared, data, self.seed)
         self.labels = torch.from_numpy(self.prepared.labels)
         self.class_names, self.image_size = manifest.classes, manifest.image_size
-        if cfg.data.mean is None or cfg.data.std is None:
+        if data.mean is None or data.std is None:
             self.mean, self.std = channel_stats(self.prepared.images, self.rows["train"])
         else:
-            self.mean, self.std = list(cfg.data.mean), list(cfg.data.std)
+            self.mean, self.std = list(data.mean), list(data.std)
         if leaked := duplicates_across(manifest, self.rows["pool"], self.rows["test"]):
             print(
                 f"warning: {leaked} test images have the same bytes as a training or validation "
@@ -175,7 +185,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
         # Shuffles and augmentations draw from this one generator, which checkpoints carry, so a
         # resumed run sees the batches the interrupted one would have seen.
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def train_size(self) -> int:
@@ -193,20 +203,26 @@ class ImageDataModule(pl.LightningDataModule):
         self.generator.set_state(state["generator"])
 
     def train_dataloader(self) -> BatchLoader:
-        data = self.cfg.data
         return BatchLoader(
             self.prepared.images,
             self.labels,
             self.rows["train"],
-            self.cfg.loader.batch_size,
+            self.batch_size,
             shuffle=True,
-            crop_padding=data.crop_padding,
-            flip=data.flip,
+            crop_padding=self.data.crop_padding,
+            flip=self.data.flip,
             generator=self.generator,
             rank=self.trainer.global_rank if self.trainer else 0,
             world_size=self.trainer.world_size if self.trainer else 1,
+            channels_last=self.channels_last,
         )
 
     def val_dataloader(self) -> BatchLoader:
         rows = self.rows["val"]
-        return BatchLoader(self.prepared.images, self.labels, rows, self.cfg.loader.batch_size)
+        return BatchLoader(
+            self.prepared.images,
+            self.labels,
+            rows,
+            self.batch_size,
+            channels_last=self.channels_last,
+        )

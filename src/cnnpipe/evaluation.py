@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnnpipe import tracking
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import dataset_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.training import load_checkpoint
+from cnnpipe.tracking.stage_run import record
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -59,5 +59,5 @@ def confusion_figure(confusion: MulticlassConfusionMatrix, names: list[str]):
 
 def log_evaluation(cfg: DictConfig, metrics: dict) -> None:
     """The test result: `paths.eval_metrics` and the active MLflow run, and the confusion plot."""
-    tracking.record(cfg.paths.eval_metrics, metrics)
+    record(cfg.paths.eval_metrics, metrics)
     mlflow.log_artifact(cfg.paths.confusion_png, "plots")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.training import LitClassifier
+from cnnpipe.classifier import LitClassifier
 
 
 def tta_views(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:

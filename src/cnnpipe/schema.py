@@ -47,12 +47,17 @@ class Optim:
     ema_decay: float | None
     ema_every_n_steps: int
     whiten: bool
+    # Hydra nodes with _target_ (cnnpipe.classifier.LitClassifier.configure_optimizers).
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Loader:
     batch_size: int
     channels_last: bool
+    # The datamodule's class (cnnpipe.build.datamodule).
+    _target_: str = "cnnpipe.data.ImageDataModule"
 
 
 @dataclass
@@ -122,7 +127,7 @@ class Config:
     seed: int
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
-    # pytorch_lightning.Trainer's arguments, which it checks itself (training.build_trainer).
+    # pytorch_lightning.Trainer's arguments, which it checks itself (cnnpipe.build.trainer).
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict, metadata=NOT_RECIPE)
     baseline: dict[str, Any] = field(default_factory=dict)

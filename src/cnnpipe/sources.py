@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent
 # Networks are built by name from the config (Hydra's instantiate), not imported.
-BY_NAME = {"cnnpipe.training": ["cnnpipe.models"]}
+BY_NAME = {"cnnpipe.classifier": ["cnnpipe.models"]}
 
 
 def path_of(module: str) -> Path:

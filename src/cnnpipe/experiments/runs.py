@@ -9,9 +9,10 @@ import time
 import mlflow
 from mlflow.entities import Run
 
-from cnnpipe import PipelineError, tracking
+from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, Parser
 from cnnpipe.config import load_params, network_name
+from cnnpipe.tracking.store import quiet_mlflow, store_errors, tracking_uri
 
 COLUMNS = {
     "model": lambda r: network_name(r.data.params.get("model._target_", "")),
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
     args = parser.parse_args(argv)
     cfg = load_params()
-    tracking.quiet_mlflow()
-    client = mlflow.MlflowClient(tracking.tracking_uri(cfg.mlflow.tracking_uri))
-    with tracking.store_errors():
+    quiet_mlflow()
+    client = mlflow.MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
+    with store_errors():
         runs = find_runs(client, cfg.mlflow.experiment, args.last, args.sweep)
     print(format_table(runs))

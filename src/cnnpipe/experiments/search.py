@@ -24,7 +24,8 @@ from optuna.distributions import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from cnnpipe import PipelineError, tracking
+from cnnpipe import PipelineError
+from cnnpipe.tracking import store as mlflow_store
 
 SWEEPER = "hydra_plugins.cnnpipe_optuna.optuna_sweeper.OptunaSweeper"
 # Validation accuracy, never test: the test set judges the search's result, not its steps.
@@ -75,7 +76,7 @@ def storage_spec(spec: str | DictConfig | None, tracking_uri: str | None) -> str
     """The study's database: by default optuna.db beside an sqlite MLflow store (else in the
     working folder); any SQLAlchemy URL; or a Hydra node, e.g. Optuna's JournalStorage."""
     if spec is None:
-        uri = tracking.tracking_uri(tracking_uri)
+        uri = mlflow_store.tracking_uri(tracking_uri)
         sqlite = uri.startswith("sqlite:///")
         beside = Path(uri.removeprefix("sqlite:///")).parent if sqlite else Path()
         spec = f"sqlite:///{(beside / 'optuna.db').resolve()}"
@@ -95,7 +96,7 @@ def study_errors(sweeper: DictConfig, tracking_uri: str | None) -> Iterator[None
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
         spec = storage_spec(sweeper.storage, tracking_uri)
         where = spec if isinstance(spec, str) else spec.get("_target_")
-        problem = tracking.store_problem(error, "hydra.sweeper.storage")
+        problem = mlflow_store.store_problem(error, "hydra.sweeper.storage")
         raise PipelineError(f"Optuna storage {where}: {problem}") from None
 
 
@@ -264,7 +265,7 @@ def report(study: optuna.Study, parent_run_id: str | None) -> str:
     )
     if parent_run_id:
         client = mlflow.MlflowClient()
-        with tracking.store_errors():
+        with mlflow_store.store_errors():
             client.log_text(parent_run_id, text, "search_summary.md")
             client.log_dict(parent_run_id, best.params, "best_params.json")
             client.set_tag(parent_run_id, "search.best_trial", str(best.number))

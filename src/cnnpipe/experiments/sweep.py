@@ -19,12 +19,16 @@ from hydra.types import RunMode
 from mlflow.entities import Param
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, tracking
+from cnnpipe import PipelineError
 from cnnpipe.config import CONF_DIR, outputs_under
 from cnnpipe.evaluation import evaluate, log_evaluation
 from cnnpipe.experiments import search
+from cnnpipe.fit import log_training, train
 from cnnpipe.schema import validate
-from cnnpipe.trainer import log_training, train
+from cnnpipe.tracking.lineage import git_commit, recipe_params, source_tags
+from cnnpipe.tracking.registry import run_link
+from cnnpipe.tracking.stage_run import STAGE, process_tags, short_name, stage_run, write_run_file
+from cnnpipe.tracking.store import store_errors, use_experiment
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
@@ -66,7 +70,7 @@ def train_and_test(cfg: DictConfig) -> dict:
     if trial:
         name, callbacks = search.trial_name(trial), (search.Pruning(trial),)
         tags |= {"optuna.trial": str(trial.number), "optuna.study": trial.study.study_name}
-    with tracking.stage_run(cfg, "train", new=True, name=name, tags=tags) as run:
+    with stage_run(cfg, "train", new=True, name=name, tags=tags) as run:
         metrics = train(cfg, run.info.run_id, callbacks)
         log_training(cfg, metrics)
         if trial:
@@ -74,7 +78,7 @@ def train_and_test(cfg: DictConfig) -> dict:
         else:
             test = evaluate(cfg)
             log_evaluation(cfg, test)
-    tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
+    write_run_file(Path(cfg.paths.run), run.info.run_id)
     if trial:
         print(f"[{name}] val/acc {metrics['val/acc']:.4f}")
         return {"val/acc": metrics["val/acc"]}
@@ -96,7 +100,7 @@ def summary_table(children: list, links: bool = False) -> str:
         status = run.data.tags.get("optuna.state", run.info.status)
         link = run.info.run_id
         if links:
-            link = f"[{link}]({tracking.run_link(run.info.experiment_id, run.info.run_id)})"
+            link = f"[{link}]({run_link(run.info.experiment_id, run.info.run_id)})"
         lines.append(f"| {run.info.run_name} | {' | '.join(cells)} | {status} | {link} |")
     return "\n".join(lines)
 
@@ -119,7 +123,7 @@ class ParentRun(Callback):
             sys.exit(f"cnnpipe train: error: {error}")
 
     def open_parent(self, config: DictConfig) -> None:
-        experiment_id = tracking.use_experiment(config)
+        experiment_id = use_experiment(config)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides)
         sweeper = search.resolve_sweeper(config) if search.is_search(config.hydra) else None
@@ -129,10 +133,10 @@ class ParentRun(Callback):
                 study = search.open_study(sweeper, config.mlflow.tracking_uri)
             # A rerun that continues the study continues its parent run too.
             if previous := search.remembered_parent(study):
-                with tracking.store_errors():
+                with store_errors():
                     client = mlflow.MlflowClient()
                     client.update_run(previous, status="RUNNING")
-                    for key, value in tracking.process_tags().items():
+                    for key, value in process_tags().items():
                         client.set_tag(previous, key, value)
                 os.environ[PARENT_ENV] = previous
                 os.environ[VARIED_ENV] = ",".join(varied)
@@ -140,22 +144,22 @@ class ParentRun(Callback):
                 return
         kind = f"search {sweeper.study_name}" if sweeper else "sweep"
         tags = {
-            "mlflow.runName": tracking.short_name(f"{kind}: {' '.join(overrides)}"),
+            "mlflow.runName": short_name(f"{kind}: {' '.join(overrides)}"),
             "sweep.dir": str(config.hydra.sweep.dir),
-            **tracking.source_tags("cnnpipe train --multirun", *tracking.git_commit()),
-            tracking.STAGE: "sweep",
-            **tracking.process_tags(),
+            **source_tags("cnnpipe train --multirun", *git_commit()),
+            STAGE: "sweep",
+            **process_tags(),
         }
         # The base recipe every job shares; the varied keys are in the children.
         base = {
             key: value
-            for key, value in tracking.recipe_params(config).items()
+            for key, value in recipe_params(config).items()
             if not any(key == v or key.startswith(f"{v}.") for v in varied)
         }
         base["sweep.varied"] = ", ".join(varied)
         if sweeper:
             base |= search.parent_params(sweeper)
-        with tracking.store_errors():
+        with store_errors():
             client = mlflow.MlflowClient()
             run = client.create_run(experiment_id, tags=tags)
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in base.items()])
@@ -172,7 +176,7 @@ def close_sweep(status: str) -> None:
     parent = os.environ.pop(PARENT_ENV)
     os.environ.pop(VARIED_ENV, None)
     client = mlflow.MlflowClient()
-    with tracking.store_errors():
+    with store_errors():
         experiment = client.get_run(parent).info.experiment_id
         children = client.search_runs(
             [experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=10_000

@@ -8,8 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import h11
 import uvicorn
@@ -19,58 +17,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, MEGABYTES, PORT, SECONDS, Parser
 from cnnpipe.serving.app import create_app
-
-if TYPE_CHECKING:  # serving imports MLflow only to fetch a models:/ URI
-    from mlflow import MlflowClient
-
-
-def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
-    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version's ONNX file, downloaded from the
-    MLflow store (MLFLOW_TRACKING_URI, else ./mlflow.db as the pipeline's default), and its
-    name, version and alias."""
-    import mlflow  # here only: serving a file needs no MLflow
-
-    from cnnpipe.tracking import quiet_mlflow, store_errors, tracking_uri
-
-    name, at, alias = uri.removeprefix("models:/").partition("@")
-    name, _, number = (name, "", "") if at else name.rpartition("/")
-    if not name or not (alias or number):
-        raise PipelineError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    quiet_mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
-    with store_errors():
-        try:
-            found = (
-                client.get_model_version_by_alias(name, alias)
-                if alias
-                else client.get_model_version(name, number)
-            )
-        except mlflow.MlflowException as error:
-            if alias:
-                raise PipelineError(f"{uri}: {missing_alias(client, name, alias)}") from None
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            reason = error.message.splitlines()[0]
-            raise PipelineError(f"{uri}: {reason} in {mlflow.get_tracking_uri()}") from None
-        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}")
-    return str(Path(folder) / "model.onnx"), {
-        "name": name,
-        "version": str(found.version),
-        "alias": alias or (found.aliases[0] if found.aliases else None),
-    }
-
-
-def missing_alias(client: "MlflowClient", name: str, alias: str) -> str:
-    """Why `name@alias` is not there, in words: the model is unknown, or the aliases it has."""
-    import mlflow
-
-    try:
-        aliases = sorted(client.get_registered_model(name).aliases)
-    except mlflow.MlflowException:
-        return f"no registered model {name} in {mlflow.get_tracking_uri()}"
-    has = f"its aliases are {', '.join('@' + a for a in aliases)}" if aliases else "it has none"
-    return f"{name} has no alias @{alias}; {has}"
 
 
 def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
@@ -161,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     max_body = int(args.max_body_mb * (1 << 20))
     path, registered = args.model, None
     if path.startswith("models:/"):
+        # Here only: serving a file needs no MLflow.
+        from cnnpipe.tracking.registry import fetch_registered
+
         path, registered = fetch_registered(path)
     app = create_app(path, max_body, args.top_k, args.body_timeout_s, registered)
     server(app, args.host, args.port, args.header_timeout_s).run()

@@ -2,12 +2,12 @@
 
 from omegaconf import DictConfig
 
-from cnnpipe import tracking
 from cnnpipe.args import Parser
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import baseline_config, load_params
 from cnnpipe.evaluation import evaluate
-from cnnpipe.trainer import train
-from cnnpipe.training import load_checkpoint
+from cnnpipe.fit import train
+from cnnpipe.tracking.stage_run import record, stage_run
 
 
 def train_baseline(cfg: DictConfig) -> dict:
@@ -27,9 +27,9 @@ def train_baseline(cfg: DictConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe baseline", description=__doc__).parse_args(argv)
     cfg = load_params()
-    with tracking.stage_run(cfg, "baseline"):
+    with stage_run(cfg, "baseline"):
         metrics = train_baseline(cfg)
-        tracking.record(cfg.paths.baseline_metrics, metrics)
+        record(cfg.paths.baseline_metrics, metrics)
     print(
         f"dense baseline: {metrics['baseline.params']:,} parameters, "
         f"test.acc {metrics['baseline.test_acc']:.4f}"

@@ -15,14 +15,14 @@ from markdown_it import MarkdownIt
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cnnpipe import tracking
 from cnnpipe.args import Parser
+from cnnpipe.classifier import LitClassifier, load_checkpoint
 from cnnpipe.config import baseline_config, load_params, network_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.param_count import params_report
-from cnnpipe.training import LitClassifier, load_checkpoint
+from cnnpipe.tracking.stage_run import record, stage_run
 
 
 def shift(images: torch.Tensor, k: int) -> torch.Tensor:
@@ -313,9 +313,9 @@ def self_contained_html(markdown: str, here: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
     cfg = load_params()
-    with tracking.stage_run(cfg, "chapter"):
+    with stage_run(cfg, "chapter"):
         numbers = chapter(cfg)
-        tracking.record(cfg.paths.chapter_metrics, numbers)
+        record(cfg.paths.chapter_metrics, numbers)
         markdown = report(cfg, numbers)
         with atomic_path(cfg.paths.chapter_report) as tmp:
             tmp.write_text(markdown)

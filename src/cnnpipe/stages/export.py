@@ -5,12 +5,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, contract, tracking
+from cnnpipe import PipelineError, contract
 from cnnpipe.args import Parser
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import dataset_name, load_params, registered_name
 from cnnpipe.inference import TorchModel
 from cnnpipe.onnx_export import export_onnx
-from cnnpipe.training import load_checkpoint
+from cnnpipe.tracking.lineage import git_commit
+from cnnpipe.tracking.stage_run import stage_run
 
 
 def test_accuracy(eval_metrics: Path) -> float:
@@ -23,9 +25,9 @@ def test_accuracy(eval_metrics: Path) -> float:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    with tracking.stage_run(cfg, "export") as run:
+    with stage_run(cfg, "export") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
-        commit, dirty = tracking.git_commit()
+        commit, dirty = git_commit()
         metadata = contract.Metadata(
             class_names=module.hparams.class_names,
             model_name=registered_name(cfg),

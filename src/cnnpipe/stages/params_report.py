@@ -3,12 +3,12 @@
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe import tracking
 from cnnpipe.args import Parser
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import load_params, network_name
 from cnnpipe.files import atomic_path
 from cnnpipe.param_count import params_report
-from cnnpipe.training import load_checkpoint
+from cnnpipe.tracking.stage_run import record, stage_run
 
 
 def to_metrics(report: dict) -> dict:
@@ -58,10 +58,10 @@ def to_markdown(report: dict, model_name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe params-report", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    with tracking.stage_run(cfg, "params_report"):
+    with stage_run(cfg, "params_report"):
         module = load_checkpoint(cfg.paths.checkpoint)
         report = params_report(module, OmegaConf.to_container(cfg.report.dense_baselines))
-        tracking.record(cfg.paths.params_json, to_metrics(report))
+        record(cfg.paths.params_json, to_metrics(report))
         with atomic_path(cfg.paths.params_md) as tmp:
             tmp.write_text(to_markdown(report, network_name(cfg.model)))
         mlflow.log_artifact(cfg.paths.params_md, "reports")

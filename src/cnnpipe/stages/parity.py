@@ -5,18 +5,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, contract, tracking
+from cnnpipe import PipelineError, contract
 from cnnpipe.args import Parser
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.training import load_checkpoint
-
-CHAMPION = "champion"
+from cnnpipe.tracking.datasets import scored_dataset
+from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote, run_link
+from cnnpipe.tracking.stage_run import record, stage_run
 
 
 def compare(
@@ -41,19 +41,6 @@ def compare(
     return result
 
 
-def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> bool:
-    """Point the `champion` alias at `version` unless the current champion is more accurate."""
-    client.set_model_version_tag(name, version, "test_acc", str(test_acc))
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    if champion is not None and float(champion.tags.get("test_acc", "-1")) > test_acc:
-        return False
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return True
-
-
 def version_description(
     cfg: DictConfig, result: dict, params: int, size: tuple[int, int], link: str
 ) -> str:
@@ -73,7 +60,7 @@ def version_description(
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    with tracking.stage_run(cfg, "parity") as run:
+    with stage_run(cfg, "parity") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
         model = TorchModel(module, **cfg.evaluate.tta)
         onnx_model = OnnxModel.load(cfg.paths.onnx)
@@ -85,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} (parity.atol "
                 f"{cfg.parity.atol:.0e}), top-1 agreement {result['top1_agreement']:.4%}"
             )
-        tracking.record(cfg.paths.parity_metrics, {f"parity.{k}": v for k, v in result.items()})
+        record(cfg.paths.parity_metrics, {f"parity.{k}": v for k, v in result.items()})
 
         # Only a model that passed parity is logged with the ONNX flavour and registered.
         example = images[:4].numpy()
         params = sum(p.numel() for p in module.net.parameters())
-        link = tracking.run_link(run.info.experiment_id, run.info.run_id)
-        version = tracking.log_onnx_model(
+        link = run_link(run.info.experiment_id, run.info.run_id)
+        version = log_onnx_model(
             Path(cfg.paths.onnx),
             f"{network_name(cfg.model)}-onnx",
             registered_name(cfg),
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                 "parity.max_abs_diff": result["max_abs_diff"],
                 "parity.top1_agreement": result["top1_agreement"],
             },
-            tracking.scored_dataset(cfg),
+            scored_dataset(cfg),
         )
         name = registered_name(cfg)
         promoted = promote(MlflowClient(), name, version, result["onnx_test_acc"])

@@ -28,15 +28,18 @@ from onnxruntime.quantization import (
 )
 from torch import nn
 
-from cnnpipe import contract, tracking
+from cnnpipe import contract
 from cnnpipe.args import Parser
+from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
 from cnnpipe.inference import TorchModel, nhwc, tta_views
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.training import load_checkpoint
+from cnnpipe.tracking.datasets import scored_dataset
+from cnnpipe.tracking.registry import log_onnx_model, run_link
+from cnnpipe.tracking.stage_run import record, stage_run
 
 # What the output folder holds instead of model.onnx when the INT8 model is dropped.
 DROPPED = "dropped.txt"
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
     q = cfg.quantize
-    with tracking.stage_run(cfg, "quantize") as run:
+    with stage_run(cfg, "quantize") as run:
         train_images, _ = read_split(cfg, "train")
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
         calibration = nhwc(train_images[pick[: q.calibration_images]])
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 "int8.speedup": round(speedup, 3),
                 "int8.kept": kept,
             }
-            tracking.record(cfg.paths.quantize_metrics, metrics)
+            record(cfg.paths.quantize_metrics, metrics)
             if kept:
                 register(cfg, quant, int8, metrics, run, test_nhwc[:4])
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -238,7 +241,7 @@ def register(
     """Log the kept INT8 model with the ONNX flavour and register it as `<model_name>-int8`, so
     `models:/<model_name>-int8/<version>` serves it."""
     network = network_name(cfg.model)
-    link = tracking.run_link(run.info.experiment_id, run.info.run_id)
+    link = run_link(run.info.experiment_id, run.info.run_id)
     description = (
         f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel 7-bit weights), "
         f"same input and output as `{registered_name(cfg)}`.\n\n"
@@ -248,12 +251,12 @@ def register(
         f"{metrics['int8.speedup']:.2f}x\n"
         f"- [The pipeline run that made it]({link})"
     )
-    tracking.log_onnx_model(
+    log_onnx_model(
         int8,
         f"{network}-onnx-int8",
         f"{registered_name(cfg)}-int8",
         description,
         (example, quant.probabilities(example)),
         {key: metrics[key] for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
-        tracking.scored_dataset(cfg),
+        scored_dataset(cfg),
     )

@@ -4,10 +4,10 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from cnnpipe import tracking
 from cnnpipe.args import Parser
 from cnnpipe.config import load_params
-from cnnpipe.trainer import interrupted_run, log_training, train
+from cnnpipe.fit import interrupted_run, log_training, train
+from cnnpipe.tracking.stage_run import stage_run, write_run_file
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     resume = interrupted_run(cfg)
     # The run is RUNNING while training: a store that fails is found before the first epoch,
     # and finished epochs survive a failure later (the next run resumes from them).
-    with tracking.stage_run(
+    with stage_run(
         cfg, "train", new=True, run_id=resume and resume["run_id"], system_metrics=True
     ) as run:
         metrics = train(cfg, run.info.run_id)
         log_training(cfg, metrics)
     # Only a finished training becomes the run that the later stages log into.
-    tracking.write_run_file(Path(cfg.paths.run), run.info.run_id)
+    write_run_file(Path(cfg.paths.run), run.info.run_id)
     print(f"trained: val/acc {metrics['val/acc']:.4f} in {metrics['train.seconds']:.0f}s")

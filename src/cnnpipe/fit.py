@@ -1,5 +1,5 @@
-"""Fit a recipe with Lightning: the Trainer from `cfg.trainer`, the per-epoch history, and a
-resume from the last finished epoch when the same recipe was interrupted. The train and
+"""A training run: the recipe fitted with Lightning, its per-epoch history, its MLflow dataset,
+and a resume from the last finished epoch when the same recipe was interrupted. The train and
 baseline stages and the sweeps' jobs all train through `train()`."""
 
 import csv
@@ -19,11 +19,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities import rank_zero_only
 from sqlalchemy.exc import SQLAlchemyError
 
-from cnnpipe import PipelineError, tracking
+from cnnpipe import PipelineError, build
 from cnnpipe.data import ImageDataModule
 from cnnpipe.files import atomic_path
 from cnnpipe.sources import source_files
-from cnnpipe.training import build_module, build_trainer, warn_if_bf16_is_emulated
+from cnnpipe.tracking.datasets import dataset_tags, mlflow_dataset
+from cnnpipe.tracking.stage_run import record
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 # Every setting that changes what is trained: what a resume must share, and the train stage's
@@ -99,32 +100,13 @@ def train(
     one (the previous run was killed) continues from it. The folder is removed on success.
     """
     pl.seed_everything(cfg.seed, workers=True)
-    warn_if_bf16_is_emulated(cfg)
-    resume_dir = Path(cfg.paths.resume)
-    resume = interrupted_run(cfg)
-    # Under DDP every process runs this function; only rank 0 writes files and logs.
-    is_rank_zero = rank_zero_only.rank == 0
-    if resume:
-        print(f"resuming the interrupted run from {resume_checkpoint(cfg)}")
-    elif is_rank_zero:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-        resume_dir.mkdir(parents=True)
-        state = {"fingerprint": fingerprint(cfg), "run_id": run_id}
-        (resume_dir / "state.json").write_text(json.dumps(state) + "\n")
-    data = ImageDataModule(cfg)
+    build.warn_if_bf16_is_emulated(cfg)
+    resume = start_or_resume(cfg, run_id)
+    data = build.datamodule(cfg)
     data.setup("fit")
     if run_id:
-        # The data by content: runs on the same data show the same digest, wherever it came
-        # from.
-        dataset = tracking.mlflow_dataset(data.prepared)
-        tags = tracking.dataset_tags(data.prepared.manifest)
-        try:
-            mlflow.log_input(dataset, "training", tags)
-        except (MlflowException, SQLAlchemyError):
-            # Parallel jobs on a new store can both find the dataset missing and both insert
-            # it; the second insert fails, and once more it finds the first one's row.
-            mlflow.log_input(dataset, "training", tags)
-    module = build_module(cfg, data)
+        log_dataset(data)
+    module = build.module(cfg, data)
     timer = Timer()
     history = EpochHistory(timer, run_id)
     # With no metric to monitor, the one checkpoint kept is the newest.
@@ -135,34 +117,73 @@ def train(
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    trainer = build_trainer(
+    trainer = build.trainer(
         cfg,
         [history, timer, last, *callbacks],
         enable_checkpointing=True,
         # Where Lightning saves on SLURM's requeue signal (hpc_ckpt_*.ckpt): inside the resume
         # state, which a finished run removes; the resume itself starts from `last`.
-        default_root_dir=resume_dir,
+        default_root_dir=Path(cfg.paths.resume),
     )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint if resume else None)
     except PipelineError:
         # A diverged run's last checkpoint holds NaNs: nothing there is worth resuming.
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        shutil.rmtree(cfg.paths.resume, ignore_errors=True)
         raise
+    metrics = fit_metrics(history, timer, data.train_size * trainer.current_epoch)
+    save_outputs(cfg, trainer, history)
+    return metrics
 
+
+def start_or_resume(cfg: DictConfig, run_id: str | None) -> dict | None:
+    """The state of an interrupted run of this recipe to resume, or None after starting a fresh
+    state in `paths.resume`."""
+    resume = interrupted_run(cfg)
+    if resume:
+        print(f"resuming the interrupted run from {resume_checkpoint(cfg)}")
+    elif rank_zero_only.rank == 0:  # under DDP every process trains; rank 0 writes the files
+        resume_dir = Path(cfg.paths.resume)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        resume_dir.mkdir(parents=True)
+        state = {"fingerprint": fingerprint(cfg), "run_id": run_id}
+        (resume_dir / "state.json").write_text(json.dumps(state) + "\n")
+    return resume
+
+
+def log_dataset(data: ImageDataModule) -> None:
+    """The data by content, as the active run's training input: runs on the same data show the
+    same digest, wherever it came from."""
+    dataset = mlflow_dataset(data.prepared)
+    tags = dataset_tags(data.prepared.manifest)
+    try:
+        mlflow.log_input(dataset, "training", tags)
+    except (MlflowException, SQLAlchemyError):
+        # Parallel jobs on a new store can both find the dataset missing and both insert it;
+        # the second insert fails, and once more it finds the first one's row.
+        mlflow.log_input(dataset, "training", tags)
+
+
+def fit_metrics(history: EpochHistory, timer: Timer, images: int) -> dict:
+    """The last epoch's metrics, the time and speed of training over `images`, and the peak
+    memory."""
     seconds = timer.time_elapsed("train")
-    metrics = {
+    return {
         **{k: v for k, v in history.rows[-1].items() if k not in ("epoch", "seconds")},
         "train.epochs": history.rows[-1]["epoch"],
         "train.seconds": round(seconds, 2),
-        "train.images_per_second": round(data.train_size * trainer.current_epoch / seconds, 1),
+        "train.images_per_second": round(images / seconds, 1),
         # ru_maxrss is in KiB on Linux: the peak of this whole process, data included.
         "train.peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    if not is_rank_zero:
+
+
+def save_outputs(cfg: DictConfig, trainer: pl.Trainer, history: EpochHistory) -> None:
+    """The checkpoint and the history to `cfg.paths`, and the resume state removed."""
+    if rank_zero_only.rank != 0:
         # Only joins the barrier inside save_checkpoint: rank 0 writes the file.
         trainer.save_checkpoint(cfg.paths.checkpoint, weights_only=True)
-        return metrics
+        return
     with atomic_path(cfg.paths.checkpoint) as tmp:
         # Weights and hyperparameters only: the optimizer state is not needed to evaluate or export.
         trainer.save_checkpoint(tmp, weights_only=True)
@@ -170,11 +191,10 @@ def train(
         writer = csv.DictWriter(f, fieldnames=["epoch", *HISTORY_KEYS, "seconds"])
         writer.writeheader()
         writer.writerows(history.rows)
-    shutil.rmtree(resume_dir)
-    return metrics
+    shutil.rmtree(cfg.paths.resume)
 
 
 def log_training(cfg: DictConfig, metrics: dict) -> None:
     """The training result: `paths.train_metrics` and the active MLflow run, and the history."""
-    tracking.record(cfg.paths.train_metrics, metrics, curves=tuple(HISTORY_KEYS))
+    record(cfg.paths.train_metrics, metrics, curves=tuple(HISTORY_KEYS))
     mlflow.log_artifact(cfg.paths.history, "plots")

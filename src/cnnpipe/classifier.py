@@ -1,30 +1,24 @@
-"""The LightningModule that trains a network: uint8 images in, logits out, the network built
-from primitives so that a checkpoint loads with `weights_only`; and how a config builds it and
-its Trainer (`build_module`, `build_trainer`). No MLflow here: bench/gpu_check.py trains with
-these on machines without it."""
+"""The LightningModule that trains a network: uint8 images in, logits out, the network, the
+optimiser and the schedule built from the recipe's Hydra nodes, so that a checkpoint holds only
+primitives and loads with `weights_only`. No MLflow here: bench/gpu_check.py trains with it on
+machines without it."""
 
-import contextlib
-import ctypes
-import logging
+import functools
+import inspect
 import math
 import pickle
-import re
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
 from pytorch_lightning.callbacks import EMAWeightAveraging
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cnnpipe import PipelineError
-from cnnpipe.data import ImageDataModule
 
 
 class LitClassifier(pl.LightningModule):
@@ -33,7 +27,7 @@ class LitClassifier(pl.LightningModule):
     `net` is a Hydra node such as {"_target_": "cnnpipe.models.ChapterCNN"}, built for the data:
     one output per class name, inputs of `image_size` pixels square. `optim` is conf/optim's
     node: the training recipe (optimiser, schedule, loss, weight averaging, first-layer
-    initialisation).
+    initialisation), the optimiser and schedule as partial Hydra nodes.
     """
 
     def __init__(
@@ -61,7 +55,7 @@ class LitClassifier(pl.LightningModule):
         self.example_input_array = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.float() - self.mean) / self.std)
+        return self.net(normalise(images, self.mean, self.std))
 
     def setup(self, stage: str) -> None:
         # Before a resumed run's checkpoint is loaded, which then replaces these weights.
@@ -116,23 +110,49 @@ class LitClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams.optim
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"]
-        )
         steps = self.trainer.estimated_stepping_batches
+        # The recipe's keys reach the optimiser and the schedule where they take them, so that
+        # params.yaml holds each value once: lr (a one-cycle schedule's max_lr), weight_decay,
+        # pct_start, and the step count, known only now.
+        shared = {
+            "lr": hp["lr"],
+            "max_lr": hp["lr"],
+            "weight_decay": hp["weight_decay"],
+            "pct_start": hp["pct_start"],
+            "total_steps": steps,
+        }
+        optimizer = built(hp["optimizer"], shared)(self.parameters())
+        schedule = built(hp["scheduler"], shared)
         # OneCycleLR divides by zero when a phase ends where the one before it did: a warm-up of
         # exactly one step or a decay of none, which only tiny runs meet.
-        warmup = hp["pct_start"] * steps
-        if math.isclose(warmup, 1) or math.isclose(warmup, steps - 1):
+        pct_start = schedule.keywords.get("pct_start", 0)
+        warmup = pct_start * steps
+        if pct_start and (math.isclose(warmup, 1) or math.isclose(warmup, steps - 1)):
             raise PipelineError(
-                f"{steps} training steps with optim.pct_start={hp['pct_start']} give the one-cycle "
+                f"{steps} training steps with optim.pct_start={pct_start} give the one-cycle "
                 "schedule an empty phase; change trainer.max_epochs, loader.batch_size or "
                 "optim.pct_start"
             )
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp["lr"], total_steps=steps, pct_start=hp["pct_start"]
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        scheduler = {"scheduler": schedule(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def built(node: dict, shared: dict) -> functools.partial:
+    """The partial Hydra `node` (an optimiser or a schedule) with the `shared` settings its class
+    takes and the node does not set itself."""
+    takes = inspect.signature(get_class(node["_target_"])).parameters
+    given = {key: value for key, value in shared.items() if key in takes and key not in node}
+    return instantiate(node, **given)
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the network's input: `mean` and `std` are on the 0-255 scale."""
+    return (images.float() - mean) / std
+
+
+def first_conv(net: nn.Module) -> nn.Conv2d | None:
+    """The network's first convolution, or None for a network without one."""
+    return next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 @torch.no_grad()
@@ -145,11 +165,11 @@ def whiten_first_conv(
     variance, in +/- pairs so that the ReLU after it keeps both signs. The rest of the network
     starts from decorrelated features. A network without a convolution is left as it is.
     """
-    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    conv = first_conv(net)
     if conv is None:
         return
     # 1,000 images give 900,000 3x3 patches: far more than the covariance's 27 dimensions need.
-    x = (images.float() - mean) / std
+    x = normalise(images, mean, std)
     patches = F.unfold(x, conv.kernel_size).transpose(1, 2).reshape(-1, conv.weight[0].numel())
     eigenvalues, eigenvectors = torch.linalg.eigh(patches.double().T.cov())
     pairs = min(conv.out_channels // 2, len(eigenvalues))
@@ -180,101 +200,3 @@ def load_checkpoint(path: str) -> LitClassifier:
         raise PipelineError(
             f"{path} is not a cnnpipe checkpoint ({reason}); run `dvc repro train`"
         ) from None
-
-
-# The terminal is for people: Lightning advertises other logging services at every fit, says how
-# it counts steps, and its pytree helper trips torch's deprecation of LeafSpec. None of it is
-# for the person training; progress, results and errors stay.
-NOISE = ("💡 Tip: ", "Loading `train_dataloader` to estimate number of stepping batches")
-
-
-def _not_noise(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(NOISE)
-
-
-def quiet_lightning() -> None:
-    """Filter NOISE out of what training prints (once: filters are kept in a set)."""
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_noise)
-    warnings.filterwarnings(
-        "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
-    # On a machine with SLURM's client, every run outside srun is told to prepend srun: a run
-    # here is meant to run here (docs/scale-out.md says how to run under SLURM).
-    warnings.filterwarnings("ignore", r"The `srun` command is available on your system")
-
-
-def build_module(cfg: DictConfig, data: ImageDataModule) -> LitClassifier:
-    """The classifier `cfg.model` and `cfg.optim` describe, sized and normalised for `data`."""
-    module = LitClassifier(
-        net=OmegaConf.to_container(cfg.model, resolve=True),
-        class_names=data.class_names,
-        mean=data.mean,
-        std=data.std,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        image_size=data.image_size,
-    )
-    if cfg.loader.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def reuse_freed_memory() -> None:
-    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse instead of returning each to
-    the kernel: a training step's activations are such blocks, and fresh pages cost a page fault
-    each. glibc raises its threshold itself after a large block is freed, which reading
-    CIFAR-10's 30 MB batch files used to do by chance; a memory-mapped data set frees none, and
-    1 epoch then took 3 million more page faults and 7 s more system time on two cores."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-
-
-# glibc's malloc.h
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
-
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Trainer:
-    """`cfg.trainer` passed whole to pl.Trainer, with `cfg.callbacks` and the stage's own."""
-    quiet_lightning()
-    reuse_freed_memory()
-    options = {
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
-        # not a second copy of the module's hyperparameters.
-        "logger": False,
-        "callbacks": [*instantiate(cfg.callbacks).values(), *callbacks],
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        **overrides,
-    }
-    try:
-        return pl.Trainer(**options)
-    except TypeError as error:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if not unknown:
-            raise
-        raise PipelineError(
-            f"trainer.{unknown[1]} is not an argument of pytorch_lightning.Trainer; see its "
-            "documentation for the ones there are"
-        ) from None
-    except MisconfigurationException as error:
-        raise PipelineError(f"conf/trainer: {str(error).splitlines()[0]}") from None
-    except RuntimeError as error:
-        # Lightning's check of an srun line, e.g. `--ntasks` where it needs `--ntasks-per-node`.
-        if "SLURM" not in str(error):
-            raise
-        raise PipelineError(f"SLURM: {str(error).splitlines()[0]}") from None
-
-
-def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
-    """bf16 on a CPU without AVX-512 BF16 or AMX is emulated: on an AVX2-only AMD EPYC the
-    default recipe ran 1.06 steps/s in bf16-mixed against 10.65 in 32-true."""
-    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
-    bf16 = str(cfg.trainer.precision).startswith("bf16")
-    if on_cpu and bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print(
-            f"warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
-            f"trainer.precision={cfg.trainer.precision} trains about 10x slower here than "
-            "trainer.precision=32-true"
-        )

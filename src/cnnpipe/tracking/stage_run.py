@@ -1,0 +1,264 @@
+"""The MLflow run a stage works in: opened or reopened, RUNNING while the stage works, and
+ended with a status that is true, its failures named."""
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import psutil
+from mlflow.entities import RunInfo
+from omegaconf import DictConfig, OmegaConf
+
+from cnnpipe import PipelineError
+from cnnpipe.config import network_name
+from cnnpipe.files import atomic_path
+from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
+from cnnpipe.tracking.store import store_errors, use_experiment
+
+# What a person needs to follow a run, beside MLflow's own tags.
+STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
+HOST, PID, PID_STARTED = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
+# The stages that have finished in a run, in order: "train,evaluate,...".
+DONE = "cnnpipe.stages_done"
+
+
+# Runs' names are a VARCHAR(250) in MLflow's database schema: PostgreSQL and MySQL refuse a longer
+# one (sqlite does not check). A sweep named by its overrides can be longer.
+NAME_LENGTH = 250
+
+
+def short_name(name: str) -> str:
+    """`name` as it fits in a run's name: cut to NAME_LENGTH characters, ending in "…"."""
+    return name if len(name) <= NAME_LENGTH else name[: NAME_LENGTH - 1] + "…"
+
+
+def default_name(cfg: DictConfig, commit: str, dirty: bool) -> str:
+    """Such as `ChapterCNN 35 epochs @f5b2a33`, with `+dirty` when the code differs from it."""
+    name = f"{network_name(cfg.model)} {cfg.trainer.max_epochs} epochs"
+    if commit == "unknown":
+        return name
+    return f"{name} @{commit[:7]}{'+dirty' if dirty else ''}"
+
+
+def read_run_id(run_file: Path) -> str:
+    try:
+        return json.loads(Path(run_file).read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise PipelineError(
+            f"no MLflow run recorded in {run_file}; run `dvc repro train`"
+        ) from None
+
+
+def write_run_file(run_file: Path, run_id: str) -> None:
+    with atomic_path(run_file) as tmp:
+        tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds a RUNNING run, so the next run can tell a killed one from a live one."""
+    me = psutil.Process()
+    return {HOST: socket.gethostname(), PID: str(me.pid), PID_STARTED: str(me.create_time())}
+
+
+def _alive(tags: dict) -> bool:
+    try:
+        return str(psutil.Process(int(tags[PID])).create_time()) == tags[PID_STARTED]
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def close_abandoned_runs(client: mlflow.MlflowClient, experiment_id: str, keep: str | None) -> None:
+    """Mark KILLED the RUNNING runs of this machine whose process is gone (killed, or the machine
+    went down): left as they are they would read RUNNING forever."""
+    running = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'",
+        max_results=1000,
+    )
+    for run in running:
+        if run.info.run_id != keep and not _alive(run.data.tags):
+            stage = run.data.tags.get(STAGE, "?")
+            client.set_tag(run.info.run_id, FAILED_STAGE, stage)
+            client.set_tag(run.info.run_id, ERROR, f"the {stage} process ended without finishing")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_note(client: mlflow.MlflowClient, run_id: str) -> str:
+    """The run's description: what it is, how it ended, the headline numbers."""
+    run = client.get_run(run_id)
+    tags, m = run.data.tags, run.data.metrics
+    lines = []
+    if run.info.status in ("FAILED", "KILLED"):
+        stage = tags.get(FAILED_STAGE)
+        lines += [f"**{run.info.status} in stage `{stage}`**: {tags.get(ERROR)}", ""]
+    commit = tags.get("mlflow.source.git.commit", "unknown")[:10]
+    dirty = " **with uncommitted changes** to the code or conf/"
+    dirty = dirty if tags.get(DIRTY) == "true" else ""
+    lines.append(f"Code: commit `{commit}`{dirty}. Last stage: `{tags.get(STAGE)}`.")
+    headline = {
+        "test.acc": ("test accuracy, as deployed", "{:.2%}"),
+        "val/acc": ("validation accuracy", "{:.2%}"),
+        "parity.max_abs_diff": ("ONNX vs PyTorch, largest difference", "{:.1e}"),
+        "model.params": ("parameters", "{:,.0f}"),
+        "train.seconds": ("training time", "{:,.0f} s"),
+    }
+    shown = [
+        f"- {text}: **{form.format(m[key])}** (`{key}`)"
+        for key, (text, form) in headline.items()
+        if key in m
+    ]
+    if shown:
+        lines += ["", *shown]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: DictConfig,
+    stage: str,
+    *,
+    new: bool = False,
+    run_id: str | None = None,
+    name: str | None = None,
+    tags: dict | None = None,
+    system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run a stage works in, RUNNING while it works: FINISHED if the block completes,
+    FAILED (naming the stage and the error) if it raises, KILLED on Ctrl-C.
+
+    `new`: start a run (or reopen `run_id`, an interrupted one) and log the recipe; otherwise
+    reopen the run recorded in `paths.run` by the train stage. A stage run again on a FINISHED
+    run where it has finished before, that then fails, leaves the run FINISHED with its results,
+    and records the failure as a run of its own under it (`failed_attempt`).
+    """
+    run_id = run_id if new else read_run_id(Path(cfg.paths.run))
+    with store_errors():
+        before = open_run(cfg, run_id, stage, name, tags, new)
+        client = mlflow.MlflowClient()  # of the store open_run selected
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=before["run_name"],
+            tags=before["tags"],
+            log_system_metrics=system_metrics,
+        )
+    done = before["done"]
+    again = not new and stage in done and before["status"] == "FINISHED"
+    # From here on the run is ours to end: whatever fails ends it FAILED (MLflow's exit hook
+    # would end a run left open FINISHED).
+    try:
+        with store_errors():
+            for key in (FAILED_STAGE, ERROR):
+                if key in run.data.tags:
+                    client.delete_tag(run.info.run_id, key)
+            if new:
+                mlflow.log_params(recipe_params(cfg))
+            yield run
+            finish(cfg, client, run.info.run_id, stage, done)
+    except BaseException as error:
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            fail(client, run.info, stage, error, again)
+        raise
+
+
+def open_run(
+    cfg: DictConfig,
+    run_id: str | None,
+    stage: str,
+    name: str | None,
+    tags: dict | None,
+    new: bool,
+) -> dict:
+    """Before a stage's run starts: the experiment selected, abandoned runs closed, and the run's
+    name (None for a run that exists), tags, status and finished stages."""
+    commit, dirty = git_commit()
+    experiment_id = use_experiment(cfg)
+    client = mlflow.MlflowClient()
+    close_abandoned_runs(client, experiment_id, keep=run_id)
+    before = client.get_run(run_id) if run_id else None
+    all_tags = {STAGE: stage, **process_tags(), **(tags or {})}
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        # Matches the run with `dvc exp show`.
+        all_tags["dvc.exp_name"] = exp_name
+    if new:
+        all_tags |= source_tags(f"cnnpipe {stage}", commit, dirty)
+    return {
+        "run_name": None
+        if run_id
+        else short_name(name or exp_name or default_name(cfg, commit, dirty)),
+        "tags": all_tags,
+        "status": before.info.status if before else None,
+        "done": before.data.tags.get(DONE, "").split(",") if before else [],
+    }
+
+
+def finish(
+    cfg: DictConfig, client: mlflow.MlflowClient, run_id: str, stage: str, done: list[str]
+) -> None:
+    """The stage's lineage and place in the run, its note, and the run ended FINISHED."""
+    mlflow.log_text(OmegaConf.to_yaml(cfg), "lineage/params.yaml")
+    if os.environ.get("DVC_STAGE") and Path("dvc.lock").is_file():
+        # As DVC left it after the stages before this one.
+        mlflow.log_artifact("dvc.lock", "lineage")
+    mlflow.set_tag(DONE, ",".join([s for s in done if s and s != stage] + [stage]))
+    mlflow.set_tag("mlflow.note.content", run_note(client, run_id))
+    end(client, run_id, "FINISHED")
+
+
+def fail(
+    client: mlflow.MlflowClient, run: RunInfo, stage: str, error: BaseException, again: bool
+) -> None:
+    """End the run as `error` says: FAILED, KILLED for Ctrl-C, or the error's own `mlflow_status`
+    (a pruned trial: KILLED, it did not finish). A failed re-run (`again`) of a finished stage
+    keeps the run FINISHED and records the attempt under it."""
+    status = "FAILED" if isinstance(error, Exception) else "KILLED"
+    status = getattr(error, "mlflow_status", status)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if again:
+        end(client, run.run_id, "FINISHED")
+        failed_attempt(client, run, stage, status, message)
+    else:
+        mlflow.set_tags({FAILED_STAGE: stage, ERROR: message[:500]})
+        end(client, run.run_id, status)
+        client.set_tag(run.run_id, "mlflow.note.content", run_note(client, run.run_id))
+
+
+def failed_attempt(
+    client: mlflow.MlflowClient, parent: RunInfo, stage: str, status: str, message: str
+) -> None:
+    """A failed re-run of `stage` as a run of its own under the run whose results it would have
+    replaced, which keeps them and its status."""
+    note = f"**{status} in stage `{stage}`**: {message}\n\nThe results of the run above are kept."
+    attempt = client.create_run(
+        parent.experiment_id,
+        run_name=f"{stage} failed",
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            STAGE: stage,
+            FAILED_STAGE: stage,
+            ERROR: message[:500],
+            "mlflow.note.content": note,
+        },
+    )
+    client.set_terminated(attempt.info.run_id, status)
+
+
+def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
+    """End the active run; the process tags are only needed while it runs."""
+    for key in (HOST, PID, PID_STARTED):
+        client.delete_tag(run_id, key)
+    mlflow.end_run(status)
+
+
+def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> None:
+    """A stage's result: `metrics` to the JSON file at `path` and, under the same names, to the
+    active MLflow run. `curves` are keys the run already has per epoch (the JSON holds their
+    final value), logged once, not again."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+
+    if mlflow.active_run():
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})

@@ -1,0 +1,105 @@
+"""The MLflow store: where it is, which experiment, and its errors in one line each."""
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+from sqlalchemy.exc import SQLAlchemyError
+
+from cnnpipe import PipelineError
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations, the system metrics thread) say nothing to a
+    person, and its database module logs a traceback for each error that store_errors() reports
+    in a line."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def repo_root() -> Path:
+    """The user's repository, also from the temporary copy that `dvc exp run --queue` runs in."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else the configured URI, else an sqlite file in the repository root."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or configured
+        or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    )
+
+
+def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
+    """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
+    Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
+    causes, cause = [], error
+    while cause is not None and len(causes) < 5:
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(causes).lower()
+    if "locked" in text:
+        return (
+            "the sqlite database is locked by another process (the wait for it ran out); wait "
+            "for that process or stop it, then run again"
+        )
+    if "readonly" in text or "read-only" in text:
+        return f"the store is read-only; make it writable or point {setting} elsewhere"
+    if "disk is full" in text or "no space" in text:
+        return "the disk is full; free some space, then run again"
+    if "disk i/o error" in text:
+        return "a disk I/O error (is the disk full or failing?); check it, then run again"
+    if "connection" in text or "max retries" in text or "refused" in text:
+        return f"the server does not answer; start it or set {setting} to another store"
+    # SQLAlchemy may open with a note on when the statement ran; the database's words follow.
+    lines = [
+        line.removeprefix("BAD_REQUEST: ").strip()
+        for line in str(error).splitlines()
+        if line.strip() and "Query-invoked autoflush" not in line
+    ]
+    first = lines[0][:200] if lines else repr(error)
+    return f"{first}; fix the store or set {setting} to another one"
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """A store that is down, locked past MLflow's wait, read-only or full fails the stage in
+    one line: a run that cannot be traced is not a pipeline result."""
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        # Only the store's own I/O is the store's problem; other files have their own errors.
+        if type(error) is OSError and "database" not in str(error).lower():
+            raise
+        raise PipelineError(
+            f"MLflow store {mlflow.get_tracking_uri()}: {store_problem(error)}"
+        ) from None
+
+
+def use_experiment(cfg: DictConfig) -> str:
+    """Select the configured experiment, created on first use; returns its id."""
+    quiet_mlflow()
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # Artifacts go beside the database, not into a ./mlruns folder of whatever cwd is.
+            # (sqlite:///file:/path.db?mode=ro is SQLAlchemy's URI form of a database path.)
+            database = uri.removeprefix("sqlite:///").removeprefix("file:").split("?")[0]
+            location = Path(database).resolve().with_name("mlartifacts").as_uri()
+        # The UI then opens the experiment on its runs, not on GenAI traces.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        experiment_id = mlflow.create_experiment(cfg.mlflow.experiment, location, tags)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
