@@ -15,7 +15,6 @@ import concurrent.futures
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,19 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnpipe.classifier import load_checkpoint
+from cnnpipe.classifier import load_checkpoint, untrained
+from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel, describe_tta
 from cnnpipe.onnx_export import export_onnx
+from cnnpipe.quantization import images_per_second, quantize
 from cnnpipe.serving.app import create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
-from cnnpipe.stages.quantize import images_per_second, quantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers import untrained  # noqa: E402
 
 
 def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:
@@ -85,13 +83,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, input_shape(256, (32, 32)), dtype=np.uint8)
     rounds, count, requests = (9, 1000, 400) if not args.tiny else (1, 30, 20)
+    # Exported and checked as the pipeline does it (conf/).
+    cfg = OmegaConf.create(compose_params())
+    opset, atol = cfg.export.opset, cfg.parity.atol
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             names = [str(i) for i in range(10)]
             torch_model = TorchModel(untrained(names), flip=True, shift=1)
             model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
             metadata = Metadata(names, tta_flip=True, tta_shift=1)
-            export_onnx(torch_model, model, 18, metadata, [1])
+            export_onnx(torch_model, model, metadata, opset, atol, [1])
         else:
             model, int8 = Path(args.model), Path(args.int8)
         fp32 = OnnxModel.load(model)
@@ -102,9 +103,9 @@ def main() -> None:
             torch_model = TorchModel(load_checkpoint(args.checkpoint), flip, shift)
         if not int8.is_file():
             int8 = Path(tmp) / "int8.onnx"
-            quantize(torch_model, int8, batch[:64], metadata)
+            quantize(torch_model, int8, batch[:64], metadata, opset, atol)
         one_view = Path(tmp) / "one_view.onnx"
-        export_onnx(TorchModel(torch_model.classifier), one_view, 18, metadata, [1])
+        export_onnx(TorchModel(torch_model.classifier), one_view, metadata, opset, atol, [1])
 
         q8 = OnnxModel.load(int8)
 

@@ -132,7 +132,14 @@ def chapter_cnn(cfg: DictConfig, folder: Path) -> dict:
         mlflow_run_id="", git_commit="",
     )  # fmt: skip
     onnx_path = folder / "model.onnx"
-    export_onnx(model, onnx_path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+    export_onnx(
+        model,
+        onnx_path,
+        metadata,
+        cfg.export.opset,
+        cfg.parity.atol,
+        list(cfg.export.check_batch_sizes),
+    )
     got = OnnxModel.load(onnx_path).probabilities(images.numpy(), cfg.parity.batch_size)
     return {
         **result,

@@ -167,16 +167,20 @@ def start_server(model: Path, port: int) -> subprocess.Popen:
 
 
 def tiny_model(folder: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    from cnnpipe.classifier import untrained
+    from cnnpipe.config import compose_params
     from cnnpipe.contract import Metadata
     from cnnpipe.inference import TorchModel
     from cnnpipe.onnx_export import export_onnx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.helpers import untrained
-
+    cfg = OmegaConf.create(compose_params())
     names = [str(i) for i in range(10)]
     path = folder / "model.onnx"
-    export_onnx(TorchModel(untrained(names), True), path, 18, Metadata(names, tta_flip=True), [1])
+    model = TorchModel(untrained(names), True)
+    metadata = Metadata(names, tta_flip=True)
+    export_onnx(model, path, metadata, cfg.export.opset, cfg.parity.atol, [1])
     return path
 
 

@@ -1,6 +1,7 @@
 """Helpers the tests share: tiny CIFAR-10 archives in the official layout, small ONNX models,
 free ports, composed configs. Fixtures are in conftest.py."""
 
+import functools
 import hashlib
 import io
 import json
@@ -19,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
-from cnnpipe.classifier import LitClassifier
+from cnnpipe.classifier import untrained
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata
 
@@ -58,6 +58,12 @@ def cnnpipe(
 def composed(*overrides: str, conf_dir: Path = ROOT / "conf") -> DictConfig:
     """conf/ composed with `overrides`, as `cnnpipe params` writes it."""
     return OmegaConf.create(compose_params(list(overrides), conf_dir=conf_dir))
+
+
+@functools.cache
+def defaults() -> DictConfig:
+    """conf/'s default, for the values tests share with the pipeline (opset, parity.atol)."""
+    return composed()
 
 
 def batch_payload(n: int, seed: int) -> bytes:
@@ -127,25 +133,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def untrained(
-    class_names: list[str],
-    net: str = "cnnpipe.models.ChapterCNN",
-    seed: int = 0,
-    image_size: int = 32,
-) -> LitClassifier:
-    """`net` with seeded random weights, for tests and benches that need a model, not a trained
-    one. Its normalisation differs per channel, as CIFAR-10's does."""
-    torch.manual_seed(seed)
-    return LitClassifier(
-        {"_target_": net},
-        class_names,
-        [0.49, 0.48, 0.45],
-        [0.25, 0.24, 0.26],
-        optim={},
-        image_size=image_size,
-    )
-
-
 def export_random_model(
     path: Path, class_names: list[str], flip: bool = True, shift: int = 0, image_size: int = 32
 ) -> Path:
@@ -155,7 +142,8 @@ def export_random_model(
 
     metadata = Metadata(class_names, "cnnpipe-test", 0.5, flip, shift)
     model = TorchModel(untrained(class_names, image_size=image_size), flip, shift)
-    export_onnx(model, path, 18, metadata, [1])
+    cfg = defaults()
+    export_onnx(model, path, metadata, cfg.export.opset, cfg.parity.atol, [1])
     return path
 
 
@@ -171,7 +159,9 @@ def foreign_model(path: Path, class_names: list[str]) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", defaults().export.opset)]
+    )
     helper.set_model_props(model, {"class_names": json.dumps(class_names)})
     onnx.save(model, path)
     return path

@@ -6,12 +6,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from cnnpipe.classifier import untrained
 from cnnpipe.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.stages.parity import compare
-from tests.helpers import CLASSES, untrained
+from tests.helpers import CLASSES, defaults
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -25,7 +26,7 @@ def exported(request, tmp_path_factory):
     model = TorchModel(untrained(CLASSES, seed=0), *request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     metadata = Metadata(CLASSES, mlflow_run_id="abc", git_commit="123")
-    export_onnx(model, path, 18, metadata, [1, 5])
+    export_onnx(model, path, metadata, defaults().export.opset, defaults().parity.atol, [1, 5])
     return model, path
 
 
@@ -39,7 +40,9 @@ def test_graph_takes_uint8_nhwc_with_a_dynamic_batch(exported):
     assert (
         dims[0].dim_param and tuple(d.dim_value for d in dims[1:]) == input_shape("N", (32, 32))[1:]
     )
-    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 18
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == (
+        defaults().export.opset
+    )
 
 
 def test_file_is_self_contained_with_metadata(exported):
@@ -57,7 +60,7 @@ def test_file_is_self_contained_with_metadata(exported):
 def test_onnx_matches_pytorch_on_random_weights(exported, batch):
     model, path = exported
     result = compare(model, OnnxModel.load(path), random_images(batch, batch), batch_size=batch)
-    assert result["max_abs_diff"] <= 1e-5
+    assert result["max_abs_diff"] <= defaults().parity.atol
     assert result["top1_agreement"] == 1.0
 
 
@@ -107,6 +110,7 @@ def test_other_models_export_with_parity(tmp_path, target):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
     model = TorchModel(module, flip=True, shift=1)
-    export_onnx(model, tmp_path / "m.onnx", 18, Metadata(CLASSES), [1, 3])
+    opset, atol = defaults().export.opset, defaults().parity.atol
+    export_onnx(model, tmp_path / "m.onnx", Metadata(CLASSES), opset, atol, [1, 3])
     result = compare(model, OnnxModel.load(tmp_path / "m.onnx"), random_images(16), 16)
-    assert result["max_abs_diff"] <= 1e-5 and result["top1_agreement"] == 1.0
+    assert result["max_abs_diff"] <= atol and result["top1_agreement"] == 1.0

@@ -1,9 +1,10 @@
 import pytest
 
+from cnnpipe.classifier import untrained
 from cnnpipe.models import ChapterCNN
 from cnnpipe.param_count import params_report
 from cnnpipe.stages.params_report import to_markdown, to_metrics
-from tests.helpers import CLASSES, untrained
+from tests.helpers import CLASSES
 
 
 def keras_conv(k, c_in, c_out):

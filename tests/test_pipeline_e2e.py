@@ -18,7 +18,14 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from tests.helpers import copy_repo, free_port, make_archive, repo_env, wait_for_http
+from tests.helpers import (
+    copy_repo,
+    defaults,
+    free_port,
+    make_archive,
+    repo_env,
+    wait_for_http,
+)
 
 OUTPUTS = [
     "data/prepared/images.npy",
@@ -125,7 +132,8 @@ def test_dvc_repro_end_to_end(tmp_path, http_server):
     params = json.loads((repo / "metrics/params.json").read_text())
     assert params["model.params"] == 122_570
     parity = json.loads((repo / "metrics/parity.json").read_text())
-    assert parity["parity.top1_agreement"] == 1.0 and parity["parity.max_abs_diff"] <= 1e-5
+    assert parity["parity.top1_agreement"] == 1.0
+    assert parity["parity.max_abs_diff"] <= defaults().parity.atol
     assert parity["parity.images"] == 50
     test_acc = json.loads((repo / "metrics/eval.json").read_text())["test.acc"]
 

@@ -6,11 +6,12 @@ import onnx
 import pytest
 import torch
 
+from cnnpipe.classifier import untrained
 from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel
+from cnnpipe.quantization import QuantizableModel, quantize
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.stages.quantize import QuantizableModel, quantize
-from tests.helpers import CLASSES, untrained
+from tests.helpers import CLASSES, defaults
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, model):
     int8 = tmp_path / "int8.onnx"
     images = np.random.default_rng(0).integers(0, 256, input_shape(128, (32, 32)), dtype=np.uint8)
     metadata = Metadata(CLASSES, model_name="m", tta_flip=True, tta_shift=1)
-    quantize(model, int8, images[:64], metadata)
+    quantize(model, int8, images[:64], metadata, defaults().export.opset, defaults().parity.atol)
 
     proto = onnx.load(int8)
     ops = {node.op_type for node in proto.graph.node}

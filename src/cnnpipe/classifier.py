@@ -180,6 +180,25 @@ def whiten_first_conv(
         conv.bias[: 2 * pairs] = 0
 
 
+def untrained(
+    class_names: list[str],
+    net: str = "cnnpipe.models.ChapterCNN",
+    seed: int = 0,
+    image_size: int = 32,
+) -> LitClassifier:
+    """`net` with seeded random weights, for tests and benches that need a model, not a trained
+    one. Its normalisation differs per channel, as CIFAR-10's does."""
+    torch.manual_seed(seed)
+    return LitClassifier(
+        {"_target_": net},
+        class_names,
+        [0.49, 0.48, 0.45],
+        [0.25, 0.24, 0.26],
+        optim={},
+        image_size=image_size,
+    )
+
+
 def load_checkpoint(path: str) -> LitClassifier:
     """Load without running pickled code: the checkpoint holds only tensors and primitives."""
     if not Path(path).is_file():

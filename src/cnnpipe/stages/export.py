@@ -41,5 +41,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         path = Path(cfg.paths.onnx)
         model = TorchModel(module, **cfg.evaluate.tta)
-        export_onnx(model, path, cfg.export.opset, metadata, list(cfg.export.check_batch_sizes))
+        export_onnx(
+            model,
+            path,
+            metadata,
+            cfg.export.opset,
+            cfg.parity.atol,
+            list(cfg.export.check_batch_sizes),
+        )
     print(f"exported {path} ({path.stat().st_size:,} bytes, opset {cfg.export.opset})")

@@ -1,41 +1,15 @@
 """Stage `quantize`: an INT8 copy of the ONNX model, kept only if it loses at most a set accuracy
-and is faster than the FP32 model by a set margin.
+and is faster than the FP32 model by a set margin (cnnpipe.quantization)."""
 
-onnxruntime's static quantization (QDQ format, per-channel weights), calibrated on training images,
-of the TorchModel's function rearranged for onnxruntime's INT8 kernels (see QuantizableModel).
-"""
-
-import copy
-import shutil
-import statistics
-import tempfile
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
-
-import mlflow
-import numpy as np
-import onnx
-import torch
 from omegaconf import DictConfig
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quant_pre_process,
-    quantize_static,
-)
-from torch import nn
 
-from cnnpipe import contract
 from cnnpipe.args import Parser
 from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
-from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, nhwc, tta_views
-from cnnpipe.onnx_export import export_onnx
+from cnnpipe.files import atomic_folder
+from cnnpipe.inference import TorchModel, nhwc
+from cnnpipe.quantization import calibration_images, compare, description, quantize, reasons_to_drop
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
 from cnnpipe.tracking.registry import log_onnx_model, run_link
@@ -45,218 +19,59 @@ from cnnpipe.tracking.stage_run import record, stage_run
 DROPPED = "dropped.txt"
 
 
-class ImageBatches(CalibrationDataReader):
-    """Feeds NHWC uint8 batches to the calibrator."""
-
-    def __init__(self, images: np.ndarray, input_name: str, batch_size: int) -> None:
-        self.batches = iter(
-            [{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)]
-        )
-
-    def get_next(self) -> dict | None:
-        return next(self.batches, None)
-
-
-def relu_before_pool(net: nn.Module) -> nn.Module:
-    """MaxPool then ReLU reordered as ReLU then MaxPool, the same function: onnxruntime's
-    quantizer fuses a ReLU into the convolution before it, but drops one that follows a pool."""
-    if not isinstance(net, nn.Sequential):
-        return net
-    layers = list(net.named_children())
-    for i in range(len(layers) - 1):
-        if isinstance(layers[i][1], nn.MaxPool2d) and isinstance(layers[i + 1][1], nn.ReLU):
-            layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    return nn.Sequential(OrderedDict(layers))
-
-
-class QuantizableModel(nn.Module):
-    """A TorchModel's function (the contract's uint8 images in, probabilities out) arranged for
-    INT8 kernels.
-
-    Each change was measured (docs/performance.md, INT8): ReLU before max-pool; the normalisation
-    folded into the first convolution when it has no padding, so the 0-255 pixel values are
-    already its exact INT8 input; test-time views made of uint8 pixels (a quarter of the bytes).
-    """
-
-    def __init__(self, model: TorchModel) -> None:
-        super().__init__()
-        classifier = model.classifier
-        self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.flip, self.shift, self.size = model.flip, model.shift, model.size
-        self.register_buffer("mean", classifier.mean.clone())
-        self.register_buffer("std", classifier.std.clone())
-        first = next(self.net.children(), None)
-        self.folded = isinstance(first, nn.Conv2d) and first.padding == (0, 0)
-        if self.folded:
-            with torch.no_grad():
-                weight = first.weight / self.std
-                first.bias -= (weight * self.mean).sum((1, 2, 3))
-                first.weight.copy_(weight)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = tta_views(images.permute(0, 3, 1, 2), self.flip, self.shift).float()
-        if not self.folded:
-            x = (x - self.mean) / self.std
-        probs = self.net(x).softmax(dim=1)
-        return probs.unflatten(0, (-1, images.shape[0])).mean(0)
-
-
-def quantize(
-    model: TorchModel,
-    int8: Path,
-    calibration: np.ndarray,
-    metadata: contract.Metadata,
-    opset: int = 18,
-    batch_size: int = 64,
-) -> None:
-    """Write an INT8 model of `model` to `int8`, calibrated on the contract's uint8 images."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
-        # export_onnx checks the rearranged graph against PyTorch before it is quantized.
-        export_onnx(QuantizableModel(model), fp32, opset, metadata, [1])
-        quant_pre_process(fp32, prepared)  # shape inference and graph clean-up, as ORT recommends
-        with atomic_path(int8) as out:
-            quantize_static(
-                prepared,
-                out,
-                ImageBatches(calibration, contract.INPUT_NAME, batch_size),
-                quant_format=QuantFormat.QDQ,
-                # Softmax and the flip average stay FP32; quantizing them cost accuracy and time.
-                op_types_to_quantize=["Conv", "Gemm", "MatMul", "MaxPool", "Relu"],
-                per_channel=True,
-                # 7-bit weights: without AVX-512 VNNI, onnxruntime multiplies uint8 by int8 with
-                # an instruction whose int16 sums saturate; full-range weights lost 9 points.
-                reduce_range=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-            )
-            proto = onnx.load(out)
-            onnx.helper.set_model_props(proto, metadata.to_props(model.size))
-            onnx.save(proto, out)
-
-
-def images_per_second(
-    runs: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray, rounds: int = 7
-) -> dict[str, float]:
-    """Median images/s of each run over `rounds` taken in turn: this VM's speed drifts by tens of
-    percent within a minute, so runs measured one after the other are not comparable."""
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run(batch)  # warm up
-    for _ in range(rounds):
-        for name, run in runs.items():
-            # onnxruntime's idle threads spin for a while after a run, taking the cores from the
-            # next model measured: a pause lets them sleep first.
-            time.sleep(0.1)
-            start = time.perf_counter()
-            for _ in range(4):
-                run(batch)
-            samples[name].append(4 * len(batch) / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def accuracy(model: OnnxModel, images: np.ndarray, labels: np.ndarray) -> float:
-    return float((model.probabilities(images).argmax(1) == labels).mean())
-
-
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    q = cfg.quantize
     with stage_run(cfg, "quantize") as run:
-        train_images, _ = read_split(cfg, "train")
-        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed))
-        calibration = nhwc(train_images[pick[: q.calibration_images]])
         test_images, test_labels = read_split(cfg, "test")
-        test_nhwc = nhwc(test_images).numpy()
-
-        out_dir = Path(cfg.paths.int8)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        images, labels = nhwc(test_images).numpy(), test_labels.numpy()
         # Built beside the output and swapped in at the end: a failure keeps the previous one.
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".int8-"))
-        try:
-            int8 = tmp / "model.onnx"
+        with atomic_folder(cfg.paths.int8) as folder:
+            int8 = folder / "model.onnx"
             fp32 = OnnxModel.load(cfg.paths.onnx)
             model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
-            quantize(model, int8, calibration.numpy(), fp32.metadata, cfg.export.opset)
+            quantize(
+                model,
+                int8,
+                calibration_images(cfg),
+                fp32.metadata,
+                cfg.export.opset,
+                cfg.parity.atol,
+            )
             quant = OnnxModel.load(int8)
-            labels = test_labels.numpy()
-            fp32_acc, int8_acc = (
-                accuracy(fp32, test_nhwc, labels),
-                accuracy(quant, test_nhwc, labels),
+            metrics = compare(
+                fp32.probabilities, quant.probabilities, images, labels, cfg.quantize.batch_size
             )
-            speed = images_per_second(
-                {"fp32": fp32.probabilities, "int8": quant.probabilities},
-                test_nhwc[: q.batch_size],
-            )
-            drop, speedup = fp32_acc - int8_acc, speed["int8"] / speed["fp32"]
-            why_not = []
-            if drop > q.max_accuracy_drop:
-                why_not.append(
-                    f"it loses {drop:.2%} of test accuracy, more than quantize.max_accuracy_drop "
-                    f"{q.max_accuracy_drop:.2%}"
-                )
-            if speedup < q.min_speedup:
-                why_not.append(
-                    f"it runs at {speedup:.2f}x the FP32 images/s, under quantize.min_speedup "
-                    f"{q.min_speedup:g}x"
-                )
-            kept = not why_not
-            if not kept:
+            why_not = reasons_to_drop(metrics, cfg.quantize)
+            metrics["int8.kept"] = not why_not
+            if why_not:
                 int8.unlink()
                 # Said in the folder too: DVC would otherwise warn that the output is empty.
-                (tmp / DROPPED).write_text(
+                (folder / DROPPED).write_text(
                     f"No INT8 model: {' and '.join(why_not)} (metrics/quantize.json).\n"
                 )
-            metrics = {
-                "int8.test_acc": int8_acc,
-                "int8.accuracy_drop": round(drop, 6),
-                "int8.images_per_second": round(speed["int8"], 1),
-                "int8.fp32_images_per_second": round(speed["fp32"], 1),
-                "int8.speedup": round(speedup, 3),
-                "int8.kept": kept,
-            }
             record(cfg.paths.quantize_metrics, metrics)
-            if kept:
-                register(cfg, quant, int8, metrics, run, test_nhwc[:4])
-            shutil.rmtree(out_dir, ignore_errors=True)
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    verdict = f"kept as {out_dir / 'model.onnx'}" if kept else f"dropped: {' and '.join(why_not)}"
+            if not why_not:
+                log_onnx_model(
+                    int8,
+                    f"{network_name(cfg.model)}-onnx-int8",
+                    f"{registered_name(cfg)}-int8",
+                    description(cfg, metrics, run_link(run.info.experiment_id, run.info.run_id)),
+                    (images[:4], quant.probabilities(images[:4])),
+                    {
+                        k: metrics[k]
+                        for k in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")
+                    },
+                    scored_dataset(cfg),
+                )
+    verdict = (
+        f"kept as {cfg.paths.int8}/model.onnx"
+        if not why_not
+        else "dropped: " + " and ".join(why_not)
+    )
     print(
-        f"INT8 test.acc {int8_acc:.4f} vs FP32 {fp32_acc:.4f}, {speedup:.2f}x the FP32 "
-        f"images/s at batch {q.batch_size}; {verdict}"
-    )
-
-
-def register(
-    cfg: DictConfig,
-    quant: OnnxModel,
-    int8: Path,
-    metrics: dict,
-    run: mlflow.ActiveRun,
-    example: np.ndarray,
-) -> None:
-    """Log the kept INT8 model with the ONNX flavour and register it as `<model_name>-int8`, so
-    `models:/<model_name>-int8/<version>` serves it."""
-    network = network_name(cfg.model)
-    link = run_link(run.info.experiment_id, run.info.run_id)
-    description = (
-        f"{network} quantized to INT8 (onnxruntime static QDQ, per-channel 7-bit weights), "
-        f"same input and output as `{registered_name(cfg)}`.\n\n"
-        f"- Test accuracy as deployed: **{metrics['int8.test_acc']:.2%}** "
-        f"({metrics['int8.accuracy_drop'] * 100:.2f} points below FP32)\n"
-        f"- Images/s against FP32 at batch {cfg.quantize.batch_size}: "
-        f"{metrics['int8.speedup']:.2f}x\n"
-        f"- [The pipeline run that made it]({link})"
-    )
-    log_onnx_model(
-        int8,
-        f"{network}-onnx-int8",
-        f"{registered_name(cfg)}-int8",
-        description,
-        (example, quant.probabilities(example)),
-        {key: metrics[key] for key in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
-        scored_dataset(cfg),
+        f"INT8 test.acc {metrics['int8.test_acc']:.4f} vs FP32 "
+        f"{metrics['int8.test_acc'] + metrics['int8.accuracy_drop']:.4f}, "
+        f"{metrics['int8.speedup']:.2f}x the FP32 images/s at batch {cfg.quantize.batch_size}; "
+        f"{verdict}"
     )
