@@ -11,6 +11,7 @@ content types, 400 for bad images.
 """
 
 import hashlib
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
 from cnnpipe import PipelineError, contract
@@ -101,17 +102,29 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
     }
 
 
-def create_app(
+@dataclass
+class Service:
+    """What the handlers share: the model, what is said about it, the limits, and the metrics."""
+
+    model: OnnxModel
+    metadata: dict
+    max_body_bytes: int
+    top_k: int
+    body_timeout_s: float
+    registry: CollectorRegistry
+    images_classified: Counter
+
+
+def load(
     model_path: str,
-    max_body_bytes: int = 10 << 20,
-    top_k: int = 3,
-    body_timeout_s: float = 10,
-    registered: dict | None = None,
-) -> Starlette:
-    """The service for the ONNX file at `model_path`; `registered` names its registry version."""
+    max_body_bytes: int,
+    top_k: int,
+    body_timeout_s: float,
+    registered: dict | None,
+) -> Service:
+    """The model at `model_path`, run once: a model that loads but cannot run fails here, at
+    start, and the first request does not pay for onnxruntime's first-run allocations."""
     onnx_model = OnnxModel.load(model_path, release_memory=True)
-    # One inference before the port opens: a model that loads but cannot run fails here, at
-    # start, and the first request does not pay for onnxruntime's first-run allocations.
     try:
         onnx_model.probabilities(
             np.zeros(contract.input_shape(1, onnx_model.size), contract.INPUT_DTYPE)
@@ -120,140 +133,168 @@ def create_app(
         text = str(failure).strip()
         reason = text.splitlines()[0] if text else repr(failure)
         raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
-    model = model_metadata(model_path, onnx_model, registered)
+    metadata = model_metadata(model_path, onnx_model, registered)
     registry = CollectorRegistry()
     images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
     Info("cnnpipe_model", "The model being served", registry=registry).info(
         {
-            k: "" if model[k] is None else str(model[k])
+            k: "" if metadata[k] is None else str(metadata[k])
             for k in ("name", "version", "file", "sha256", "test_accuracy")
         }
     )
-    schemas = SchemaGenerator(
+    return Service(
+        onnx_model, metadata, max_body_bytes, top_k, body_timeout_s, registry, images_classified
+    )
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def page(_: Request) -> HTMLResponse:
+    return HTMLResponse(PAGE)
+
+
+async def live(_: Request) -> JSONResponse:
+    """
+    ---
+    summary: Liveness probe
+    description: 200 while the process answers requests.
+    responses:
+      200:
+        description: The process is alive.
+    """
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> JSONResponse:
+    """
+    ---
+    summary: Readiness probe
+    description: >-
+      200 once the model is loaded and has run one inference, which happens before the port
+      opens; /health answers the same.
+    responses:
+      200:
+        description: Ready to classify; names the model.
+    """
+    model = service_of(request).metadata
+    return JSONResponse({"status": "ready", "model": model["name"], "sha256": model["sha256"]})
+
+
+async def metadata(request: Request) -> JSONResponse:
+    """
+    ---
+    summary: The model and what it takes
+    responses:
+      200:
+        description: >-
+          The model's name, version and alias when registered, test accuracy, class names
+          and input and output specification.
+    """
+    service = service_of(request)
+    height, width = service.model.size
+    return JSONResponse(
         {
-            "openapi": "3.0.0",
-            "info": {"title": "cnnpipe image classifier", "version": "1"},
+            "model": service.metadata,
+            "class_names": service.model.class_names,
+            "request": f"image files; each is converted to RGB and resized to {width}x{height}",
+            "max_body_bytes": service.max_body_bytes,
+            "top_k": service.top_k,
         }
     )
 
-    async def page(_: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE)
 
-    async def live(_: Request) -> JSONResponse:
-        """
-        ---
-        summary: Liveness probe
-        description: 200 while the process answers requests.
-        responses:
-          200:
-            description: The process is alive.
-        """
-        return JSONResponse({"status": "alive"})
-
-    async def ready(_: Request) -> JSONResponse:
-        """
-        ---
-        summary: Readiness probe
+async def predict(request: Request) -> JSONResponse:
+    """
+    ---
+    summary: Classify images
+    description: >-
+      One image as the raw body (Content-Type image/* or application/octet-stream), or one
+      or more as multipart/form-data file parts.
+    requestBody:
+      required: true
+      content:
+        image/*:
+          schema: {type: string, format: binary}
+        multipart/form-data:
+          schema:
+            type: object
+            properties:
+              file: {type: array, items: {type: string, format: binary}}
+    responses:
+      200:
         description: >-
-          200 once the model is loaded and has run one inference, which happens before the port
-          opens; /health answers the same.
-        responses:
-          200:
-            description: Ready to classify; names the model.
-        """
-        return JSONResponse({"status": "ready", "model": model["name"], "sha256": model["sha256"]})
-
-    async def metadata(_: Request) -> JSONResponse:
-        """
-        ---
-        summary: The model and what it takes
-        responses:
-          200:
-            description: >-
-              The model's name, version and alias when registered, test accuracy, class names
-              and input and output specification.
-        """
-        return JSONResponse(
-            {
-                "model": model,
-                "class_names": onnx_model.class_names,
-                "request": "image files; each is converted to RGB and resized to "
-                f"{onnx_model.size[1]}x{onnx_model.size[0]}",
-                "max_body_bytes": max_body_bytes,
-                "top_k": top_k,
-            }
+          predictions, one per image in order, each with file, top_k (label and
+          probability, most probable first) and a note when the image was resized.
+      400: {description: An unreadable image or multipart body.}
+      408: {description: The request did not arrive in time.}
+      413: {description: The body is over max_body_bytes.}
+      415: {description: Another content type.}
+    """
+    service = service_of(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
+        files = [("body", body)]
+    elif kind == "multipart/form-data":
+        body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
+        files = await multipart_files(request, body)
+    else:
+        return error(
+            415, "send an image (image/*, application/octet-stream) or multipart/form-data"
         )
-
-    async def predict(request: Request) -> JSONResponse:
-        """
-        ---
-        summary: Classify images
-        description: >-
-          One image as the raw body (Content-Type image/* or application/octet-stream), or one
-          or more as multipart/form-data file parts.
-        requestBody:
-          required: true
-          content:
-            image/*:
-              schema: {type: string, format: binary}
-            multipart/form-data:
-              schema:
-                type: object
-                properties:
-                  file: {type: array, items: {type: string, format: binary}}
-        responses:
-          200:
-            description: >-
-              predictions, one per image in order, each with file, top_k (label and
-              probability, most probable first) and a note when the image was resized.
-          400: {description: An unreadable image or multipart body.}
-          408: {description: The request did not arrive in time.}
-          413: {description: The body is over max_body_bytes.}
-          415: {description: Another content type.}
-        """
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind.startswith("image/") or kind == "application/octet-stream":
-            files = [("body", await read_body(request, max_body_bytes, body_timeout_s))]
-        elif kind == "multipart/form-data":
-            body = await read_body(request, max_body_bytes, body_timeout_s)
-            files = await multipart_files(request, body)
-        else:
-            return error(
-                415, "send an image (image/*, application/octet-stream) or multipart/form-data"
-            )
-        # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
-        try:
-            images, notes = await run_in_threadpool(decode_all, files, onnx_model.size)
-        except ValueError as reason:
-            return error(400, str(reason))
-        probs = await run_in_threadpool(onnx_model.probabilities, images)
-        images_classified.inc(len(images))
-        predictions = [
-            {"file": name, "top_k": [{"label": c, "probability": p} for c, p in top], "note": note}
-            for (name, _), top, note in zip(
-                files, onnx_model.top_k(probs, top_k), notes, strict=True
-            )
-        ]
-        return JSONResponse({"predictions": predictions})
-
-    async def openapi(_: Request) -> JSONResponse:
-        return JSONResponse(schemas.get_schema(routes))
-
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    routes = [
-        Route("/", page, include_in_schema=False),
-        Route("/health/live", live),
-        Route("/health/ready", ready),
-        Route("/health", ready, include_in_schema=False),
-        Route("/metadata", metadata),
-        Route("/predict", predict, methods=["POST"]),
-        Route("/openapi.json", openapi, include_in_schema=False),
-        Route("/metrics", metrics, include_in_schema=False),
-        *open_inference.routes(onnx_model, model, max_body_bytes, body_timeout_s),
+    # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
+    try:
+        images, notes = await run_in_threadpool(decode_all, files, service.model.size)
+    except ValueError as reason:
+        return error(400, str(reason))
+    probs = await run_in_threadpool(service.model.probabilities, images)
+    service.images_classified.inc(len(images))
+    top = service.model.top_k(probs, service.top_k)
+    predictions = [
+        {"file": name, "top_k": [{"label": c, "probability": p} for c, p in best], "note": note}
+        for (name, _), best, note in zip(files, top, notes, strict=True)
     ]
+    return JSONResponse({"predictions": predictions})
 
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
-    app.add_middleware(Metrics, registry=registry, routes=routes)
+
+SCHEMAS = SchemaGenerator(
+    {"openapi": "3.0.0", "info": {"title": "cnnpipe image classifier", "version": "1"}}
+)
+
+
+async def openapi(_: Request) -> JSONResponse:
+    return JSONResponse(SCHEMAS.get_schema(ROUTES))
+
+
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(service_of(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES: list[BaseRoute] = [
+    Route("/", page, include_in_schema=False),
+    Route("/health/live", live),
+    Route("/health/ready", ready),
+    Route("/health", ready, include_in_schema=False),
+    Route("/metadata", metadata),
+    Route("/predict", predict, methods=["POST"]),
+    Route("/openapi.json", openapi, include_in_schema=False),
+    Route("/metrics", metrics, include_in_schema=False),
+    *open_inference.ROUTES,
+]
+
+
+def create_app(
+    model_path: str,
+    max_body_bytes: int = 10 << 20,
+    top_k: int = 3,
+    body_timeout_s: float = 10,
+    registered: dict | None = None,
+) -> Starlette:
+    """The service for the ONNX file at `model_path`; `registered` names its registry version."""
+    service = load(model_path, max_body_bytes, top_k, body_timeout_s, registered)
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.service = service
+    app.add_middleware(Metrics, registry=service.registry, routes=ROUTES)
     return app

@@ -16,7 +16,6 @@ from starlette.routing import Route
 
 from cnnpipe import contract
 from cnnpipe.serving.http import RequestError, read_body
-from cnnpipe.serving.onnx_model import OnnxModel
 
 
 def parse_json(body: bytes) -> object:
@@ -81,74 +80,82 @@ def images_from(body: object, input_name: str, size: tuple[int, int]) -> np.ndar
     return np.array(values, dtype=np.uint8).reshape(shape)
 
 
-def routes(
-    onnx_model: OnnxModel, model: dict, max_body_bytes: int, body_timeout_s: float
-) -> list[Route]:
-    """The v2 routes for `onnx_model`, named and described by `model` (the service's metadata)."""
-    name = model["name"] or "model"
-    version = model["version"] or "1"
-    description = {
-        "name": name,
-        "versions": [version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{**model["input"], "datatype": "UINT8"}],
-        "outputs": [{**model["output"], "datatype": "FP32"}],
-    }
+def served(request: Request) -> tuple[str, str]:
+    """The name and version of the served model (the service's metadata); RequestError 404 if
+    the request's path names another."""
+    model = request.app.state.service.metadata
+    name, version = model["name"] or "model", model["version"] or "1"
+    asked, asked_version = request.path_params["model"], request.path_params.get("version")
+    if asked != name:
+        raise RequestError(404, f"no model {asked}; this server has {name}")
+    if asked_version not in (None, version):
+        raise RequestError(
+            404, f"model {name} has no version {asked_version}; this server has version {version}"
+        )
+    return name, version
 
-    async def ok(_: Request) -> Response:
-        return Response(status_code=200)
 
-    async def server(_: Request) -> JSONResponse:
-        return JSONResponse({"name": "cnnpipe", "version": "1", "extensions": []})
+async def ok(_: Request) -> Response:
+    return Response(status_code=200)
 
-    def check_model(request: Request) -> None:
-        asked, asked_version = request.path_params["model"], request.path_params.get("version")
-        if asked != name:
-            raise RequestError(404, f"no model {asked}; this server has {name}")
-        if asked_version not in (None, version):
-            raise RequestError(
-                404,
-                f"model {name} has no version {asked_version}; this server has version {version}",
-            )
 
-    async def metadata(request: Request) -> JSONResponse:
-        check_model(request)
-        return JSONResponse(description)
+async def server(_: Request) -> JSONResponse:
+    return JSONResponse({"name": "cnnpipe", "version": "1", "extensions": []})
 
-    async def ready(request: Request) -> Response:
-        check_model(request)
-        return Response(status_code=200)
 
-    async def infer(request: Request) -> JSONResponse:
-        check_model(request)
-        body = await read_body(request, max_body_bytes, body_timeout_s)
-        try:
-            # In a worker thread: checking a large body must not stall every other connection.
-            images = await run_in_threadpool(
-                lambda: images_from(parse_json(body), contract.INPUT_NAME, onnx_model.size)
-            )
-        except ValueError as reason:
-            raise RequestError(400, str(reason)) from None
-        probs = await run_in_threadpool(onnx_model.probabilities, images)
-        output = {
-            "name": model["output"]["name"],
-            "shape": list(probs.shape),
-            "datatype": "FP32",
-            "data": probs.reshape(-1).tolist(),
+async def metadata(request: Request) -> JSONResponse:
+    name, version = served(request)
+    model = request.app.state.service.metadata
+    return JSONResponse(
+        {
+            "name": name,
+            "versions": [version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{**model["input"], "datatype": "UINT8"}],
+            "outputs": [{**model["output"], "datatype": "FP32"}],
         }
-        return JSONResponse({"model_name": name, "model_version": version, "outputs": [output]})
+    )
 
-    prefix = "/v2/models/{model}"
-    return [
-        Route("/v2", server, include_in_schema=False),
-        Route("/v2/health/live", ok, include_in_schema=False),
-        Route("/v2/health/ready", ok, include_in_schema=False),
-        Route(prefix, metadata, include_in_schema=False),
-        Route(f"{prefix}/ready", ready, include_in_schema=False),
-        Route(f"{prefix}/infer", infer, methods=["POST"], include_in_schema=False),
-        Route(f"{prefix}/versions/{{version}}", metadata, include_in_schema=False),
-        Route(f"{prefix}/versions/{{version}}/ready", ready, include_in_schema=False),
-        Route(
-            f"{prefix}/versions/{{version}}/infer", infer, methods=["POST"], include_in_schema=False
-        ),
-    ]
+
+async def ready(request: Request) -> Response:
+    served(request)
+    return Response(status_code=200)
+
+
+async def infer(request: Request) -> JSONResponse:
+    name, version = served(request)
+    service = request.app.state.service
+    body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
+    try:
+        # In a worker thread: checking a large body must not stall every other connection.
+        images = await run_in_threadpool(
+            lambda: images_from(parse_json(body), contract.INPUT_NAME, service.model.size)
+        )
+    except ValueError as reason:
+        raise RequestError(400, str(reason)) from None
+    probs = await run_in_threadpool(service.model.probabilities, images)
+    output = {
+        "name": service.metadata["output"]["name"],
+        "shape": list(probs.shape),
+        "datatype": "FP32",
+        "data": probs.reshape(-1).tolist(),
+    }
+    return JSONResponse({"model_name": name, "model_version": version, "outputs": [output]})
+
+
+PREFIX = "/v2/models/{model}"
+VERSION = PREFIX + "/versions/{version}"
+ROUTES = [
+    Route("/v2", server, include_in_schema=False),
+    Route("/v2/health/live", ok, include_in_schema=False),
+    Route("/v2/health/ready", ok, include_in_schema=False),
+    *[
+        route
+        for prefix in (PREFIX, VERSION)
+        for route in (
+            Route(prefix, metadata, include_in_schema=False),
+            Route(f"{prefix}/ready", ready, include_in_schema=False),
+            Route(f"{prefix}/infer", infer, methods=["POST"], include_in_schema=False),
+        )
+    ],
+]
