@@ -84,7 +84,7 @@ def main() -> None:
     batch = rng.integers(0, 256, input_shape(256, (32, 32)), dtype=np.uint8)
     rounds, count, requests = (9, 1000, 400) if not args.tiny else (1, 30, 20)
     # Exported and checked as the pipeline does it (conf/).
-    cfg = OmegaConf.create(compose_params())
+    cfg = OmegaConf.create(compose_params(conf_dir=Path(__file__).resolve().parents[1] / "conf"))
     opset, atol = cfg.export.opset, cfg.parity.atol
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:

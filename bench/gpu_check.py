@@ -31,6 +31,7 @@ from cnnpipe import PipelineError, build, contract
 from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params
 from cnnpipe.data import read_split
+from cnnpipe.epoch_scoring import TestAccuracy
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.preparation import prepare
@@ -65,32 +66,6 @@ def compose(overrides: list[str], data: Path, folder: Path, device: str) -> Dict
     return cfg
 
 
-class TestAccuracy(pl.Callback):
-    """After each epoch, the test accuracy of the weights a checkpoint would hold: at the end of
-    validation, where weight averaging has put the averaged weights in place (as in
-    bench/time_to_accuracy.py), with the recipe's test-time views; and the training seconds so
-    far, the scoring's own time left out."""
-
-    def __init__(self, cfg: DictConfig, timer: Timer) -> None:
-        images, self.labels = read_split(cfg, "test")
-        self.images, self.cfg, self.timer = nhwc(images), cfg, timer
-        self.rows: list[dict] = []
-        self.scoring = 0.0
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        start = time.perf_counter()
-        model = TorchModel(module, **self.cfg.evaluate.tta)
-        probs = predict_probs(model, self.images.to(module.device), self.cfg.evaluate.batch_size)
-        module.train()
-        acc = float((probs.argmax(1).cpu() == self.labels).float().mean())
-        seconds = self.timer.time_elapsed("train") - self.scoring
-        self.rows.append({"epoch": trainer.current_epoch + 1, "seconds": seconds, "acc": acc})
-        print(f"  epoch {trainer.current_epoch + 1}: test accuracy {acc:.2%} at {seconds:.1f} s")
-        self.scoring += time.perf_counter() - start
-
-
 def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, TestAccuracy | None]:
     """Train `cfg` as the train stage does (no MLflow, no resume) and save its checkpoint; with
     `scorer`, score the test set after every epoch. Returns epochs, seconds and images/s."""
@@ -99,7 +74,7 @@ def fit(cfg: DictConfig, folder: Path, scorer: bool = False) -> tuple[dict, Test
     pl.seed_everything(cfg.seed, workers=True)
     module = build.module(cfg, data)
     timer = Timer()
-    tracker = TestAccuracy(cfg, timer) if scorer else None
+    tracker = TestAccuracy(cfg, timer, say=True) if scorer else None
     callbacks = [timer, tracker] if tracker else [timer]
     trainer = build.trainer(cfg, callbacks, default_root_dir=folder)
     trainer.fit(module, datamodule=data)

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import io
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cnnpipe.localhost import free_port, wait_for_http
 
 MAX_BODY_MB = 1
 BODY_TIMEOUT_S = 2
@@ -146,24 +147,16 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "cnnpipe.cli", "serve", str(model), "--port", str(port)]
     command += ["--max-body-mb", str(MAX_BODY_MB), "--body-timeout-s", str(BODY_TIMEOUT_S)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return server
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    sys.exit("the service did not start within 30 s")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, "the service", 30)
+    except (RuntimeError, TimeoutError) as failure:
+        server.kill()
+        sys.exit(str(failure))
+    return server
 
 
 def tiny_model(folder: Path) -> Path:
@@ -175,7 +168,7 @@ def tiny_model(folder: Path) -> Path:
     from cnnpipe.inference import TorchModel
     from cnnpipe.onnx_export import export_onnx
 
-    cfg = OmegaConf.create(compose_params())
+    cfg = OmegaConf.create(compose_params(conf_dir=Path(__file__).resolve().parents[1] / "conf"))
     names = [str(i) for i in range(10)]
     path = folder / "model.onnx"
     model = TorchModel(untrained(names), True)

@@ -13,17 +13,16 @@ the weights and test-time views the checkpoint would be evaluated with; its time
 import argparse
 import platform
 import tempfile
-import time
 from itertools import accumulate
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
+from cnnpipe.epoch_scoring import TestAccuracy
 from cnnpipe.evaluation import evaluate
 from cnnpipe.fit import train
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
@@ -47,25 +46,6 @@ TRICKS = {
 TEST_TIME = ("evaluate.tta.",)
 
 
-class TestAccuracy(pl.Callback):
-    """The test accuracy after each epoch, scored as `evaluate` scores the checkpoint: at the end
-    of validation, where weight averaging has put the averaged weights in place."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        images, self.labels = read_split(cfg, "test")
-        self.images = nhwc(images)
-        self.tta, self.batch_size = dict(cfg.evaluate.tta), cfg.evaluate.batch_size
-        self.accuracy, self.seconds = [], []
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        start = time.perf_counter()
-        probs = predict_probs(TorchModel(module, **self.tta), self.images, self.batch_size)
-        self.accuracy.append(float((probs.argmax(1) == self.labels).float().mean()))
-        self.seconds.append(time.perf_counter() - start)
-
-
 def composed(overrides: list[str]) -> DictConfig:
     return OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
 
@@ -83,14 +63,15 @@ def run(name: str, overrides: list[str], data: Path, tmp: str, target: float) ->
     history = Path(cfg.paths.history).read_text().splitlines()
     rows = [dict(zip(history[0].split(","), line.split(","), strict=True)) for line in history[1:]]
     # The history's clock runs through validation, and so through the scoring.
-    scoring = accumulate(scorer.seconds)
+    scoring = accumulate(r["scoring_s"] for r in scorer.rows)
     seconds = [float(r["seconds"]) - s for r, s in zip(rows, scoring, strict=True)]
     test = evaluate(cfg)["test.acc"]
     print(f"\n{name}: {' '.join(overrides) or 'default config'}")
     print("epoch  val/acc  test.acc  training s")
-    for epoch, (row, acc, s) in enumerate(zip(rows, scorer.accuracy, seconds, strict=True), 1):
+    accuracy = [r["acc"] for r in scorer.rows]
+    for epoch, (row, acc, s) in enumerate(zip(rows, accuracy, seconds, strict=True), 1):
         print(f"{epoch:>5}  {float(row['val/acc']):7.4f}  {acc:8.4f}  {s:10.1f}")
-    reached = next((e for e, acc in enumerate(scorer.accuracy, 1) if acc >= target), None)
+    reached = next((e for e, acc in enumerate(accuracy, 1) if acc >= target), None)
     result = {
         "name": name,
         "cfg": cfg,

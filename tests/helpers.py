@@ -9,12 +9,10 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -109,28 +107,6 @@ def store(repo: Path):
     import mlflow
 
     return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def wait_for_http(url: str, process: subprocess.Popen, what: str, deadline_s: float = 120) -> None:
-    """Wait until `url` answers, failing with `what` if `process` (the server) exits first or
-    the deadline passes; with its stderr when that is a pipe."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if process.poll() is not None:
-                said = process.stderr.read().decode()[-2000:] if process.stderr else ""
-                raise AssertionError(f"{what} exited before answering {url}\n{said}") from None
-            assert time.monotonic() < deadline, f"{what} did not answer within {deadline_s} s"
-            time.sleep(0.3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def export_random_model(

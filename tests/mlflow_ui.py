@@ -20,7 +20,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.helpers import free_port, wait_for_http
+from cnnpipe.localhost import free_port, wait_for_http
 
 CHROMIUM = "/usr/bin/chromium"
 # MLflow 3 opens on its GenAI views and an assistant panel; a person picks "Model training" and

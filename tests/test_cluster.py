@@ -22,10 +22,11 @@ import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe.fit import HISTORY_KEYS
+from cnnpipe.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
-from tests.helpers import ROOT, copy_repo, free_port, make_archive, repo_env, wait_for_http
+from tests.helpers import ROOT, copy_repo, make_archive, repo_env
 from tests.test_scale import compose_for
 from tests.test_search import SEARCH
 
@@ -98,7 +99,7 @@ def team_server(cluster, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{base}/health", server, "mlflow server", deadline_s=180)
-    except AssertionError as error:
+    except (RuntimeError, TimeoutError) as error:
         server.kill()
         pytest.fail(f"{error}\n{log.read_text()[-2000:]}")
     yield base, bucket
@@ -169,13 +170,6 @@ def job_state(cluster, job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", slurm(cluster, "scontrol", "show", "job", job).stdout))
 
 
-def wait_until(what: str, ready, deadline_s: float = 300) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not ready():
-        assert time.monotonic() < deadline, f"{what}: not within {deadline_s} s"
-        time.sleep(0.3)
-
-
 def test_a_requeued_slurm_job_resumes_from_its_last_epoch_in_the_same_run(cluster, project):
     repo, tiny = project
     recipe = [*tiny, "trainer.max_epochs=3"]
@@ -195,20 +189,20 @@ def test_a_requeued_slurm_job_resumes_from_its_last_epoch_in_the_same_run(cluste
         cluster, "sbatch", "--parsable", str(ROOT / "slurm" / "train.sbatch"), cwd=repo, env=path
     ).stdout.strip()
     log = repo / f"slurm-{job}.out"
-    wait_until("epoch 2 started", (held / "held").exists)
+    wait_until("epoch 2 started", (held / "held").exists, 300)
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cnnpipe").experiment_id
     (run,) = [r for r in client.search_runs([experiment]) if r.info.status == "RUNNING"]
 
     # What SLURM sends before the time limit (--signal=USR1@90) or a preemption.
     slurm(cluster, "scancel", "--signal=USR1", job)
-    wait_until("requeued", lambda: job_state(cluster, job)["JobState"] == "PENDING")
+    wait_until("requeued", lambda: job_state(cluster, job)["JobState"] == "PENDING", 300)
     assert job_state(cluster, job)["Restarts"] == "1"
     assert client.get_run(run.info.run_id).info.status != "FINISHED", "not finished yet"
     # SLURM holds a requeued job for two minutes; this test need not wait for that.
     slurm(cluster, "scontrol", "update", f"JobId={job}", "StartTime=now")
     wait_until("the job's end", lambda: job_state(cluster, job)["JobState"] not in
-               ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"))  # fmt: skip
+               ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), 300)  # fmt: skip
     assert job_state(cluster, job)["JobState"] == "COMPLETED", log.read_text()[-3000:]
 
     text = log.read_text()
@@ -255,14 +249,14 @@ def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
     first = helpers.cnnpipe("train", "--multirun", *args, env=env, background=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_until("two trials", lambda: completed() >= 2 or first.poll() is not None)
+        wait_until("two trials", lambda: completed() >= 2 or first.poll() is not None, 300)
         assert first.poll() is None, "the search was still running"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     # The search is gone; so are the jobs it had submitted (its allocation, say).
     slurm(cluster, "scancel", "--user=root")
-    wait_until("no jobs left", lambda: not slurm(cluster, "squeue", "-h").stdout.strip())
+    wait_until("no jobs left", lambda: not slurm(cluster, "squeue", "-h").stdout.strip(), 300)
     before = {t.number: t.params for t in study().trials if t.state.is_finished()}
 
     cnnpipe("train", "--multirun", *args, env=env)

@@ -15,14 +15,13 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from cnnpipe.localhost import free_port, wait_for_http
 from tests.helpers import (
     copy_repo,
     defaults,
-    free_port,
     keras_chapter_params,
     make_image_folder,
     repo_env,
-    wait_for_http,
 )
 
 CHROMIUM = "/usr/bin/chromium"

@@ -18,13 +18,12 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
+from cnnpipe.localhost import free_port, wait_for_http
 from tests.helpers import (
     copy_repo,
     defaults,
-    free_port,
     make_archive,
     repo_env,
-    wait_for_http,
 )
 
 OUTPUTS = [

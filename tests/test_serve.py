@@ -395,7 +395,7 @@ def test_open_inference_protocol_answers_any_hostile_body_with_a_json_4xx(server
 def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
     import psutil
 
-    from tests.helpers import free_port, wait_for_http
+    from cnnpipe.localhost import free_port, wait_for_http
 
     port = free_port()
     service = subprocess.Popen(

@@ -21,12 +21,13 @@ from omegaconf import OmegaConf
 from cnnpipe import cli
 from cnnpipe.config import load_params
 from cnnpipe.fit import HISTORY_KEYS, train
+from cnnpipe.localhost import free_port
 from cnnpipe.preparation import prepare
 from cnnpipe.prepared import read_manifest
 from cnnpipe.tracking.lineage import recipe_params
 from cnnpipe.tracking.stage_run import read_run_id
 from cnnpipe.tracking.store import tracking_uri
-from tests.helpers import cnnpipe, composed, free_port, store
+from tests.helpers import cnnpipe, composed, store
 
 
 def git(repo: Path, *args: str) -> str:

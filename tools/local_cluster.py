@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from cnnpipe.localhost import free_port, wait_until
+
 PACKAGES = {
     "slurmctld": "slurmctld",
     "slurmd": "slurmd",
@@ -35,12 +37,6 @@ DEADLINE_S = 90
 
 class ClusterError(Exception):
     """The cluster could not start here; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*command: str, user: str | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -64,12 +60,11 @@ def install_packages() -> None:
 
 
 def wait_for(what: str, ready, log: Path | None = None) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not ready():
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-1500:] if log and log.is_file() else ""
-            raise ClusterError(f"{what} was not ready within {DEADLINE_S} s\n{tail}")
-        time.sleep(0.3)
+    try:
+        wait_until(what, ready, DEADLINE_S)
+    except TimeoutError as late:
+        tail = log.read_text()[-1500:] if log and log.is_file() else ""
+        raise ClusterError(f"{late}\n{tail}") from None
 
 
 def owned_folder(path: Path, user: str, mode: int = 0o700) -> Path:

@@ -1,6 +1,9 @@
 """Stage `quantize`: an INT8 copy of the ONNX model, kept only if it loses at most a set accuracy
 and is faster than the FP32 model by a set margin (cnnpipe.quantization)."""
 
+from pathlib import Path
+
+import numpy as np
 from omegaconf import DictConfig
 
 from cnnpipe.args import Parser
@@ -9,7 +12,14 @@ from cnnpipe.config import load_params, network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_folder
 from cnnpipe.inference import TorchModel, nhwc
-from cnnpipe.quantization import calibration_images, compare, description, quantize, reasons_to_drop
+from cnnpipe.quantization import (
+    Probabilities,
+    calibration_images,
+    compare,
+    description,
+    quantize,
+    reasons_to_drop,
+)
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
 from cnnpipe.tracking.registry import log_onnx_model, run_link
@@ -52,18 +62,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             record(cfg.paths.quantize_metrics, metrics)
             if not why_not:
-                log_onnx_model(
-                    int8,
-                    f"{network_name(cfg.model)}-onnx-int8",
-                    f"{registered_name(cfg)}-int8",
-                    description(cfg, metrics, run_link(run.info.experiment_id, run.info.run_id)),
-                    (images[:4], quant.probabilities(images[:4])),
-                    {
-                        k: metrics[k]
-                        for k in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")
-                    },
-                    scored_dataset(cfg),
-                )
+                link = run_link(run.info.experiment_id, run.info.run_id)
+                register(cfg, int8, quant.probabilities, images[:4], metrics, link)
     verdict = (
         f"kept as {cfg.paths.int8}/model.onnx"
         if not why_not
@@ -74,4 +74,19 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['int8.test_acc'] + metrics['int8.accuracy_drop']:.4f}, "
         f"{metrics['int8.speedup']:.2f}x the FP32 images/s at batch {cfg.quantize.batch_size}; "
         f"{verdict}"
+    )
+
+
+def register(
+    cfg: DictConfig, int8: Path, model: Probabilities, example: np.ndarray, metrics: dict, link: str
+) -> None:
+    """Log the kept INT8 model with the ONNX flavour and register it as `<model name>-int8`."""
+    log_onnx_model(
+        int8,
+        f"{network_name(cfg.model)}-onnx-int8",
+        f"{registered_name(cfg)}-int8",
+        description(cfg, metrics, link),
+        (example, model(example)),
+        {k: metrics[k] for k in ("int8.test_acc", "int8.accuracy_drop", "int8.speedup")},
+        scored_dataset(cfg),
     )
