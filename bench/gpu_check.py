@@ -1,4 +1,4 @@
-"""The project on one NVIDIA GPU in one command, for the minutes a GPU is lent: bench/gpu_check.sh
+"""The project on one NVIDIA GPU in one command, on a machine without network: bench/gpu_check.sh
 runs this where hydra-core, MLflow and DVC may be missing (it brings hydra-core's wheels).
 
 1. The chapter CNN with its recipe on `trainer=gpu` (bf16-mixed) on real CIFAR-10: training
@@ -10,7 +10,7 @@ runs this where hydra-core, MLflow and DVC may be missing (it brings hydra-core'
 usage: python bench/gpu_check.py --data DIR [--json OUT.json] [--resnet-epochs N] [OVERRIDE ...]
        python bench/gpu_check.py --device cpu --data DIR ...   # the same steps on the CPU (tests)
 Overrides are Hydra overrides of conf/ applied to both trainings. No MLflow: this composes conf/
-and trains with cnnpipe.training's builders directly, in a temporary folder.
+and trains with cnnpipe.build's builders directly, in a temporary folder.
 """
 
 import argparse

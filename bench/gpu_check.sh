@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one command, as a lent GPU machine runs it (docs/performance.md, On a GPU):
+# The GPU check in one command, as a GPU machine without network runs it (docs/performance.md, On a GPU):
 #   make gpu-bundle                       # here, once: bench/gpu/ (git-ignored, about 20 MB)
 #   bash bench/gpu_check.sh [--json OUT.json] [OVERRIDE ...]    # there
 # That machine has Python with torch, Lightning, torchmetrics, onnx and onnxruntime but no

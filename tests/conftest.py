@@ -1,15 +1,13 @@
 """The tests' fixtures: a tiny archive, its data, a project folder, an HTTP server; the
 helpers they share are in tests/helpers.py."""
 
-import http.server
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, make_archive
+from tests.helpers import ROOT, TINY, folder_over_http, make_archive
 
 
 @pytest.fixture
@@ -55,20 +53,8 @@ def http_server(tmp_path: Path):
     """Serve tmp_path/www over HTTP on a free port of 127.0.0.1; yields the base URL."""
     root = tmp_path / "www"
     root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", root
-    server.shutdown()
-    server.server_close()
+    with folder_over_http(root) as base:
+        yield base, root
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Helpers the tests share: tiny CIFAR-10 archives in the official layout, small ONNX models,
 free ports, composed configs. Fixtures are in conftest.py."""
 
+import contextlib
 import functools
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -12,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,14 @@ def cnnpipe(
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+# The tiny data's training set has 160 images: a fixed batch and warm-up keep the one-cycle
+# schedule's phases apart; the search varies the rest.
+SEARCH = [
+    "hparams_search=chapter_cnn", "loader.batch_size=64", "optim.pct_start=0.25",
+    "hydra.sweeper.study_name=test",
+]  # fmt: skip
 
 
 def composed(*overrides: str, conf_dir: Path = ROOT / "conf") -> DictConfig:
@@ -281,3 +293,30 @@ def keras_chapter_params(size: int, classes: int) -> int:
         total += 3 * 3 * c_in * c_out + c_out
         side = side // 2 if pool else side
     return total + (side * side * 64) * 64 + 64 + 64 * classes + classes
+
+
+@contextlib.contextmanager
+def folder_over_http(root: Path) -> Iterator[str]:
+    """`root` served over HTTP on a free port of 127.0.0.1; yields the base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def compose_for(run) -> DictConfig:
+    """The composed config that a sweep's child run's params must mirror key for key."""
+    overrides = run.data.tags["sweep.overrides"].split()
+    return OmegaConf.create(compose_params(overrides, conf_dir=Path("conf")))

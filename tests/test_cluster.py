@@ -26,9 +26,7 @@ from cnnpipe.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
-from tests.helpers import ROOT, copy_repo, make_archive, repo_env
-from tests.test_scale import compose_for
-from tests.test_search import SEARCH
+from tests.helpers import ROOT, SEARCH, compose_for, copy_repo, make_archive, repo_env
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from cnnpipe.config import compose_params
 from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
-from tests.helpers import ROOT
+from tests.helpers import ROOT, compose_for
 
 # Every command these tests run must succeed.
 cnnpipe = functools.partial(helpers.cnnpipe, check=True)
@@ -130,14 +130,6 @@ def test_a_failed_job_fails_the_sweep_in_one_line_and_closes_its_parent(project)
     parent, children = sweep_runs(repo)
     assert parent.info.status == "FAILED"
     assert [c.data.params["optim.lr"] for c in children] == ["0.001"], "the good job still ran"
-
-
-def compose_for(run: mlflow.entities.Run):
-    """The composed config that a child run's params must mirror key for key."""
-    from omegaconf import OmegaConf
-
-    overrides = run.data.tags["sweep.overrides"].split()
-    return OmegaConf.create(compose_params(overrides, conf_dir=Path("conf")))
 
 
 def test_slurm_launcher_config_composes():

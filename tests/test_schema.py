@@ -8,12 +8,22 @@ from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
 from cnnpipe.schema import UNTYPED, Config, validate
-from tests.helpers import composed
+from cnnpipe.tracking.lineage import flatten
+from tests.helpers import ROOT, composed
+
+SHIPPED = [
+    f"{group}={path.stem}"
+    for group in ("data", "model", "optim", "loader", "trainer")
+    for path in sorted((ROOT / "conf" / group).glob("*.yaml"))
+]
 
 
-def test_every_shipped_choice_is_valid():
-    for overrides in ([], ["model=resnet9"], ["model=chapter_cnn_bn"], ["trainer=gpu"]):
-        assert validate(composed(*overrides)).loader.batch_size > 0
+@pytest.mark.parametrize("choice", SHIPPED)
+def test_every_shipped_choice_is_valid_and_kept_as_composed(choice):
+    cfg = composed(choice)
+    checked = validate(cfg)
+    for key, value in flatten(OmegaConf.to_container(cfg)).items():
+        assert OmegaConf.select(checked, key) == value, key
 
 
 @pytest.mark.parametrize(

@@ -19,15 +19,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe.experiments.search import distribution, search_space
-from tests.helpers import ROOT, cnnpipe
+from tests.helpers import ROOT, SEARCH, cnnpipe
 
 BIN = Path(sys.executable).parent
-# The tiny data's training set has 160 images: a fixed batch and warm-up keep the one-cycle
-# schedule's phases apart; the search varies the rest.
-SEARCH = [
-    "hparams_search=chapter_cnn", "loader.batch_size=64", "optim.pct_start=0.25",
-    "hydra.sweeper.study_name=test",
-]  # fmt: skip
 
 
 def search(repo: Path, *args: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:

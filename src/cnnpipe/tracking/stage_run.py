@@ -37,7 +37,7 @@ def short_name(name: str) -> str:
 
 
 def default_name(cfg: DictConfig, commit: str, dirty: bool) -> str:
-    """Such as `ChapterCNN 35 epochs @f5b2a33`, with `+dirty` when the code differs from it."""
+    """Such as `ChapterCNN 18 epochs @f5b2a33`, with `+dirty` when the code differs from it."""
     name = f"{network_name(cfg.model)} {cfg.trainer.max_epochs} epochs"
     if commit == "unknown":
         return name
