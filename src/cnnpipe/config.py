@@ -46,9 +46,18 @@ def outputs_under(cfg: DictConfig, folder: str | Path) -> DictConfig:
     return OmegaConf.merge(cfg, {"paths": moved})
 
 
+def output_roots(cfg: DictConfig) -> list[Path]:
+    """The top folders the outputs in `cfg.paths` lie in (data, models, metrics, ...), where a
+    killed stage may have left temporary files."""
+    return sorted({Path(Path(path).parts[0]) for path in cfg.paths.values()})
+
+
 def baseline_config(cfg: DictConfig) -> DictConfig:
-    """`cfg` with the baseline network in place of the model and its outputs in paths.baseline."""
-    return outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
+    """`cfg` with the baseline network in place of the model and its outputs in paths.baseline,
+    its resume state beside the train stage's: not inside the folder DVC tracks."""
+    moved = outputs_under(OmegaConf.merge(cfg, {"model": cfg.baseline.model}), cfg.paths.baseline)
+    resume = Path(cfg.paths.resume).with_name("baseline")
+    return OmegaConf.merge(moved, {"paths": {"resume": str(resume)}})
 
 
 def dataset_name(data: Mapping) -> str:

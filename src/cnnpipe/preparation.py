@@ -13,6 +13,7 @@ from cnnpipe.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
 from cnnpipe.config import dataset_name
 from cnnpipe.decoding import decode_entries
 from cnnpipe.download import as_url, extract, fetch_archive
+from cnnpipe.files import partial_name, swap
 from cnnpipe.folder import Entry, check_counts, listing, missing_source, scan
 from cnnpipe.prepared import Manifest, Prepared, create_images, write_index
 
@@ -122,13 +123,11 @@ def prepare(data: DictConfig, dest: Path) -> Manifest:
     """Write the prepared data set `data` describes to `dest`, which is replaced only when
     everything succeeded."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".prepare-") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=partial_name(dest.name) + "-") as tmp:
         work = Path(tmp)
         if data.layout not in LAYOUTS:
             raise PipelineError(f"data.layout={data.layout} is not one of {', '.join(LAYOUTS)}")
         manifest = LAYOUTS[data.layout](data, work, dest)
         write_index(work / "out", manifest)
-        if dest.exists():
-            dest.rename(work / "old")
-        (work / "out").rename(dest)
+        swap(work / "out", dest)
     return manifest

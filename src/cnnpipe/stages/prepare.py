@@ -5,13 +5,15 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.args import Parser
-from cnnpipe.config import load_params
+from cnnpipe.config import load_params, output_roots
+from cnnpipe.files import remove_leftovers
 from cnnpipe.preparation import prepare
 
 
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe prepare", description=__doc__).parse_args(argv)
     cfg = load_params()
+    remove_leftovers(output_roots(cfg))
     manifest = prepare(cfg.data, Path(cfg.paths.data))
     counts = np.array(list(manifest.class_counts().values()))
     print(
