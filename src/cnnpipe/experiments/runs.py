@@ -4,15 +4,19 @@ Reads the store that the pipeline writes to (MLFLOW_TRACKING_URI, else mlflow.tr
 sqlite:///<repo>/mlflow.db) through MLflow's client; `mlflow ui` shows the same runs as charts.
 """
 
+import socket
 import time
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, Parser
 from cnnpipe.config import load_params, network_name
-from cnnpipe.tracking.store import quiet_mlflow, store_errors, tracking_uri
+from cnnpipe.tracking.stage_run import HOST, abandoned, close_abandoned_runs
+from cnnpipe.tracking.store import quiet_mlflow, store_errors, store_problem, tracking_uri
 
 COLUMNS = {
     "model": lambda r: network_name(r.data.params.get("model._target_", "")),
@@ -46,13 +50,38 @@ def find_runs(client: mlflow.MlflowClient, experiment: str, last: int, sweep: st
     return client.search_runs(ids, query, max_results=last, order_by=newest)
 
 
+def close_dead_runs(client: mlflow.MlflowClient, experiment: str) -> str | None:
+    """Close the RUNNING runs of this machine whose process is gone, so that the table is true;
+    on a store that cannot be written, the line that says why they still read RUNNING there."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    try:
+        close_abandoned_runs(client, found.experiment_id)
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        return (
+            "KILLED*: the run's process is gone, but the store still says RUNNING: "
+            + store_problem(error)
+        )
+    return None
+
+
+def status(run: Run) -> str:
+    """The run's status; KILLED* where it reads RUNNING but its process of this machine is gone
+    (a store that cannot be written keeps it so)."""
+    here = run.data.tags.get(HOST) == socket.gethostname()
+    if run.info.status == "RUNNING" and here and abandoned(run.data.tags):
+        return "KILLED*"
+    return run.info.status
+
+
 def format_table(runs: list) -> str:
     header = ["run", "started", "status", *COLUMNS, "name"]
     rows = [
         [
             run.info.run_id[:8],
             time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
-            run.info.status,
+            status(run),
             *(cell(run) for cell in COLUMNS.values()),
             run.info.run_name,
         ]
@@ -72,5 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet_mlflow()
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
     with store_errors():
+        unclosed = close_dead_runs(client, cfg.mlflow.experiment)
         runs = find_runs(client, cfg.mlflow.experiment, args.last, args.sweep)
     print(format_table(runs))
+    if unclosed and any(status(run) == "KILLED*" for run in runs):
+        print(unclosed)

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import psutil
 from mlflow.entities import RunInfo
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe import PipelineError
-from cnnpipe.config import network_name
-from cnnpipe.files import atomic_path
+from cnnpipe import PipelineError, processes
+from cnnpipe.config import network_name, output_roots
+from cnnpipe.files import atomic_path, remove_leftovers
 from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
 from cnnpipe.tracking.store import store_errors, use_experiment
 
@@ -60,31 +59,42 @@ def write_run_file(run_file: Path, run_id: str) -> None:
 
 def process_tags() -> dict[str, str]:
     """Which process holds a RUNNING run, so the next run can tell a killed one from a live one."""
-    me = psutil.Process()
-    return {HOST: socket.gethostname(), PID: str(me.pid), PID_STARTED: str(me.create_time())}
+    host, pid, started = processes.me()
+    return {HOST: host, PID: str(pid), PID_STARTED: str(started)}
 
 
-def _alive(tags: dict) -> bool:
+def abandoned(tags: dict) -> bool:
+    """Whether the process that holds a RUNNING run with these tags, of this machine, is gone."""
     try:
-        return str(psutil.Process(int(tags[PID])).create_time()) == tags[PID_STARTED]
-    except (KeyError, ValueError, psutil.Error):
-        return False
+        return not processes.alive(int(tags[PID]), float(tags[PID_STARTED]))
+    except (KeyError, ValueError):
+        return True
 
 
-def close_abandoned_runs(client: mlflow.MlflowClient, experiment_id: str, keep: str | None) -> None:
-    """Mark KILLED the RUNNING runs of this machine whose process is gone (killed, or the machine
-    went down): left as they are they would read RUNNING forever."""
-    running = client.search_runs(
-        [experiment_id],
-        f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'",
-        max_results=1000,
+def close_abandoned_runs(client: mlflow.MlflowClient, experiment_id: str) -> int:
+    """Tell the truth about runs whose stage process of this machine is gone (killed, or the
+    machine went down): a RUNNING run reads KILLED; a finished run that a stage was re-running
+    keeps its status and results, with the killed attempt as a run under it. Another machine's
+    runs are left to that machine's next cnnpipe command: only it can tell. Returns how many."""
+    held = client.search_runs(
+        [experiment_id], f"tags.`{HOST}` = '{socket.gethostname()}'", max_results=1000
     )
-    for run in running:
-        if run.info.run_id != keep and not _alive(run.data.tags):
-            stage = run.data.tags.get(STAGE, "?")
-            client.set_tag(run.info.run_id, FAILED_STAGE, stage)
-            client.set_tag(run.info.run_id, ERROR, f"the {stage} process ended without finishing")
-            client.set_terminated(run.info.run_id, "KILLED")
+    closed = 0
+    for run in held:
+        if not abandoned(run.data.tags):
+            continue
+        run_id, stage = run.info.run_id, run.data.tags.get(STAGE, "?")
+        message = f"the {stage} process ended without finishing"
+        drop_process_tags(client, run_id)
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, FAILED_STAGE, stage)
+            client.set_tag(run_id, ERROR, message)
+            client.set_terminated(run_id, "KILLED")
+            client.set_tag(run_id, "mlflow.note.content", run_note(client, run_id))
+        else:
+            failed_attempt(client, run.info, stage, "KILLED", message)
+        closed += 1
+    return closed
 
 
 def run_note(client: mlflow.MlflowClient, run_id: str) -> str:
@@ -136,6 +146,7 @@ def stage_run(
     and records the failure as a run of its own under it (`failed_attempt`).
     """
     run_id = run_id if new else read_run_id(Path(cfg.paths.run))
+    remove_leftovers(output_roots(cfg))
     with store_errors():
         before = open_run(cfg, run_id, stage, name, tags, new)
         client = mlflow.MlflowClient()  # of the store open_run selected
@@ -145,8 +156,12 @@ def stage_run(
             tags=before["tags"],
             log_system_metrics=system_metrics,
         )
-    done = before["done"]
-    again = not new and stage in done and before["status"] == "FINISHED"
+    done, again = before["done"], before["again"]
+    if again:
+        # A finished run whose stage runs again keeps its results, and so its status, until
+        # new ones replace them: a killed re-run leaves it FINISHED, as it was, with the attempt
+        # recorded under it (close_abandoned_runs).
+        client.update_run(run.info.run_id, "FINISHED")
     # From here on the run is ours to end: whatever fails ends it FAILED (MLflow's exit hook
     # would end a run left open FINISHED).
     try:
@@ -173,12 +188,16 @@ def open_run(
     new: bool,
 ) -> dict:
     """Before a stage's run starts: the experiment selected, abandoned runs closed, and the run's
-    name (None for a run that exists), tags, status and finished stages."""
+    name (None for a run that exists), tags, finished stages, and whether this stage finished in
+    it before (`again`)."""
     commit, dirty = git_commit()
     experiment_id = use_experiment(cfg)
     client = mlflow.MlflowClient()
-    close_abandoned_runs(client, experiment_id, keep=run_id)
+    # Before this stage reopens a run that a killed process left, so that it is on record.
+    close_abandoned_runs(client, experiment_id)
     before = client.get_run(run_id) if run_id else None
+    done = before.data.tags.get(DONE, "").split(",") if before else []
+    again = not new and stage in done and before.info.status == "FINISHED"
     all_tags = {STAGE: stage, **process_tags(), **(tags or {})}
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         # Matches the run with `dvc exp show`.
@@ -190,8 +209,8 @@ def open_run(
         if run_id
         else short_name(name or exp_name or default_name(cfg, commit, dirty)),
         "tags": all_tags,
-        "status": before.info.status if before else None,
-        "done": before.data.tags.get(DONE, "").split(",") if before else [],
+        "done": done,
+        "again": again,
     }
 
 
@@ -234,7 +253,7 @@ def failed_attempt(
     note = f"**{status} in stage `{stage}`**: {message}\n\nThe results of the run above are kept."
     attempt = client.create_run(
         parent.experiment_id,
-        run_name=f"{stage} failed",
+        run_name=f"{stage} {status.lower()}",
         tags={
             "mlflow.parentRunId": parent.run_id,
             STAGE: stage,
@@ -248,9 +267,15 @@ def failed_attempt(
 
 def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
     """End the active run; the process tags are only needed while it runs."""
-    for key in (HOST, PID, PID_STARTED):
-        client.delete_tag(run_id, key)
+    drop_process_tags(client, run_id)
     mlflow.end_run(status)
+
+
+def drop_process_tags(client: mlflow.MlflowClient, run_id: str) -> None:
+    tags = client.get_run(run_id).data.tags
+    for key in (HOST, PID, PID_STARTED):
+        if key in tags:
+            client.delete_tag(run_id, key)
 
 
 def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> None:
