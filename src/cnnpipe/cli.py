@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cnnpipe import PipelineError
+from cnnpipe import PipelineError, files
 
 # Modules are imported on demand so that `cnnpipe prepare` does not pay for torch, MLflow and ONNX.
 COMMANDS = {
@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
-        # Outputs are written under temporary names: nothing half-written is left behind.
+        # Outputs are written under temporary names: nothing half-written is left behind. The
+        # output named, not the temporary file a library may have written first (/tmp/tmp...).
+        where = files.writing or error.filename
+        folder = f"the disk that holds {where.parent}/" if files.writing else "the disk"
         sys.exit(
-            f"cnnpipe {command}: error: cannot write {error.filename or 'a file'} "
-            f"({error.strerror}); free some disk space, then run again"
+            f"cnnpipe {command}: error: cannot write {where or 'a file'} ({error.strerror}): "
+            f"{folder} is full; free some space there, then run again"
         )
 
 
