@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from cnnpipe.config import compose_params
+from cnnpipe.config import compose_params, output_roots
 from tests.helpers import ROOT, TINY, cnnpipe, make_archive, store
 
 STAGES = [
@@ -168,3 +169,8 @@ def test_a_full_disk_names_the_output_and_its_folder(finished, tmp_path, stage, 
     assert said.startswith(want), failed.stderr[-2000:]
     assert said.endswith("the disk that holds full/ is full; free some space there, then run again")
     assert left == [], "nothing half-written"
+
+
+def test_leftovers_are_looked_for_beside_the_outputs_only():
+    cfg = OmegaConf.create({"paths": {"a": "models/x.ckpt", "b": "metrics/y.json", "c": "/d/e/f"}})
+    assert output_roots(cfg) == [Path("/d/e"), Path("metrics"), Path("models")]

@@ -236,6 +236,44 @@ def test_a_second_repro_does_nothing_and_a_teammate_pulls_every_output(pipeline)
         assert (teammate / name).read_bytes() == (pipeline.repo / name).read_bytes(), name
 
 
+# Python runs sitecustomize.py at start-up from PYTHONPATH: the stage that DVC starts then
+# SIGKILLs itself as it puts its first output in place.
+DIE_AT_FIRST_OUTPUT = """
+import os, signal
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if ".partial-" in os.fspath(src):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_killed_under_dvc_leaves_no_run_running(pipeline):
+    hook = pipeline.tmp / "die"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_AT_FIRST_OUTPUT)
+    env = {**pipeline.env, "PYTHONPATH": f"{hook}{os.pathsep}{pipeline.env['PYTHONPATH']}"}
+    killed = subprocess.run(
+        ["dvc", "repro", "-f", "-s", "evaluate"], cwd=pipeline.repo, env=env, capture_output=True
+    )
+    assert killed.returncode != 0
+    # Nothing for DVC to redo: the outputs are the ones dvc.lock records. The run is as true.
+    assert "Data and pipelines are up to date." in pipeline.run("dvc", "repro")
+    mlflow_run = pipeline.mlflow_run()
+    assert mlflow_run.info.status == "FINISHED"
+    client = pipeline.client()
+    statuses = [r.info.status for r in client.search_runs([mlflow_run.info.experiment_id])]
+    assert "RUNNING" not in statuses
+    # The next cnnpipe command puts the killed attempt on record under the finished run.
+    pipeline.run("cnnpipe", "runs")
+    attempts = client.search_runs(
+        [mlflow_run.info.experiment_id], f"tags.mlflow.parentRunId = '{mlflow_run.info.run_id}'"
+    )
+    assert [(r.info.run_name, r.info.status) for r in attempts] == [("evaluate killed", "KILLED")]
+
+
 @pytest.mark.slow
 def test_dvc_plots_show_only_meaningful_plots(pipeline):
     # Curves on epochs and seconds with named axes, one confusion matrix with true classes on

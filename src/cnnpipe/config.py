@@ -47,9 +47,11 @@ def outputs_under(cfg: DictConfig, folder: str | Path) -> DictConfig:
 
 
 def output_roots(cfg: DictConfig) -> list[Path]:
-    """The top folders the outputs in `cfg.paths` lie in (data, models, metrics, ...), where a
-    killed stage may have left temporary files."""
-    return sorted({Path(Path(path).parts[0]) for path in cfg.paths.values()})
+    """The folders the outputs in `cfg.paths` lie in, where a killed stage may have left
+    temporary files: the top folder of each path in the repository (data, models, metrics,
+    ...), the parent of one elsewhere."""
+    paths = [Path(path) for path in cfg.paths.values()]
+    return sorted({p.parent if p.is_absolute() else Path(p.parts[0]) for p in paths})
 
 
 def baseline_config(cfg: DictConfig) -> DictConfig:
