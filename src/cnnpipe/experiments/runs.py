@@ -14,7 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, Parser
-from cnnpipe.config import load_params, network_name
+from cnnpipe.config import load_params, network_name, output_roots
+from cnnpipe.files import remove_leftovers
 from cnnpipe.tracking.stage_run import HOST, abandoned, close_abandoned_runs
 from cnnpipe.tracking.store import quiet_mlflow, store_errors, store_problem, tracking_uri
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
     args = parser.parse_args(argv)
     cfg = load_params()
+    # What a crash left, cleaned as by any stage: this is the command to run after one.
+    remove_leftovers(output_roots(cfg))
     quiet_mlflow()
     client = mlflow.MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
     with store_errors():

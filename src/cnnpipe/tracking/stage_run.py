@@ -21,6 +21,8 @@ from cnnpipe.tracking.store import store_errors, use_experiment
 # What a person needs to follow a run, beside MLflow's own tags.
 STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
 HOST, PID, PID_STARTED = "cnnpipe.host", "cnnpipe.pid", "cnnpipe.pid_started"
+# On a FINISHED run while one of its stages runs again: the stage.
+RERUN = "cnnpipe.rerun"
 # The stages that have finished in a run, in order: "train,evaluate,...".
 DONE = "cnnpipe.stages_done"
 
@@ -81,12 +83,15 @@ def close_abandoned_runs(client: mlflow.MlflowClient, experiment_id: str) -> int
     )
     closed = 0
     for run in held:
-        if not abandoned(run.data.tags):
+        status, tags = run.info.status, run.data.tags
+        # Process tags left on a run that no stage re-ran (a sweep's parent, say) say nothing.
+        rerun = tags.get(RERUN) if status != "RUNNING" else None
+        if (status != "RUNNING" and not rerun) or not abandoned(tags):
             continue
-        run_id, stage = run.info.run_id, run.data.tags.get(STAGE, "?")
+        run_id, stage = run.info.run_id, rerun or tags.get(STAGE, "?")
         message = f"the {stage} process ended without finishing"
         drop_process_tags(client, run_id)
-        if run.info.status == "RUNNING":
+        if not rerun:
             client.set_tag(run_id, FAILED_STAGE, stage)
             client.set_tag(run_id, ERROR, message)
             client.set_terminated(run_id, "KILLED")
@@ -199,6 +204,8 @@ def open_run(
     done = before.data.tags.get(DONE, "").split(",") if before else []
     again = not new and stage in done and before.info.status == "FINISHED"
     all_tags = {STAGE: stage, **process_tags(), **(tags or {})}
+    if again:
+        all_tags[RERUN] = stage
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         # Matches the run with `dvc exp show`.
         all_tags["dvc.exp_name"] = exp_name
@@ -273,7 +280,7 @@ def end(client: mlflow.MlflowClient, run_id: str, status: str) -> None:
 
 def drop_process_tags(client: mlflow.MlflowClient, run_id: str) -> None:
     tags = client.get_run(run_id).data.tags
-    for key in (HOST, PID, PID_STARTED):
+    for key in (HOST, PID, PID_STARTED, RERUN):
         if key in tags:
             client.delete_tag(run_id, key)
 
