@@ -81,11 +81,15 @@ def remove_leftovers(roots: Iterable[Path | str]) -> list[Path]:
     """Remove the temporary files and folders under `roots` whose process is dead (killed
     before it could); those of live processes (queued experiments, sweeps) stay. Returns what
     was removed."""
+    found = sorted(path for root in map(Path, roots) for path in root.glob("**/.*.partial-*"))
     removed = []
-    for root in map(Path, roots):
-        for path in root.rglob(".*.partial-*") if root.is_dir() else []:
-            owner = PARTIAL.match(path.name)
-            if owner and not processes.alive(int(owner[1]), float(owner[2])):
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                removed.append(path)
+    for path in found:  # parents before what they hold: listed first, then walked
+        owner = PARTIAL.match(path.name)
+        if not owner or not path.exists() or processes.alive(int(owner[1]), float(owner[2])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
     return removed
