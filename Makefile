@@ -35,8 +35,8 @@ test-all: install browser
 	ruff format --check src tests bench tools
 	pytest -n 2 --dist loadfile --durations=15
 
-# A one-node SLURM cluster and a PostgreSQL server on this machine, as root (docs/scale-out.md);
-# the tests start their own.
+# A one-node SLURM cluster, a PostgreSQL server and an S3 bucket on this machine, as root
+# (docs/scale-out.md); the tests start their own.
 cluster: install
 	python3 tools/local_cluster.py start
 

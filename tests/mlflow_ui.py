@@ -21,12 +21,13 @@ from pathlib import Path
 from playwright.sync_api import Page, sync_playwright
 
 from cnnpipe.localhost import free_port, wait_for_http
+from cnnpipe.tracking.store import MODEL_TRAINING, ui_link
 
 CHROMIUM = "/usr/bin/chromium"
-# MLflow 3 opens on its GenAI views and an assistant panel; a person picks "Model training" and
-# closes the panel once, and the browser remembers both.
+# MLflow 3 opens an assistant panel on the first visit; a person closes it once, and the browser
+# remembers. The Model training views are not remembered here: every page is opened by a link
+# that asks for them, as cnnpipe's links do (ui_link), so the tests see what a newcomer sees.
 REMEMBERED = """
-localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning'));
 localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
 localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
 """
@@ -66,9 +67,52 @@ def browser() -> Iterator[Page]:
             chromium.close()
 
 
+def as_a_newcomer(link: str, run_name: str) -> dict:
+    """Open `link` in a browser with no stored state, as someone who has never used the UI, until
+    `run_name` shows: the address it landed on and the links the page offers (its sidebar holds
+    the experiment's views: Runs and Models in Model training, Evaluation runs in GenAI)."""
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
+        page = chromium.new_context(viewport={"width": 1500, "height": 950}).new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(link)
+            page.get_by_text(run_name).first.wait_for()
+            return page.evaluate(
+                """() => ({
+                    url: location.href,
+                    links: [...document.querySelectorAll('a')].map(a => a.innerText.trim())
+                        .filter(t => t),
+                })"""
+            )
+        finally:
+            chromium.close()
+
+
+def artifact_as_a_newcomer(link: str, run_name: str, folder: str, file: str) -> dict:
+    """Open the run at `link` as a newcomer (`as_a_newcomer`), then its Artifacts tab and the
+    `file` in `folder` there, as a person clicks them: the links the page offers and the text
+    of the page with the file's preview."""
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
+        page = chromium.new_context(viewport={"width": 1500, "height": 950}).new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(link)
+            page.get_by_text(run_name).first.wait_for()
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text(folder, exact=True).first.click()
+            page.get_by_text(file, exact=True).first.click()
+            page.get_by_text(re.compile(r"Previewing the first \d+ rows")).wait_for()
+            links = [a.inner_text().strip() for a in page.locator("a").all()]
+            return {"links": [t for t in links if t], "preview": page.locator("body").inner_text()}
+        finally:
+            chromium.close()
+
+
 def open_runs(page: Page, base: str, experiment_id: str) -> list[str]:
     """The experiment's runs table; returns the run names it shows (sweeps collapsed)."""
-    page.goto(f"{base}/#/experiments/{experiment_id}")
+    page.goto(ui_link(experiment_id, base=base))
     page.get_by_text(re.compile(r"\d+ matching runs?")).wait_for()
     names = page.locator("[role=gridcell][col-id='attributes.`Run Name`']")
     names.first.wait_for()
@@ -79,7 +123,7 @@ def open_runs(page: Page, base: str, experiment_id: str) -> list[str]:
 def val_acc_chart(page: Page, base: str, experiment_id: str, run_id: str) -> dict:
     """The run's "Model metrics" tab searched for val/acc: the x axis and the points drawn."""
     page.goto("about:blank")  # a fresh page: the tab keeps its charts from before otherwise
-    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{MODEL_TRAINING}")
     page.locator(".js-plotly-plot").first.wait_for()
     page.get_by_placeholder("Search metric charts").fill("val/acc")
     # The search applies after a pause: the train section, drawn first, goes when it has.
@@ -100,7 +144,7 @@ def model_metrics_as_opened(page: Page, base: str, experiment_id: str, run_id: s
     """The run's "Model metrics" tab as it opens, without a search: its sections in order, and
     the charts drawn first, in order, as (section, title, "line" or "bar")."""
     page.goto("about:blank")
-    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{MODEL_TRAINING}")
     page.locator(".js-plotly-plot").first.wait_for()
     headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
     sections = [h.inner_text().splitlines()[0].strip() for h in headers.all()]
@@ -123,7 +167,7 @@ def logged_models(page: Page, base: str, experiment_id: str) -> dict[str, dict[s
     # The table draws only the columns in view; a person scrolls right, the test widens the view.
     size = page.viewport_size
     page.set_viewport_size({"width": 3200, "height": size["height"]})
-    page.goto(f"{base}/#/experiments/{experiment_id}/models")
+    page.goto(f"{base}/#/experiments/{experiment_id}/models?{MODEL_TRAINING}")
     page.locator("[role=gridcell][col-id=name]").first.wait_for()
     cells = page.evaluate(
         """() => [...document.querySelectorAll('[role=row][row-index] [role=gridcell][col-id]')]
@@ -182,13 +226,13 @@ def main() -> None:
     with mlflow_server(uri) as base, browser() as page:
         open_runs(page, base, experiment)
         page.screenshot(path=args.out / "mlflow-runs.png")
-        page.goto(f"{base}/#/experiments/{experiment}/runs/{args.run_id}")
+        page.goto(ui_link(experiment, args.run_id, base))
         page.get_by_text("Description").first.wait_for()
         page.screenshot(path=args.out / "mlflow-run.png")
         model_metrics_as_opened(page, base, experiment, args.run_id)
         page.screenshot(path=args.out / "mlflow-model-metrics.png")
         page.set_viewport_size({"width": 2600, "height": 400})
-        page.goto(f"{base}/#/experiments/{experiment}/models")
+        page.goto(f"{base}/#/experiments/{experiment}/models?{MODEL_TRAINING}")
         page.locator("[role=gridcell][col-id=name]").first.wait_for()
         page.screenshot(path=args.out / "mlflow-models.png")
         page.set_viewport_size({"width": 1500, "height": 950})

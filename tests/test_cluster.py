@@ -13,20 +13,25 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import optuna
 import pytest
+import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe.fit import HISTORY_KEYS
 from cnnpipe.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.lineage import recipe_params
+from cnnpipe.tracking.store import ui_link
 from tests import helpers
 from tests.helpers import ROOT, SEARCH, compose_for, copy_repo, make_archive, repo_env
+from tests.mlflow_ui import artifact_as_a_newcomer
+from tools.local_cluster import BUCKET
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +87,17 @@ def test_an_srun_line_lightning_refuses_gets_one_line(cluster, project):
 @pytest.fixture(scope="module")
 def team_server(cluster, tmp_path_factory):
     """`mlflow server` as docs/scale-out.md runs it for a team: runs and the registry in
-    PostgreSQL, artifacts kept by the server in a folder standing in for the bucket."""
+    PostgreSQL, artifacts in the cluster's S3 bucket. Only the server has the bucket's
+    credentials: clients send and fetch artifacts through it."""
     database = cluster.create_database("mlflow")
-    bucket = tmp_path_factory.mktemp("bucket")
     port = free_port()
-    log = bucket.parent / "mlflow-server.log"
+    log = tmp_path_factory.mktemp("mlflow-server") / "mlflow-server.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", database,
-             "--artifacts-destination", str(bucket), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "2"],
-            stdout=output, stderr=subprocess.STDOUT,
+             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "2"],
+            stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **cluster.s3_env},
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -100,9 +105,17 @@ def team_server(cluster, tmp_path_factory):
     except (RuntimeError, TimeoutError) as error:
         server.kill()
         pytest.fail(f"{error}\n{log.read_text()[-2000:]}")
-    yield base, bucket
+    yield base
     server.terminate()
     server.wait(timeout=60)
+
+
+def bucket_objects(cluster, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix` in the cluster's bucket, read back with boto3."""
+    client = cluster.s3_client()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
 
 
 def experiment_runs(uri: str, name: str) -> list[mlflow.entities.Run]:
@@ -114,7 +127,7 @@ def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_ser
     cluster, team_server, project, record_property
 ):
     repo, tiny = project
-    base, bucket = team_server
+    base = team_server
     env = {**cluster.env, "MLFLOW_TRACKING_URI": base}
     started = repo / "started"
     grid = ["optim.lr=1e-3,3e-3", *tiny]
@@ -144,7 +157,8 @@ def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_ser
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
         assert {"test.acc", "train.seconds", "train/loss"} <= set(child.data.metrics)
         assert child.data.tags["sweep.overrides"].startswith("optim.lr=")
-    assert len(list(bucket.rglob("train_history.csv"))) == 2, "artifacts kept by the server"
+    histories = [k for k in bucket_objects(cluster, "mlflow/") if k.endswith("train_history.csv")]
+    assert len(histories) == 2, "artifacts kept by the server in the bucket"
     rows = re.findall(r"^\| optim\.lr=\S+ \| ([\d.]+) \|", out, re.M)
     assert sorted(float(v) for v in rows) == sorted(
         round(c.data.metrics["val/acc"], 4) for c in children
@@ -223,7 +237,7 @@ def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
     cluster, team_server, project, record_property
 ):
     repo, tiny = project
-    base, _ = team_server
+    base = team_server
     storage = cluster.create_database("optuna")
     env = {**cluster.env, "MLFLOW_TRACKING_URI": base}
     started = repo / "started"
@@ -284,55 +298,113 @@ def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
     )
 
 
-def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
-    team_server, tmp_path, http_server
-):
-    base, bucket = team_server
-    www_base, www = http_server
-    md5 = make_archive(www / "cifar-10-python.tar.gz")
-    repo = tmp_path / "repo"
+@dataclass
+class TeamPipeline:
+    """A copy of the repository whose `dvc repro parity` logged to the team server."""
+
+    repo: Path
+    env: dict[str, str]
+    said: str  # what that `dvc repro` printed
+
+    def run(self, *command: str, cwd: Path | None = None, ok: bool = True, **env: str):
+        result = subprocess.run(command, cwd=cwd or self.repo, env={**self.env, **env},
+                                capture_output=True, text=True, timeout=900)  # fmt: skip
+        if ok:
+            assert result.returncode == 0, (
+                f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+            )
+        return result
+
+
+TEAM_TINY = ["data.val_size=40", "trainer.max_epochs=1", "loader.batch_size=64",
+             "evaluate.batch_size=16", "mlflow.experiment=team-pipeline"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def team_pipeline(team_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("team")
+    (tmp / "www").mkdir()
+    md5 = make_archive(tmp / "www" / "cifar-10-python.tar.gz")
+    repo = tmp / "repo"
     copy_repo(repo)
-    env = {**repo_env(repo), "MLFLOW_TRACKING_URI": base}
-
-    def run(*command: str) -> str:
-        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, (
-            f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    with helpers.folder_over_http(tmp / "www") as www:
+        (repo / "conf" / "local").mkdir()
+        (repo / "conf" / "local" / "default.yaml").write_text(
+            f"data:\n  source: {www}/cifar-10-python.tar.gz\n  md5: {md5}\n"
         )
-        return result.stdout
+        # No bucket credentials here: the clients reach the bucket through the server.
+        pipeline = TeamPipeline(repo, {**repo_env(repo), "MLFLOW_TRACKING_URI": team_server}, "")
+        pipeline.run("cnnpipe", "params", *TEAM_TINY)
+        for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pipeline"]):
+            pipeline.run("git", *command)
+        # The stages that log, register and promote the model; the rest log the same way.
+        pipeline.said = pipeline.run("dvc", "repro", "parity").stdout
+        yield pipeline
 
-    (repo / "conf" / "local").mkdir()
-    (repo / "conf" / "local" / "default.yaml").write_text(
-        f"data:\n  source: {www_base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
-    )
-    tiny = ["data.val_size=40", "trainer.max_epochs=1", "loader.batch_size=64",
-            "evaluate.batch_size=16", "mlflow.experiment=team-pipeline"]  # fmt: skip
-    run("cnnpipe", "params", *tiny)
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pipeline"]):
-        run("git", *command)
-    # The stages that log, register and promote the model; the rest log the same way.
-    run("dvc", "repro", "parity")
 
+def artifact_files(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """The paths of a run's artifact files, as the server lists them."""
+    files = []
+    for info in client.list_artifacts(run_id, path):
+        files += artifact_files(client, run_id, info.path) if info.is_dir else [info.path]
+    return files
+
+
+def locked_outputs(repo: Path) -> dict[str, bytes]:
+    """Every file of the outputs dvc.lock records, by path."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    paths = {out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    files = {}
+    for path in sorted(paths):
+        where = repo / path
+        for file in [where] if where.is_file() else sorted(where.rglob("*")):
+            if file.is_file():
+                files[str(file.relative_to(repo))] = file.read_bytes()
+    return files
+
+
+def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
+    team_server, team_pipeline, cluster
+):
+    base, repo = team_server, team_pipeline.repo
     client = mlflow.MlflowClient(base)
     (pipeline,) = experiment_runs(base, "team-pipeline")
     assert pipeline.info.status == "FINISHED"
     test_acc = json.loads((repo / "metrics" / "eval.json").read_text())["test.acc"]
     assert pipeline.data.metrics["test.acc"] == test_acc
-    assert list(bucket.rglob("model.onnx")), "the ONNX model kept by the server"
+    # Each stage ended with the link to its run on the server, in Model training views.
+    link = ui_link(pipeline.info.experiment_id, pipeline.info.run_id, base)
+    assert team_pipeline.said.count(f"MLflow: {link}\n") == 4  # train, evaluate, export, parity
+
+    # The artifacts lie in the bucket, byte for byte what the stages wrote.
+    stored = bucket_objects(cluster, "mlflow/")
+    run_prefix = f"mlflow/{pipeline.info.experiment_id}/{pipeline.info.run_id}/artifacts/"
+    assert (
+        stored[run_prefix + "plots/train_history.csv"]
+        == (repo / "plots" / "train_history.csv").read_bytes()
+    )
+    listed = artifact_files(client, pipeline.info.run_id)
+    assert {"plots/train_history.csv", "lineage/params.yaml", "lineage/dvc.lock"} <= set(listed)
+    assert {run_prefix + path for path in listed} <= set(stored), "all of them in the bucket"
     name = "cnnpipe-cifar10"
     first = client.get_model_version_by_alias(name, "champion")
     assert first.run_id == pipeline.info.run_id
+    # The registered version's source is its logged model (models:/m-...), kept in the bucket.
+    model = first.source.removeprefix("models:/")
+    model_key = f"mlflow/{pipeline.info.experiment_id}/models/{model}/artifacts/model.onnx"
+    assert model_key in stored, (first.source, sorted(stored))
+    assert stored[model_key] == (repo / "models" / "model.onnx").read_bytes()
 
     # Parity again (another batch size): a new version as accurate as the first takes the alias.
-    run("cnnpipe", "params", *tiny, "parity.batch_size=25")
-    run("dvc", "repro", "parity")
+    team_pipeline.run("cnnpipe", "params", *TEAM_TINY, "parity.batch_size=25")
+    team_pipeline.run("dvc", "repro", "parity")
     champion = client.get_model_version_by_alias(name, "champion")
     assert int(champion.version) == int(first.version) + 1 and champion.run_id == first.run_id
 
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "cnnpipe"), "serve", f"models:/{name}@champion", "--port", str(port)],
-        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=repo, env=team_pipeline.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -357,9 +429,144 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
-    table = run("cnnpipe", "runs", "--last", "5").splitlines()
+    table = team_pipeline.run("cnnpipe", "runs", "--last", "5").stdout.splitlines()
     assert table[0].split()[:3] == ["run", "started", "status"]
     assert any(line.startswith(pipeline.info.run_id[:8]) for line in table[1:]), table
+
+
+def test_the_runs_artifacts_open_in_the_mlflow_ui_through_the_server(team_server, team_pipeline):
+    (pipeline,) = experiment_runs(team_server, "team-pipeline")
+    link = ui_link(pipeline.info.experiment_id, pipeline.info.run_id, team_server)
+    history = (team_pipeline.repo / "plots" / "train_history.csv").read_text()
+    seen = artifact_as_a_newcomer(link, pipeline.info.run_name, "plots", "train_history.csv")
+    assert "Models" in seen["links"] and "Evaluation runs" not in seen["links"]
+    # The preview shows the file the server fetched from the bucket, row by row.
+    for row in history.splitlines()[1:]:
+        assert "\t".join(row.split(",")) in seen["preview"], (row, seen["preview"])
+
+
+STOP_GATEWAY_AFTER_FIRST_UPLOAD = """
+import os, signal, socket, threading, time
+from dvc_objects.fs.base import FileSystem
+real_put_file, first = FileSystem.put_file, threading.Lock()
+def put_file(self, *args, **kwargs):
+    result = real_put_file(self, *args, **kwargs)
+    if first.acquire(blocking=False):
+        os.kill(int(os.environ["GATEWAY_PID"]), signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", int(os.environ["GATEWAY_PORT"])), 1).close()
+                time.sleep(0.2)
+            except OSError:
+                break
+    return result
+FileSystem.put_file = put_file
+"""
+
+
+def set_remote(pipeline: TeamPipeline, cluster, name: str, url: str, secret: str = "") -> None:
+    """docs/scale-out.md's remote: its URL and endpoint in .dvc/config, the credentials in
+    .dvc/config.local, which git ignores."""
+    s3 = cluster.state["s3"]
+    pipeline.run("dvc", "remote", "add", "-f", name, url)
+    pipeline.run("dvc", "remote", "modify", name, "endpointurl", cluster.s3_endpoint)
+    pipeline.run("dvc", "remote", "modify", "--local", name, "access_key_id", s3["access_key"])
+    pipeline.run("dvc", "remote", "modify", "--local", name, "secret_access_key",
+                 secret or s3["secret_key"])  # fmt: skip
+
+
+def test_a_teammate_pulls_the_outputs_from_a_dvc_remote_in_the_bucket(
+    team_pipeline, cluster, tmp_path
+):
+    repo, s3 = team_pipeline.repo, cluster.state["s3"]
+    set_remote(team_pipeline, cluster, "storage", f"s3://{BUCKET}/dvc")
+    team_pipeline.run("dvc", "remote", "default", "storage")
+    assert s3["secret_key"] not in (repo / ".dvc" / "config").read_text()
+    ignored = team_pipeline.run("git", "status", "--porcelain", "--ignored", ".dvc").stdout
+    assert "!! .dvc/config.local" in ignored, ignored
+
+    # The gateway stops after the first object of the push: the push fails in one line...
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_GATEWAY_AFTER_FIRST_UPLOAD)
+    try:
+        cut = team_pipeline.run(
+            "dvc", "push", ok=False, PYTHONPATH=f"{hook}{os.pathsep}{repo / 'src'}",
+            GATEWAY_PID=str(cluster.state["pids"]["s3"]), GATEWAY_PORT=str(s3["ports"]["s3"]),
+        )  # fmt: skip
+        assert cut.returncode != 0
+        assert "Traceback" not in cut.stderr
+        assert "failed to push data to the cloud" in cut.stderr, cut.stderr[-2000:]
+    finally:
+        cluster.start_s3()
+    # ... and the next push completes it.
+    pushed = team_pipeline.run("dvc", "push").stdout
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    stored = bucket_objects(cluster, "dvc/")
+    cached = {f"dvc/files/md5/{f.relative_to(cache)}": f.read_bytes() for f in cache.rglob("*")
+              if f.is_file()}  # fmt: skip
+    assert stored == cached, "every cached object in the bucket, byte for byte"
+
+    team_pipeline.run("git", "add", "-A")
+    team_pipeline.run("git", "commit", "-qm", "Results")
+    teammate = tmp_path / "teammate"
+    team_pipeline.run("git", "clone", "-q", str(repo), str(teammate))
+    assert not (teammate / ".dvc" / "config.local").exists(), "credentials stay out of git"
+    set_remote(TeamPipeline(teammate, team_pipeline.env, ""), cluster, "storage",
+               f"s3://{BUCKET}/dvc")  # fmt: skip
+    # The stages up to parity are the ones that ran here (`dvc pull` alone after a full repro).
+    team_pipeline.run("dvc", "pull", "--with-deps", "parity", cwd=teammate)
+    assert locked_outputs(teammate) == locked_outputs(repo)
+    again = team_pipeline.run("dvc", "repro", "parity", cwd=teammate).stdout
+    assert "MLflow:" not in again, "no stage ran"
+    assert "didn't change" in again or "up to date" in again, again
+
+
+def test_wrong_credentials_and_a_missing_bucket_each_end_in_one_line(team_pipeline, cluster):
+    before = bucket_objects(cluster, "")
+    set_remote(team_pipeline, cluster, "wrong-key", f"s3://{BUCKET}/dvc", secret="not-the-key")
+    set_remote(team_pipeline, cluster, "no-bucket", "s3://no-such-bucket/dvc")
+    for remote, says in (("wrong-key", "Forbidden"), ("no-bucket", "bucket does not exist")):
+        result = team_pipeline.run("dvc", "push", "-r", remote, ok=False)
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+        assert "Traceback" not in result.stderr and errors and says in errors[0], result.stderr
+    assert bucket_objects(cluster, "") == before, "nothing written, nothing lost"
+    buckets = [b["Name"] for b in cluster.s3_client().list_buckets()["Buckets"]]
+    assert buckets == [BUCKET], "no bucket made by a push"
+
+
+def test_a_stage_that_logs_while_the_gateway_is_down_keeps_its_outputs_and_does_not_finish(
+    team_server, team_pipeline, cluster
+):
+    repo = team_pipeline.repo
+    checkpoint = (repo / "models" / "model.ckpt").read_bytes()
+    (finished,) = experiment_runs(team_server, "team-pipeline")
+    team_pipeline.run("cnnpipe", "params", *TEAM_TINY, "trainer.max_epochs=2")
+    cluster.stop_s3()
+    try:
+        # MLflow retries a failed upload for about 4 minutes by default; once is enough here.
+        retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+        result = team_pipeline.run("dvc", "repro", "train", ok=False, **retries)
+    finally:
+        cluster.start_s3()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        f"cnnpipe train: error: MLflow store {team_server}: the server cannot store artifacts"
+        in result.stderr
+    ), result.stderr[-2000:]
+    # The new training is kept (its checkpoint and its two epochs), the finished run is as it
+    # was, and the new run reads FAILED.
+    assert (repo / "models" / "model.ckpt").read_bytes() != checkpoint
+    rows = (repo / "plots" / "train_history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+    runs = {r.info.run_id: r for r in experiment_runs(team_server, "team-pipeline")}
+    assert runs[finished.info.run_id].info.status == "FINISHED"
+    (new,) = [r for r in runs.values() if r.info.run_id != finished.info.run_id
+              and "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
+    assert new.info.status == "FAILED"
 
 
 def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster):

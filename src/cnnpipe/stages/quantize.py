@@ -22,8 +22,9 @@ from cnnpipe.quantization import (
 )
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
-from cnnpipe.tracking.registry import log_onnx_model, run_link
+from cnnpipe.tracking.registry import log_onnx_model
 from cnnpipe.tracking.stage_run import record, stage_run
+from cnnpipe.tracking.store import ui_link
 
 # What the output folder holds instead of model.onnx when the INT8 model is dropped.
 DROPPED = "dropped.txt"
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             record(cfg.paths.quantize_metrics, metrics)
             if not why_not:
-                link = run_link(run.info.experiment_id, run.info.run_id)
+                link = ui_link(run.info.experiment_id, run.info.run_id)
                 register(cfg, int8, quant.probabilities, images[:4], metrics, link)
     verdict = (
         f"kept as {cfg.paths.int8}/model.onnx"

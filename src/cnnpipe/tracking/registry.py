@@ -16,11 +16,6 @@ from cnnpipe.tracking.store import quiet_mlflow, store_errors, tracking_uri
 CHAMPION = "champion"
 
 
-def run_link(experiment_id: str, run_id: str) -> str:
-    """A link inside the MLflow UI, for Markdown that the UI renders (descriptions, artifacts)."""
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
-
-
 # The step a logged model is recorded at in its run: one no metric has, since MLflow links every
 # metric of the run at the model's step to it (the system metrics' first sample, the summary of
 # every stage), where only the model's own results belong.

@@ -16,7 +16,7 @@ from cnnpipe import PipelineError, processes
 from cnnpipe.config import network_name, output_roots
 from cnnpipe.files import atomic_path, remove_leftovers
 from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
-from cnnpipe.tracking.store import store_errors, use_experiment
+from cnnpipe.tracking.store import store_errors, ui_hint, use_experiment
 
 # What a person needs to follow a run, beside MLflow's own tags.
 STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
@@ -182,6 +182,7 @@ def stage_run(
         with contextlib.suppress(Exception):  # the store itself may be what failed
             fail(client, run.info, stage, error, again)
         raise
+    print("MLflow:", ui_hint(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id))
 
 
 def open_run(

@@ -37,6 +37,27 @@ def tracking_uri(configured: str | None = None) -> str:
     )
 
 
+# MLflow 3's UI opens an experiment on its GenAI views (traces, all empty here) unless the
+# link asks for its Model training views.
+MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, base: str = "") -> str:
+    """A link into the MLflow UI that opens on the experiment's runs (or on one run) in Model
+    training mode: relative, for Markdown the UI renders, unless `base` is given."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{path}?{MODEL_TRAINING}" if base else f"{path}?{MODEL_TRAINING}"
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where to see a run: a tracking server's own UI, or `mlflow ui` (port 5000) for a local
+    store, with the command that starts it."""
+    if uri.startswith(("http://", "https://")):
+        return ui_link(experiment_id, run_id, uri)
+    link = ui_link(experiment_id, run_id, "http://127.0.0.1:5000")
+    return f"{link} (after: mlflow ui --backend-store-uri {uri})"
+
+
 def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
     """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
     Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
@@ -56,6 +77,13 @@ def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str
         return "the disk is full; free some space, then run again"
     if "disk i/o error" in text:
         return "a disk I/O error (is the disk full or failing?); check it, then run again"
+    if "mlflow-artifacts" in text and "500 error" in text:
+        # The server is up; behind it, its artifact store (a bucket) refused or did not answer.
+        return (
+            "the server cannot store artifacts (it answers HTTP 500): check its "
+            "--artifacts-destination (a bucket that is down, missing or refuses the server's "
+            "credentials), then run again"
+        )
     if "connection" in text or "max retries" in text or "refused" in text:
         return f"the server does not answer; start it or set {setting} to another store"
     # SQLAlchemy may open with a note on when the statement ran; the database's words follow.
