@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
+import botocore.exceptions
 import mlflow
 import numpy as np
 import optuna
@@ -582,13 +584,23 @@ def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(c
         conf = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)[1]
         port = re.search(r"PostgreSQL on 127.0.0.1:(\d+)", started.stdout)[1]
         pids = json.loads((folder / "cluster.json").read_text())["pids"]
-        assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres"}
+        assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres", "s3"}
         env = {**os.environ, "SLURM_CONF": conf}
         ran = subprocess.run(["srun", "-n1", "echo", "ran"], env=env, capture_output=True,
                              text=True, timeout=120)  # fmt: skip
         assert ran.stdout == "ran\n", ran.stderr
         psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc", "select 1"]
         assert subprocess.run(psql, capture_output=True, text=True, timeout=60).stdout == "1\n"
+        # The bucket answers to the credentials printed, and to no others.
+        exported = dict(re.findall(r"^export (AWS_\w+|MLFLOW_S3_ENDPOINT_URL)=(\S+)$",
+                                   started.stdout, re.M))  # fmt: skip
+        s3 = {"endpoint_url": exported["MLFLOW_S3_ENDPOINT_URL"], "region_name": "us-east-1"}
+        key = {"aws_access_key_id": exported["AWS_ACCESS_KEY_ID"]}
+        boto3.client("s3", **s3, **key, aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"]
+                     ).head_bucket(Bucket=BUCKET)  # fmt: skip
+        wrong = boto3.client("s3", **s3, **key, aws_secret_access_key="not-the-key")
+        with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
+            wrong.list_objects_v2(Bucket=BUCKET)
         again = subprocess.run([*script, "start", str(folder)], capture_output=True, text=True)
         assert again.returncode == 1
         assert again.stderr.startswith("local cluster: error: a cluster is recorded in ")
