@@ -2,8 +2,11 @@
 for the previous recipe (OLD below) and the default, side by side in one run on one machine.
 
 usage: python bench/time_to_accuracy.py [--data DIR] [--ablation] [--target 0.8] [OVERRIDE ...]
+       python bench/time_to_accuracy.py --against trainer.precision=bf16-mixed   # default vs it
        python bench/time_to_accuracy.py --tiny     # random data, seconds: the CI smoke test
 Overrides are Hydra overrides of conf/ applied to every run (e.g. trainer.precision=32-true).
+--against OVERRIDE (repeatable) compares the default with those overrides ("new") against the
+default as it is ("old"), instead of the previous recipe against the default.
 --ablation also trains the default with each trick switched off in turn (the test-time ones
 only re-score the default's checkpoint) and prints the ablation table of docs/performance.md.
 Runs in a temporary folder without MLflow. The test accuracy is measured after every epoch with
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--target", type=float, default=0.80)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--against", action="append", default=[], metavar="OVERRIDE")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     # "AMD EPYC (family 25, model 1)": the model name alone does not tell Zen 3 from Zen 5.
@@ -135,8 +139,12 @@ def main() -> None:
             data = Path(tmp) / "prepared"
             write_random(data, train=320, test=64)
             common = ["trainer.max_epochs=2", "data.val_size=64", "loader.batch_size=64", *common]
-        new = run("new", common, data, tmp, args.target)
-        old = run("old", [*OLD, *common], data, tmp, args.target)
+        if args.against:
+            new = run("new", [*common, *args.against], data, tmp, args.target)
+            old = run("old", common, data, tmp, args.target)
+        else:
+            new = run("new", common, data, tmp, args.target)
+            old = run("old", [*OLD, *common], data, tmp, args.target)
 
         print(f"\nrecipe  epochs  test.acc  training s  epochs to {args.target:.0%}  seconds to it")
         for r in (old, new):

@@ -71,6 +71,14 @@ def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
     assert re.search(r"new / old: 1.00x the epochs, [\d.]+x the seconds", out)
 
 
+def test_time_to_accuracy_compares_the_default_against_a_change(tmp_path):
+    out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0", "--against", "seed=7")
+    headers = dict(re.findall(r"^(old|new): (.*)$", out, re.M))
+    assert headers["new"].split() == [*headers["old"].split(), "seed=7"]
+    assert "trainer.max_epochs=35" not in out, "not the previous recipe"
+    assert re.search(r"new / old: 1.00x the epochs, [\d.]+x the seconds", out)
+
+
 def test_deploy_benchmark_prints_every_figure(tmp_path):
     out = run_bench("deploy.py", tmp_path)
     for name in ("pytorch eager", "onnxruntime fp32", "onnxruntime int8"):

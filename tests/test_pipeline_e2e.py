@@ -148,7 +148,8 @@ def test_the_registry_holds_both_models_with_their_own_results(pipeline):
     (version,) = client.search_model_versions("name='cnnpipe-cifar10'")
     assert version.run_id == run_id
     assert f"**{parity['parity.onnx_test_acc']:.2%}** on 50 test images" in version.description
-    assert f"(#/experiments/{experiment_id}/runs/{run_id})" in version.description
+    link = f"(#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
+    assert link in version.description
     assert "122,570 parameters" in version.description
     assert (
         client.get_model_version_by_alias("cnnpipe-cifar10", "champion").version == version.version

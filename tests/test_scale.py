@@ -64,7 +64,8 @@ def test_grid_sweep_gives_one_parent_four_children_and_a_summary(project):
     assert not [k for k in parent.data.params if k.startswith(("optim.lr", "model."))]
     assert parent.data.tags["mlflow.source.name"] == "cnnpipe train --multirun"
     for c in children:
-        link = f"[{c.info.run_id}](#/experiments/{c.info.experiment_id}/runs/{c.info.run_id})"
+        run = f"#/experiments/{c.info.experiment_id}/runs/{c.info.run_id}"
+        link = f"[{c.info.run_id}]({run}?workflowType=machine_learning)"
         assert link in parent.data.tags["mlflow.note.content"]
 
     rows = re.findall(r"^\| (optim\.lr=\S+ model=\S+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
