@@ -55,11 +55,13 @@ def mlflow_server(store_uri: str, start_s: float = 120) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def browser() -> Iterator[Page]:
+def browser(remembered: str = REMEMBERED) -> Iterator[Page]:
+    """A page of headless Chromium whose storage holds `remembered` ("" for none)."""
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM)
         context = chromium.new_context(viewport={"width": 1500, "height": 950})
-        context.add_init_script(REMEMBERED)
+        if remembered:
+            context.add_init_script(remembered)
         context.set_default_timeout(TIMEOUT_MS)
         try:
             yield context.new_page()
@@ -71,43 +73,31 @@ def as_a_newcomer(link: str, run_name: str) -> dict:
     """Open `link` in a browser with no stored state, as someone who has never used the UI, until
     `run_name` shows: the address it landed on and the links the page offers (its sidebar holds
     the experiment's views: Runs and Models in Model training, Evaluation runs in GenAI)."""
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        page = chromium.new_context(viewport={"width": 1500, "height": 950}).new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            page.goto(link)
-            page.get_by_text(run_name).first.wait_for()
-            return page.evaluate(
-                """() => ({
-                    url: location.href,
-                    links: [...document.querySelectorAll('a')].map(a => a.innerText.trim())
-                        .filter(t => t),
-                })"""
-            )
-        finally:
-            chromium.close()
+    with browser(remembered="") as page:
+        page.goto(link)
+        page.get_by_text(run_name).first.wait_for()
+        return {"url": page.url, "links": links_shown(page)}
 
 
 def artifact_as_a_newcomer(link: str, run_name: str, folder: str, file: str) -> dict:
     """Open the run at `link` as a newcomer (`as_a_newcomer`), then its Artifacts tab and the
     `file` in `folder` there, as a person clicks them: the links the page offers and the text
     of the page with the file's preview."""
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        page = chromium.new_context(viewport={"width": 1500, "height": 950}).new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            page.goto(link)
-            page.get_by_text(run_name).first.wait_for()
-            page.get_by_role("tab", name="Artifacts").click()
-            page.get_by_text(folder, exact=True).first.click()
-            page.get_by_text(file, exact=True).first.click()
-            page.get_by_text(re.compile(r"Previewing the first \d+ rows")).wait_for()
-            links = [a.inner_text().strip() for a in page.locator("a").all()]
-            return {"links": [t for t in links if t], "preview": page.locator("body").inner_text()}
-        finally:
-            chromium.close()
+    with browser(remembered="") as page:
+        page.goto(link)
+        page.get_by_text(run_name).first.wait_for()
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text(folder, exact=True).first.click()
+        page.get_by_text(file, exact=True).first.click()
+        page.get_by_text(re.compile(r"Previewing the first \d+ rows")).wait_for()
+        return {"links": links_shown(page), "preview": page.locator("body").inner_text()}
+
+
+def links_shown(page: Page) -> list[str]:
+    """The text of every link on the page, read at once (the page may still re-render)."""
+    return page.evaluate(
+        "() => [...document.querySelectorAll('a')].map(a => a.innerText.trim()).filter(t => t)"
+    )
 
 
 def open_runs(page: Page, base: str, experiment_id: str) -> list[str]:
