@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import boto3
@@ -76,6 +77,15 @@ def wait_for(what: str, ready, log: Path | None = None) -> None:
     except TimeoutError as late:
         tail = log.read_text()[-1500:] if log and log.is_file() else ""
         raise ClusterError(f"{late}\n{tail}") from None
+
+
+def written_pid(path: Path) -> int | None:
+    """The pid a daemon wrote, or None while the file is missing or still empty: daemons
+    create their pid file before they write the number into it."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def owned_folder(path: Path, user: str, mode: int = 0o700) -> Path:
@@ -215,8 +225,8 @@ class LocalCluster:
         run("munged", f"--socket={socket_path}", f"--key-file={key}",
             f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
             f"--seed-file={munge / 'munged.seed'}", user="munge")  # fmt: skip
-        wait_for("munged", lambda: (munge / "munged.pid").is_file() and socket_path.exists())
-        state["pids"]["munged"] = int((munge / "munged.pid").read_text())
+        wait_for("munged", lambda: written_pid(munge / "munged.pid") and socket_path.exists())
+        state["pids"]["munged"] = written_pid(munge / "munged.pid")
         state["munge_socket"] = str(socket_path)
         self._save(state)
 
@@ -242,8 +252,8 @@ class LocalCluster:
         for daemon in ("slurmctld", "slurmd"):
             run(daemon, "-f", str(conf), env=env)
             pid_file = slurm / f"{daemon}.pid"
-            wait_for(daemon, pid_file.is_file, slurm / f"{daemon}.log")
-            state["pids"][daemon] = int(pid_file.read_text())
+            wait_for(daemon, partial(written_pid, pid_file), slurm / f"{daemon}.log")
+            state["pids"][daemon] = written_pid(pid_file)
             self._save(state)
 
         def idle() -> bool:
