@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install browser run test test-all cluster cluster-stop gpu-bundle params lint lock
+.PHONY: install debian run test test-all cluster cluster-stop gpu-bundle params lint lock
 
 install: $(VENV)/.installed
 
@@ -17,20 +17,21 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 run: install
 	dvc repro
 
-# The browser tests drive Debian's chromium through Playwright, which cannot download a browser
-# of its own here.
-browser:
-	@command -v chromium > /dev/null || (apt-get update -qq && apt-get install -y -qq chromium > /dev/null)
+# Debian's programs the tests drive: chromium, through Playwright, which cannot download a browser
+# of its own here, and ab (apache2-utils), the service's load generator.
+debian:
+	@command -v chromium > /dev/null && command -v ab > /dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium apache2-utils > /dev/null)
 
 # The fast tier: unit tests and stages run in-process (no training in a subprocess).
-test: install browser
+test: install debian
 	ruff check src tests bench tools
 	ruff format --check src tests bench tools
 	pytest -m "not slow"
 
 # Everything, the slow end-to-end tests too: what CI runs. Two workers, one file each at a time:
 # the slow tests wait on servers, SLURM and subprocesses for much of their time.
-test-all: install browser
+test-all: install debian
 	ruff check src tests bench tools
 	ruff format --check src tests bench tools
 	pytest -n 2 --dist loadfile --durations=15

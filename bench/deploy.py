@@ -7,7 +7,8 @@ The ONNX file and the checkpoint are the pipeline's outputs (`dvc repro`). The I
 quantize stage's, or, where the stage dropped it, made here the same way (calibrated on the
 benchmark's random batch, which changes its accuracy, not its speed). With --tiny a random network
 is exported to a temporary folder instead. The test-time views' cost: the same network exported
-without them, side by side. Everything is measured in this one process.
+without them, side by side. The service is measured unbatched (one model call per request, h11:
+the service before batching) and batched. Everything is measured in this one process.
 """
 
 import argparse
@@ -31,7 +32,7 @@ from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel, describe_tta
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.quantization import images_per_second, quantize
-from cnnpipe.serving.app import create_app
+from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
 
@@ -48,7 +49,13 @@ def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:
     return q[49], q[98]
 
 
-def service(model: Path, image: bytes, requests: int, clients: int) -> tuple[float, float, int]:
+# The service before batching (one model call per request, h11) and now.
+SERVICES = {"unbatched": (Limits(max_batch=1), "h11"), "batched": (Limits(), "httptools")}
+
+
+def service(
+    model: Path, image: bytes, requests: int, clients: int, limits: Limits, parser: str
+) -> tuple[float, float, int]:
     """Requests/s, p99 latency (ms) and failures for single-image POSTs from `clients` threads."""
 
     def one(_: int) -> float | None:
@@ -61,7 +68,7 @@ def service(model: Path, image: bytes, requests: int, clients: int) -> tuple[flo
             return None
         return (time.perf_counter() - start) * 1000
 
-    with running(create_app(str(model))) as base:
+    with running(create_app(str(model), limits), parser=parser) as base:
         url = f"{base}/predict"
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -135,7 +142,10 @@ def main() -> None:
         }
         png = io.BytesIO()
         Image.fromarray(batch[0]).save(png, format="PNG")
-        rps, p99, failed = service(model, png.getvalue(), requests, clients=4)
+        served = {
+            name: service(model, png.getvalue(), requests, 4, limits, parser)
+            for name, (limits, parser) in SERVICES.items()
+        }
 
     fp32_rate, int8_rate = rates["onnxruntime fp32"], rates["onnxruntime int8"]
     tta = describe_tta(torch_model.flip, torch_model.shift)
@@ -151,10 +161,13 @@ def main() -> None:
     print(f"onnxruntime fp32 / fp32 1 view   = {fp32_rate / one:.2f}  (the cost of {tta})")
     for name, (p50, p99_) in lat.items():
         print(f"batch 1 latency {name:>17}: p50 {p50:.3f} ms, p99 {p99_:.3f} ms")
-    print(
-        f"service, 4 clients, {requests} single-image requests: "
-        f"{rps:.0f} requests/s, p99 {p99:.1f} ms, {failed} failed"
-    )
+    for name, (rps, p99, failed) in served.items():
+        print(
+            f"service {name:>9}, 4 clients, {requests} single-image requests: "
+            f"{rps:.0f} requests/s, p99 {p99:.1f} ms, {failed} failed"
+        )
+    ratio = served["batched"][0] / served["unbatched"][0]
+    print(f"service batched / unbatched      = {ratio:.2f}")
 
 
 if __name__ == "__main__":

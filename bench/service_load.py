@@ -1,17 +1,22 @@
 """The HTTP service under load and abuse: hundreds of concurrent requests, good and bad, and
-stalled clients, against `cnnpipe serve` in its own process.
+stalled clients, against `cnnpipe serve` in its own process; then the batching service against
+the unbatched one under `ab` (Debian's apache2-utils), and under overload.
 
 usage: python bench/service_load.py [--model models/model.onnx] [--connections 300]
        python bench/service_load.py --tiny    # random weights, a few connections: the CI smoke test
 Every request must get its expected answer (200 with predictions, or 413, 415, 400, 408), the
 server must stay up, and its memory must stay bounded. Prints throughput as a ratio against one
-client sending the same valid requests in turn, in the same run.
+client sending the same valid requests in turn, in the same run. Under `ab`, one JPEG per request,
+the same model file is served unbatched (--max-batch 1 --http h11 --access-log: the service
+before batching) and batched (the defaults), in turn, at 4 and 64 clients.
 """
 
 import argparse
 import asyncio
 import io
 import json
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -147,16 +152,65 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def start_server(model: Path, port: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "cnnpipe.cli", "serve", str(model), "--port", str(port)]
     command += ["--max-body-mb", str(MAX_BODY_MB), "--body-timeout-s", str(BODY_TIMEOUT_S)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [*command, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server, "the service", 30)
     except (RuntimeError, TimeoutError) as failure:
         server.kill()
         sys.exit(str(failure))
     return server
+
+
+# The service before batching (one model call per request, h11, a log line per request), and
+# now: the same file served both ways.
+SERVICES = {"unbatched": ("--max-batch", "1", "--http", "h11", "--access-log"), "batched": ()}
+
+
+def apache_bench(port: int, jpeg: Path, clients: int, requests: int) -> tuple[float, float, int]:
+    """`ab` POSTing `jpeg` from `clients` at once: (requests/s, p99 ms, failed or not 200)."""
+    command = ["ab", "-q", "-n", str(requests), "-c", str(clients), "-p", str(jpeg)]
+    command += ["-T", "image/jpeg", f"http://127.0.0.1:{port}/predict"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600).stdout
+    rate = float(re.search(r"Requests per second:\s+([\d.]+)", out)[1])
+    p99 = float(re.search(r"^\s+99%\s+(\d+)", out, re.M)[1])
+    failed = int(re.search(r"Failed requests:\s+(\d+)", out)[1])
+    not_ok = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    return rate, p99, failed + (int(not_ok[1]) if not_ok else 0)
+
+
+def under_ab(model: Path, jpeg: Path, requests: int) -> dict[str, dict[int, tuple]]:
+    """Each service in SERVICES, alone on the machine, at 4 and 64 clients."""
+    results: dict[str, dict[int, tuple]] = {}
+    for name, options in SERVICES.items():
+        port = free_port()
+        server = start_server(model, port, *options)
+        try:
+            apache_bench(port, jpeg, 4, 100)  # warm-up
+            results[name] = {c: apache_bench(port, jpeg, c, requests) for c in (4, 64)}
+        finally:
+            server.terminate()
+            server.wait()
+    return results
+
+
+async def overload(port: int, body: bytes, count: int) -> tuple[int, int, int, float]:
+    """`count` requests at once: (answered 200, answered 503, other, slowest 503 in ms)."""
+    results = await asyncio.gather(*(send(port, "image/jpeg", body) for _ in range(count)))
+    ok = sum(status == 200 for status, _, _ in results)
+    busy = [seconds for status, _, seconds in results if status == 503]
+    return ok, len(busy), count - ok - len(busy), max(busy, default=0) * 1000
+
+
+def jpeg_file(folder: Path) -> Path:
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = folder / "image.jpg"
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
+    return path
 
 
 def tiny_model(folder: Path) -> Path:
@@ -184,11 +238,16 @@ def main() -> None:
     parser.add_argument("--model", default="models/model.onnx")
     parser.add_argument("--connections", type=int, default=300)
     parser.add_argument("--stalled", type=int, default=100)
+    parser.add_argument("--ab-requests", type=int, default=2000)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    if not shutil.which("ab"):
+        sys.exit("no ab here: install it with apt-get install apache2-utils")
     connections, stalled = (20, 5) if args.tiny else (args.connections, args.stalled)
+    ab_requests = 200 if args.tiny else args.ab_requests
     with tempfile.TemporaryDirectory() as tmp:
         model = tiny_model(Path(tmp)) if args.tiny else Path(args.model)
+        jpeg = jpeg_file(Path(tmp))
         port = free_port()
         server = start_server(model, port)
         try:
@@ -202,6 +261,14 @@ def main() -> None:
             answered, stall_wrong, p99 = asyncio.run(stalled_clients(port, stalled, valid[:50]))
             final_mb, peak_mb = memory_mb(server.pid)
             up = urllib.request.urlopen(f"http://127.0.0.1:{port}/health").status == 200
+        finally:
+            server.terminate()
+            server.wait()
+        ab = under_ab(model, jpeg, ab_requests)
+        port = free_port()
+        server = start_server(model, port, "--max-queue", "8")
+        try:
+            ok, busy, other, slowest_503 = asyncio.run(overload(port, jpeg.read_bytes(), 200))
         finally:
             server.terminate()
             server.wait()
@@ -224,7 +291,20 @@ def main() -> None:
         f"server memory: {idle_mb:.0f} MB idle, {after_mb:.0f} MB after the waves, "
         f"{final_mb:.0f} MB at the end, peak {peak_mb:.0f} MB; still up: {up}"
     )
+    for clients in (4, 64):
+        (old, old_p99, old_bad), (new, new_p99, new_bad) = (ab[s][clients] for s in SERVICES)
+        print(
+            f"ab, {clients} clients, {ab_requests} JPEG requests: unbatched {old:.0f} requests/s "
+            f"(p99 {old_p99:.0f} ms), batched {new:.0f} requests/s (p99 {new_p99:.0f} ms) = "
+            f"{new / old:.2f}x; {old_bad + new_bad} failed or not 200"
+        )
+    print(
+        f"overload, 200 requests at once, --max-queue 8: {ok} answered 200, {busy} answered 503 "
+        f"(the slowest in {slowest_503:.0f} ms), {other} otherwise"
+    )
     failures = turn_wrong + sum(w for _, w, _ in waves) + stall_wrong + (stalled - answered)
+    failures += sum(bad for by_clients in ab.values() for _, _, bad in by_clients.values())
+    failures += other
     if failures or not up:
         sys.exit(f"{failures} requests were answered wrongly or not at all")
 

@@ -90,7 +90,12 @@ def test_deploy_benchmark_prints_every_figure(tmp_path):
     ratio = int(rates["onnxruntime fp32"]) / int(rates["onnxruntime fp32 1 view"])
     assert cost == pytest.approx(ratio, abs=0.01)
     assert re.search(r"onnxruntime fp32: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
-    assert re.search(r"\d+ requests/s, p99 [\d.]+ ms, 0 failed", out)
+    served = re.findall(
+        r"^service +(\w+), 4 clients, .*: (\d+) requests/s, p99 [\d.]+ ms, 0 failed", out, re.M
+    )
+    assert [name for name, _ in served] == ["unbatched", "batched"]
+    ratio = float(re.search(r"service batched / unbatched\s+= ([\d.]+)", out)[1])
+    assert ratio == pytest.approx(int(served[1][1]) / int(served[0][1]), abs=0.01)
 
 
 def test_service_load_answers_every_request_and_reports_memory(tmp_path):
@@ -101,6 +106,19 @@ def test_service_load_answers_every_request_and_reports_memory(tmp_path):
     assert waves == ["0", "0", "0"]
     assert re.search(r"5 stalled clients: 5 answered 408 .* 0 wrong", out)
     assert re.search(r"server memory: \d+ MB idle, .* peak \d+ MB; still up: True", out)
+    for clients in (4, 64):
+        ab = re.search(
+            rf"^ab, {clients} clients, 200 JPEG requests: unbatched (\d+) requests/s .* batched "
+            r"(\d+) requests/s .* = ([\d.]+)x; 0 failed or not 200",
+            out,
+            re.M,
+        )
+        assert ab, f"ab at {clients} clients"
+        assert float(ab[3]) == pytest.approx(int(ab[2]) / int(ab[1]), abs=0.01)
+    overload = re.search(
+        r"--max-queue 8: (\d+) answered 200, (\d+) answered 503 .* 0 otherwise", out
+    )
+    assert overload and int(overload[1]) >= 8 and int(overload[1]) + int(overload[2]) == 200
 
 
 # What the GPU machine lacks (bench/gpu_check.sh): the GPU check must run without them.

@@ -34,5 +34,6 @@ def number(kind: type, low: float, high: float | None = None) -> Callable[[str],
 
 COUNT = number(int, 1)
 SECONDS = number(float, 0.001, 86_400)
+MILLISECONDS = number(float, 0, 60_000)
 MEGABYTES = number(float, 0.001, 10_000)
 PORT = number(int, 0, 65_535)

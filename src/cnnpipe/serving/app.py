@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -28,6 +27,7 @@ from starlette.schemas import SchemaGenerator
 from cnnpipe import PipelineError, contract
 from cnnpipe.images import decode
 from cnnpipe.serving import open_inference
+from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
 from cnnpipe.serving.metrics import Metrics
 from cnnpipe.serving.onnx_model import OnnxModel
@@ -104,9 +104,11 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
 
 @dataclass
 class Service:
-    """What the handlers share: the model, what is said about it, the limits, and the metrics."""
+    """What the handlers share: the model and its batcher, what is said about the model, the
+    limits, and the metrics."""
 
     model: OnnxModel
+    batcher: Batcher
     metadata: dict
     max_body_bytes: int
     top_k: int
@@ -115,13 +117,21 @@ class Service:
     images_classified: Counter
 
 
-def load(
-    model_path: str,
-    max_body_bytes: int,
-    top_k: int,
-    body_timeout_s: float,
-    registered: dict | None,
-) -> Service:
+@dataclass
+class Limits:
+    """What the service takes and how it batches: `cnnpipe serve`'s options."""
+
+    max_body_bytes: int = 10 << 20
+    top_k: int = 3
+    body_timeout_s: float = 10
+    # Requests gathered into one model call, how long the first waits for others, and how many
+    # may wait before more are answered 503.
+    max_batch: int = 64
+    batch_window_s: float = 0.0
+    max_queue: int = 256
+
+
+def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
     """The model at `model_path`, run once: a model that loads but cannot run fails here, at
     start, and the first request does not pay for onnxruntime's first-run allocations."""
     onnx_model = OnnxModel.load(model_path, release_memory=True)
@@ -142,8 +152,22 @@ def load(
             for k in ("name", "version", "file", "sha256", "test_accuracy")
         }
     )
+    batcher = Batcher(
+        onnx_model.probabilities,
+        limits.max_batch,
+        limits.batch_window_s,
+        limits.max_queue,
+        registry,
+    )
     return Service(
-        onnx_model, metadata, max_body_bytes, top_k, body_timeout_s, registry, images_classified
+        onnx_model,
+        batcher,
+        metadata,
+        limits.max_body_bytes,
+        limits.top_k,
+        limits.body_timeout_s,
+        registry,
+        images_classified,
     )
 
 
@@ -231,6 +255,7 @@ async def predict(request: Request) -> JSONResponse:
       408: {description: The request did not arrive in time.}
       413: {description: The body is over max_body_bytes.}
       415: {description: Another content type.}
+      503: {description: Too many requests are waiting; retry shortly.}
     """
     service = service_of(request)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -244,13 +269,12 @@ async def predict(request: Request) -> JSONResponse:
         return error(
             415, "send an image (image/*, application/octet-stream) or multipart/form-data"
         )
-    # Decoding runs in a worker thread: a large JPEG must not stall every other connection.
+    # Decoded in the batcher's thread: a large JPEG must not stall every other connection.
     try:
-        images, notes = await run_in_threadpool(decode_all, files, service.model.size)
+        probs, notes = await service.batcher.run(lambda: decode_all(files, service.model.size))
     except ValueError as reason:
         return error(400, str(reason))
-    probs = await run_in_threadpool(service.model.probabilities, images)
-    service.images_classified.inc(len(images))
+    service.images_classified.inc(len(probs))
     top = service.model.top_k(probs, service.top_k)
     predictions = [
         {"file": name, "top_k": [{"label": c, "probability": p} for c, p in best], "note": note}
@@ -286,15 +310,13 @@ ROUTES: list[BaseRoute] = [
 
 
 def create_app(
-    model_path: str,
-    max_body_bytes: int = 10 << 20,
-    top_k: int = 3,
-    body_timeout_s: float = 10,
-    registered: dict | None = None,
+    model_path: str, limits: Limits | None = None, registered: dict | None = None
 ) -> Starlette:
     """The service for the ONNX file at `model_path`; `registered` names its registry version."""
-    service = load(model_path, max_body_bytes, top_k, body_timeout_s, registered)
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS)
+    service = load(model_path, limits or Limits(), registered)
+    app = Starlette(
+        routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=service.batcher.working
+    )
     app.state.service = service
     app.add_middleware(Metrics, registry=service.registry, routes=ROUTES)
     return app

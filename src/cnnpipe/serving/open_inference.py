@@ -9,7 +9,6 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -126,14 +125,15 @@ async def infer(request: Request) -> JSONResponse:
     name, version = served(request)
     service = request.app.state.service
     body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
+
+    def prepare() -> tuple[np.ndarray, None]:
+        # In the batcher's thread: checking a large body must not stall every other connection.
+        return images_from(parse_json(body), contract.INPUT_NAME, service.model.size), None
+
     try:
-        # In a worker thread: checking a large body must not stall every other connection.
-        images = await run_in_threadpool(
-            lambda: images_from(parse_json(body), contract.INPUT_NAME, service.model.size)
-        )
+        probs, _ = await service.batcher.run(prepare)
     except ValueError as reason:
         raise RequestError(400, str(reason)) from None
-    probs = await run_in_threadpool(service.model.probabilities, images)
     output = {
         "name": service.metadata["output"]["name"],
         "shape": list(probs.shape),

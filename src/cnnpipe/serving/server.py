@@ -13,71 +13,119 @@ import h11
 import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import PipelineError
-from cnnpipe.args import COUNT, MEGABYTES, PORT, SECONDS, Parser
-from cnnpipe.serving.app import create_app
+from cnnpipe.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, Parser
+from cnnpipe.serving.app import Limits, create_app
 
 
-def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: uvicorn closes a
-    connection that stays silent, but not one that trickles its headers a byte at a time."""
+class HeaderDeadline:
+    """A deadline for each request's headers, mixed into uvicorn's HTTP/1.1 protocols: uvicorn
+    closes a connection that stays silent, but not one that trickles its headers a byte at a
+    time. The protocol class says when its parser has the headers (`headers_pending`)."""
 
-    class HeaderTimeout(H11Protocol):
-        timer: asyncio.TimerHandle | None = None
+    seconds: float
+    timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-        def arm(self) -> None:
-            self.disarm()
-            self.timer = self.loop.call_later(seconds, self.headers_late)
+    def headers_pending(self) -> bool:
+        raise NotImplementedError
 
-        def disarm(self) -> None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+    def arm(self) -> None:
+        self.disarm()
+        self.timer = self.loop.call_later(self.seconds, self.headers_late)
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing():  # the next request on this connection
             self.arm()
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the request line and headers are in
-                self.disarm()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():  # the next request on this connection
-                self.arm()
+    def headers_late(self) -> None:
+        self.timer = None
+        if self.headers_pending() and not self.transport.is_closing():
+            message = f"request headers not received within {self.seconds:g} s".encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
+            )
+            self.transport.close()
 
-        def connection_lost(self, exc: Exception | None) -> None:
+
+class HttpToolsDeadline(HeaderDeadline, HttpToolsProtocol):
+    """httptools (llhttp, in C): the parser the service uses."""
+
+    headers_in = False
+
+    def headers_pending(self) -> bool:
+        return not self.headers_in
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.headers_in = False
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.headers_in = True
+        self.disarm()
+
+
+class H11Deadline(HeaderDeadline, H11Protocol):
+    """h11, in pure Python: for platforms without httptools' wheels, and for comparison."""
+
+    def headers_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.headers_pending():
             self.disarm()
-            super().connection_lost(exc)
 
-        def headers_late(self) -> None:
-            self.timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                message = f"request headers not received within {seconds:g} s".encode()
-                self.transport.write(
-                    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message)
-                )
-                self.transport.close()
 
-    return HeaderTimeout
+PARSERS = {"httptools": HttpToolsDeadline, "h11": H11Deadline}
 
 
 def server(
-    app: Starlette, host: str, port: int, header_timeout_s: float, log_level: str = "info"
+    app: Starlette,
+    host: str,
+    port: int,
+    header_timeout_s: float,
+    parser: str = "httptools",
+    access_log: bool = False,
+    log_level: str = "info",
 ) -> uvicorn.Server:
-    protocol = header_timeout_protocol(header_timeout_s)
-    config = uvicorn.Config(app, host=host, port=port, http=protocol, log_level=log_level)
+    protocol = type("Protocol", (PARSERS[parser],), {"seconds": header_timeout_s})
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        access_log=access_log,
+        log_level=log_level,
+    )
     return uvicorn.Server(config)
 
 
 @contextmanager
-def running(app: Starlette, header_timeout_s: float = 10, start_s: float = 30) -> Iterator[str]:
+def running(
+    app: Starlette, header_timeout_s: float = 10, parser: str = "httptools", start_s: float = 30
+) -> Iterator[str]:
     """The app on a free 127.0.0.1 port in a thread, for tests and benchmarks: its base URL."""
-    service = server(app, "127.0.0.1", 0, header_timeout_s, log_level="warning")
+    service = server(app, "127.0.0.1", 0, header_timeout_s, parser, log_level="warning")
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_s
@@ -103,13 +151,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=COUNT, default=3)
     parser.add_argument("--body-timeout-s", type=SECONDS, default=10)
     parser.add_argument("--header-timeout-s", type=SECONDS, default=10)
+    batching = parser.add_argument_group(
+        "batching", "concurrent requests are classified together, in one model call"
+    )
+    batching.add_argument("--max-batch", type=COUNT, default=Limits.max_batch,
+                          help="requests in one model call (1: each on its own)")  # fmt: skip
+    batching.add_argument("--batch-window-ms", type=MILLISECONDS,
+                          default=Limits.batch_window_s * 1000,
+                          help="how long the first request waits for others")  # fmt: skip
+    batching.add_argument("--max-queue", type=COUNT, default=Limits.max_queue,
+                          help="requests that may wait; more are answered 503")  # fmt: skip
+    parser.add_argument("--http", choices=list(PARSERS), default="httptools",
+                        help="the HTTP parser; h11 is pure Python")  # fmt: skip
+    # Off by default: a line per request takes a fifth of the service's requests/s; /metrics
+    # counts requests by route and status.
+    parser.add_argument("--access-log", action="store_true", help="log each request")
     args = parser.parse_args(argv)
-    max_body = int(args.max_body_mb * (1 << 20))
+    limits = Limits(
+        int(args.max_body_mb * (1 << 20)),
+        args.top_k,
+        args.body_timeout_s,
+        args.max_batch,
+        args.batch_window_ms / 1000,
+        args.max_queue,
+    )
     path, registered = args.model, None
     if path.startswith("models:/"):
         # Here only: serving a file needs no MLflow.
         from cnnpipe.tracking.registry import fetch_registered
 
         path, registered = fetch_registered(path)
-    app = create_app(path, max_body, args.top_k, args.body_timeout_s, registered)
-    server(app, args.host, args.port, args.header_timeout_s).run()
+    app = create_app(path, limits, registered)
+    server(app, args.host, args.port, args.header_timeout_s, args.http, args.access_log).run()
