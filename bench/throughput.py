@@ -95,7 +95,7 @@ def plain_step(cfg: DictConfig, prepared: Prepared, total_steps: int):
         module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.optim.lr, total_steps)
-    bf16 = cfg.trainer.precision.startswith("bf16")
+    bf16 = build.precision(cfg).startswith("bf16")
     batches = forever(project_loader(cfg, prepared))
 
     def step() -> float:
@@ -229,7 +229,7 @@ def main() -> None:
 
     print(
         f"\nmodel {cfg.model._target_}, batch {cfg.loader.batch_size}, "
-        f"precision {cfg.trainer.precision}, channels_last {cfg.loader.channels_last}, "
+        f"precision {build.precision(cfg)}, channels_last {cfg.loader.channels_last}, "
         f"ema_decay {cfg.optim.ema_decay}, "
         f"{torch.get_num_threads()} threads, "
         f"{steps} timed steps each x {repeats} repeats (median)"

@@ -2,7 +2,7 @@
 for the previous recipe (OLD below) and the default, side by side in one run on one machine.
 
 usage: python bench/time_to_accuracy.py [--data DIR] [--ablation] [--target 0.8] [OVERRIDE ...]
-       python bench/time_to_accuracy.py --against trainer.precision=bf16-mixed   # default vs it
+       python bench/time_to_accuracy.py --against trainer.precision=32-true   # default vs fp32
        python bench/time_to_accuracy.py --tiny     # random data, seconds: the CI smoke test
 Overrides are Hydra overrides of conf/ applied to every run (e.g. trainer.precision=32-true).
 --against OVERRIDE (repeatable) compares the default with those overrides ("new") against the

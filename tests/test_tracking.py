@@ -18,7 +18,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cnnpipe import cli
+from cnnpipe import build, cli
 from cnnpipe.config import load_params
 from cnnpipe.fit import HISTORY_KEYS, train
 from cnnpipe.localhost import free_port
@@ -105,8 +105,10 @@ def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     assert run.info.run_name == f"ChapterCNN 2 epochs @{commit[:7]}"
     assert run.data.tags["mlflow.source.git.commit"] == commit
     assert run.data.tags["git.dirty"] == "false"
-    # 2. The recipe as params, once: no paths, no second copy from Lightning.
-    assert run.data.params == recipe_params(load_params())
+    # 2. The recipe as params, once: no paths, no second copy from Lightning; and the precision
+    # trainer.precision=auto chose on this CPU.
+    used = {"trainer.precision_used": build.precision(load_params())}
+    assert run.data.params == {**recipe_params(load_params()), **used}
     assert not {"lr", "net/_target_", "class_names", "mean"} & set(run.data.params)
     # ... and the data by content.
     (dataset,) = run.inputs.dataset_inputs

@@ -108,7 +108,7 @@ def test_other_configurations_train(tmp_path, data_dir, monkeypatch, overrides, 
     data.setup("fit")
     val = data.rows["val"]
     val_images = torch.from_numpy(data.prepared.images.take(val)).permute(0, 3, 1, 2)
-    bf16 = cfg.trainer.precision.startswith("bf16")
+    bf16 = build.precision(cfg).startswith("bf16")
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         predicted = module.eval()(val_images).argmax(1)
     val_labels = data.labels[val]
@@ -216,15 +216,26 @@ def _saved(obj) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
-def test_emulated_bf16_is_named_before_training(cfg, monkeypatch, capsys, native, warned):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-    cfg.trainer.precision = "bf16-mixed"
-    build.warn_if_bf16_is_emulated(cfg)
-    assert ("trainer.precision=32-true" in capsys.readouterr().out) == warned
-    cfg.trainer.precision = "32-true"
-    build.warn_if_bf16_is_emulated(cfg)
-    assert capsys.readouterr().out == ""
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, chosen, used, said",
+    [
+        (True, False, "auto", "bf16-mixed", "precision: bf16-mixed, as this CPU has native bf16"),
+        (False, True, "auto", "bf16-mixed", "precision: bf16-mixed, as this CPU has native bf16"),
+        (False, False, "auto", "32-true", ""),  # AVX2, or AVX-512 without BF16: emulated
+        (True, False, "32-true", "32-true", ""),
+        (False, False, "bf16-mixed", "bf16-mixed", "warning: this CPU has no native bf16"),
+    ],
+)
+def test_precision_follows_the_cpus_bf16(cfg, monkeypatch, capsys, avx512_bf16, amx, chosen,
+                                         used, said):  # fmt: skip
+    # CI's CPU varies: its capability is faked.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cfg.trainer.accelerator, cfg.trainer.precision = "cpu", chosen
+    assert build.announce_precision(cfg) == used
+    out = capsys.readouterr().out
+    assert out.startswith(said) and out.count("\n") == (1 if said else 0)
+    assert build.trainer(cfg, []).precision == used
 
 
 def test_a_trainer_argument_is_one_line_in_conf(cfg):

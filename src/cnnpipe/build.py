@@ -83,6 +83,7 @@ def trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Tr
     reuse_freed_memory()
     options = {
         **OmegaConf.to_container(cfg.trainer, resolve=True),
+        "precision": precision(cfg),
         # No Lightning logger: EpochHistory logs per epoch, and the run's params are the recipe,
         # not a second copy of the module's hyperparameters.
         "logger": False,
@@ -110,14 +111,41 @@ def trainer(cfg: DictConfig, callbacks: list[pl.Callback], **overrides) -> pl.Tr
         raise PipelineError(f"SLURM: {str(error).splitlines()[0]}") from None
 
 
-def warn_if_bf16_is_emulated(cfg: DictConfig) -> None:
-    """bf16 on a CPU without AVX-512 BF16 or AMX is emulated: on an AVX2-only AMD EPYC the
-    default recipe ran 1.06 steps/s in bf16-mixed against 10.65 in 32-true."""
-    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
-    bf16 = str(cfg.trainer.precision).startswith("bf16")
-    if on_cpu and bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+def native_bf16() -> bool:
+    """bf16 in the CPU's hardware: AVX-512 BF16 or AMX. oneDNN runs bf16 on other AVX-512 CPUs
+    too, emulated, and emulated bf16 trains about 10x slower than fp32 (AVX2-only AMD EPYC: 1.06
+    steps/s in bf16-mixed against 10.65 in 32-true)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def on_cpu(cfg: DictConfig) -> bool:
+    return cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+
+
+def precision(cfg: DictConfig) -> str:
+    """`trainer.precision`, with "auto" resolved for this machine: bf16-mixed where bf16 is in
+    hardware (keeps the recipe's accuracy: docs/performance.md, Time to accuracy), else 32-true."""
+    chosen = str(cfg.trainer.precision)
+    if chosen != "auto":
+        return chosen
+    native = native_bf16() if on_cpu(cfg) else torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if native else "32-true"
+
+
+def announce_precision(cfg: DictConfig) -> str:
+    """The precision training uses, said in one line where it is not plain fp32."""
+    used = precision(cfg)
+    if not used.startswith("bf16") or not on_cpu(cfg):
+        return used
+    if not native_bf16():
         print(
             f"warning: this CPU has no native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
-            f"trainer.precision={cfg.trainer.precision} trains about 10x slower here than "
+            f"trainer.precision={used} trains about 10x slower here than "
             "trainer.precision=32-true"
         )
+    elif cfg.trainer.precision == "auto":
+        print(
+            "precision: bf16-mixed, as this CPU has native bf16 (AVX-512 BF16 or AMX); "
+            "trainer.precision=32-true trains in fp32"
+        )
+    return used

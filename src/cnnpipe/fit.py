@@ -100,12 +100,14 @@ def train(
     one (the previous run was killed) continues from it. The folder is removed on success.
     """
     pl.seed_everything(cfg.seed, workers=True)
-    build.warn_if_bf16_is_emulated(cfg)
+    used = build.announce_precision(cfg)
     resume = start_or_resume(cfg, run_id)
     data = build.datamodule(cfg)
     data.setup("fit")
     if run_id:
         log_dataset(data)
+        # trainer.precision may be "auto": the run says what this machine trained in.
+        mlflow.log_param("trainer.precision_used", used)
     module = build.module(cfg, data)
     timer = Timer()
     history = EpochHistory(timer, run_id)

@@ -143,7 +143,7 @@ POSITIVE = [
 NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
 ]  # fmt: skip
-PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
+PRECISIONS = {"auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
 # Keys of the untyped groups (Lightning's Trainer checks the rest itself) that cnnpipe reads.
 UNTYPED = {
     "trainer.max_epochs": (int, "an integer"),
