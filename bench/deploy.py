@@ -2,13 +2,17 @@
 views, and the HTTP service.
 
 usage: python bench/deploy.py [--model models/model.onnx] [--int8 models/int8/model.onnx]
+       python bench/deploy.py --views [--data data/prepared]   # also: views x precision table
        python bench/deploy.py --tiny      # random weights, seconds: the CI smoke test
 The ONNX file and the checkpoint are the pipeline's outputs (`dvc repro`). The INT8 model is the
 quantize stage's, or, where the stage dropped it, made here the same way (calibrated on the
 benchmark's random batch, which changes its accuracy, not its speed). With --tiny a random network
 is exported to a temporary folder instead. The test-time views' cost: the same network exported
-without them, side by side. The service is measured unbatched (one model call per request, h11:
-the service before batching) and batched. Everything is measured in this one process.
+without them, side by side. --views exports the checkpoint with 1, 2, 3 and 6 test-time views,
+each in FP32 and INT8 (quantized as the quantize stage does it), and prints each one's images/s
+at batch 256 and test accuracy as deployed. The service is measured unbatched (one model call
+per request, h11: the service before batching) and batched. Everything is measured in this one
+process.
 """
 
 import argparse
@@ -29,9 +33,11 @@ from PIL import Image
 from cnnpipe.classifier import load_checkpoint, untrained
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata, input_shape
-from cnnpipe.inference import TorchModel, describe_tta
+from cnnpipe.data import read_split
+from cnnpipe.inference import TorchModel, describe_tta, nhwc
 from cnnpipe.onnx_export import export_onnx
-from cnnpipe.quantization import images_per_second, quantize
+from cnnpipe.prepared import write_random
+from cnnpipe.quantization import accuracy, calibration_images, images_per_second, quantize
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
@@ -78,6 +84,32 @@ def service(
     return len(ok) / seconds, statistics.quantiles(ok, n=100)[98], len(times) - len(ok)
 
 
+VIEWS = [(False, 0), (True, 0), (False, 1), (True, 1)]  # (flip, shift): 1, 2, 3 and 6 views
+
+
+def views_table(cfg, classifier, names: list[str], folder: Path, rounds: int) -> list[tuple]:
+    """(views, precision, images/s at batch 256, test accuracy) for each of VIEWS in FP32 and
+    INT8, all timed in turn in this process."""
+    test_images, test_labels = read_split(cfg, "test")
+    images, labels = nhwc(test_images).numpy(), test_labels.numpy()
+    calibration = calibration_images(cfg)
+    runs, rows = {}, []
+    for flip, shift in VIEWS:
+        model, metadata = (
+            TorchModel(classifier, flip, shift),
+            Metadata(names, None, None, flip, shift),
+        )
+        fp32, int8 = folder / f"views{flip}{shift}.onnx", folder / f"views{flip}{shift}.int8.onnx"
+        export_onnx(model, fp32, metadata, cfg.export.opset, cfg.parity.atol, [1])
+        quantize(model, int8, calibration, metadata, cfg.export.opset, cfg.parity.atol)
+        for precision, path in (("FP32", fp32), ("INT8", int8)):
+            run = OnnxModel.load(path).probabilities
+            runs[(describe_tta(flip, shift), precision)] = run
+            rows.append((describe_tta(flip, shift), precision, accuracy(run, images, labels)))
+    rates = images_per_second(runs, images[:256], rounds)
+    return [(views, precision, rates[(views, precision)], acc) for views, precision, acc in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,6 +117,8 @@ def main() -> None:
     parser.add_argument("--model", default="models/model.onnx")
     parser.add_argument("--int8", default="models/int8/model.onnx")
     parser.add_argument("--checkpoint", default="models/model.ckpt")
+    parser.add_argument("--views", action="store_true")
+    parser.add_argument("--data", default="data/prepared")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -142,6 +176,15 @@ def main() -> None:
         }
         png = io.BytesIO()
         Image.fromarray(batch[0]).save(png, format="PNG")
+        table = []
+        if args.views:
+            cfg.paths.data = args.data
+            if args.tiny:
+                cfg.paths.data = str(Path(tmp) / "data")
+                write_random(Path(cfg.paths.data), 256, 256)
+            table = views_table(
+                cfg, torch_model.classifier, metadata.class_names, Path(tmp), rounds
+            )
         served = {
             name: service(model, png.getvalue(), requests, 4, limits, parser)
             for name, (limits, parser) in SERVICES.items()
@@ -168,6 +211,10 @@ def main() -> None:
         )
     ratio = served["batched"][0] / served["unbatched"][0]
     print(f"service batched / unbatched      = {ratio:.2f}")
+    if table:
+        print(f"\n{'test-time views':<45} {'':4} {'images/s':>9} {'test acc':>8}")
+        for views, precision, rate, acc in table:
+            print(f"{views:<45} {precision:4} {rate:9.0f} {acc:8.2%}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_time_to_accuracy_compares_the_default_against_a_change(tmp_path):
 
 
 def test_deploy_benchmark_prints_every_figure(tmp_path):
-    out = run_bench("deploy.py", tmp_path)
+    out = run_bench("deploy.py", tmp_path, "--views")
     for name in ("pytorch eager", "onnxruntime fp32", "onnxruntime int8"):
         assert re.search(rf"{name}:\s+\d+ images/s", out), name
     assert re.search(r"onnxruntime fp32 / pytorch eager = [\d.]+", out)
@@ -96,6 +96,9 @@ def test_deploy_benchmark_prints_every_figure(tmp_path):
     assert [name for name, _ in served] == ["unbatched", "batched"]
     ratio = float(re.search(r"service batched / unbatched\s+= ([\d.]+)", out)[1])
     assert ratio == pytest.approx(int(served[1][1]) / int(served[0][1]), abs=0.01)
+    table = re.findall(r"^(\d+|no) test-time \S+.*? (FP32|INT8) +\d+ +([\d.]+)%$", out, re.M)
+    views = [(count, precision) for count, precision, _ in table]
+    assert views == [(n, p) for n in ("no", "2", "3", "6") for p in ("FP32", "INT8")]
 
 
 def test_service_load_answers_every_request_and_reports_memory(tmp_path):
