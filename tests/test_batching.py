@@ -1,6 +1,7 @@
 """Concurrent requests classified together: one model call for many clients, every answer its
 own image's, and a full queue answered 503 at once."""
 
+import asyncio
 import concurrent.futures
 import io
 import time
@@ -8,10 +9,12 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from cnnpipe.images import decode
 from cnnpipe.localhost import wait_until
 from cnnpipe.serving.app import Limits, create_app
+from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
 from tests.helpers import CLASSES, export_random_model
@@ -79,3 +82,30 @@ def test_a_full_queue_is_answered_503_at_once_and_the_queued_requests_are_served
             assert seconds < 1, "refused at once, not after the window"
             assert [f.result(timeout=30)[0] for f in queued] == [200, 200]
         assert samples(url)[("cnnpipe_batch_queue", ())] == 0
+
+
+def test_requests_that_fail_unexpectedly_do_not_stop_the_batcher():
+    calls = []
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("the model failed")
+        return np.ones((len(images), 2), np.float32)
+
+    def broken() -> tuple[np.ndarray, None]:
+        raise RuntimeError("not an error a decoder should raise")
+
+    async def scenario() -> tuple[np.ndarray, str]:
+        batcher = Batcher(classify, max_batch=8, window_s=0, max_queue=8,
+                          registry=CollectorRegistry())  # fmt: skip
+        async with batcher.working():
+            with pytest.raises(RuntimeError, match="the model failed"):
+                await asyncio.wait_for(batcher.run(lambda: (np.zeros((1, 1)), None)), 10)
+            with pytest.raises(RuntimeError, match="not an error a decoder"):
+                await asyncio.wait_for(batcher.run(broken), 10)
+            return await asyncio.wait_for(batcher.run(lambda: (np.zeros((3, 1)), "notes")), 10)
+
+    probs, notes = asyncio.run(scenario())
+    assert probs.shape == (3, 2) and notes == "notes"
+    assert calls == [1, 3], "the broken request never reached the model"

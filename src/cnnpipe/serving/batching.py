@@ -91,7 +91,7 @@ class Batcher:
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():  # the client went away
                     continue
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, Exception):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
@@ -108,27 +108,28 @@ class Batcher:
                     await self.arrived.wait()
 
     def run_batch(self, jobs: list[Job]) -> list[Any]:
-        """In the worker thread: each job's images prepared, all classified in one call; a job
-        whose images could not be prepared gets its ValueError."""
+        """In the worker thread: each job's images prepared, all classified in one call. A job
+        whose images could not be prepared gets its exception (ValueError: a bad image), and a
+        failed model call fails every job in it; nothing raised here may stop the worker."""
         prepared: list[Any] = []
         for prepare, _ in jobs:
             try:
                 prepared.append(prepare())
-            except ValueError as reason:
-                prepared.append(reason)
-        good = [p for p in prepared if not isinstance(p, ValueError)]
+            except Exception as failure:  # the request's own answer: 400 for a ValueError
+                prepared.append(failure)
+        good = [p for p in prepared if not isinstance(p, Exception)]
         if not good:
             return prepared
-        images = np.concatenate([images for images, _ in good])
         try:
+            images = np.concatenate([images for images, _ in good])
             probs = self.classify(images)
         except Exception as failure:  # onnxruntime raises its own untyped exceptions
-            return [p if isinstance(p, ValueError) else failure for p in prepared]
+            return [p if isinstance(p, Exception) else failure for p in prepared]
         self.batch_images.observe(len(images))
         self.batch_requests.observe(len(good))
         outcomes, start = [], 0
         for p in prepared:
-            if isinstance(p, ValueError):
+            if isinstance(p, Exception):
                 outcomes.append(p)
                 continue
             count = len(p[0])

@@ -85,7 +85,8 @@ class HttpToolsDeadline(HeaderDeadline, HttpToolsProtocol):
 
 
 class H11Deadline(HeaderDeadline, H11Protocol):
-    """h11, in pure Python: for platforms without httptools' wheels, and for comparison."""
+    """h11, in pure Python: uvicorn's other parser, kept as a fallback and for comparison (the
+    service before httptools, in bench/)."""
 
     def headers_pending(self) -> bool:
         return self.conn.their_state is h11.IDLE
