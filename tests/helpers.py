@@ -24,10 +24,12 @@ import optuna
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from cnnpipe import build
 from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.classifier import untrained
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata
+from cnnpipe.tracking.lineage import recipe_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -314,6 +316,12 @@ def folder_over_http(root: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def trained_params(cfg: DictConfig) -> dict[str, str]:
+    """The params a training run logs: its recipe, and the precision trainer.precision chose on
+    this machine."""
+    return {**recipe_params(cfg), "trainer.precision_used": build.precision(cfg)}
 
 
 def compose_for(run) -> DictConfig:

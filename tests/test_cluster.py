@@ -28,10 +28,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from cnnpipe.fit import HISTORY_KEYS
 from cnnpipe.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.tracking.lineage import recipe_params
 from cnnpipe.tracking.store import ui_link
 from tests import helpers
-from tests.helpers import ROOT, SEARCH, compose_for, copy_repo, make_archive, repo_env
+from tests.helpers import (
+    ROOT,
+    SEARCH,
+    compose_for,
+    copy_repo,
+    make_archive,
+    repo_env,
+    trained_params,
+)
 from tests.mlflow_ui import artifact_as_a_newcomer
 from tools.local_cluster import BUCKET
 
@@ -155,7 +162,7 @@ def test_a_slurm_sweep_runs_its_jobs_at_once_and_logs_everything_to_the_team_ser
     client = mlflow.MlflowClient(base)
     for child in children:
         assert child.info.status == "FINISHED"
-        assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
+        assert trained_params(compose_for(child)) == child.data.params, "no param lost"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
         assert {"test.acc", "train.seconds", "train/loss"} <= set(child.data.metrics)
         assert child.data.tags["sweep.overrides"].startswith("optim.lr=")

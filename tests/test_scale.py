@@ -15,9 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cnnpipe.config import compose_params
-from cnnpipe.tracking.lineage import recipe_params
 from tests import helpers
-from tests.helpers import ROOT, compose_for
+from tests.helpers import ROOT, compose_for, trained_params
 
 # Every command these tests run must succeed.
 cnnpipe = functools.partial(helpers.cnnpipe, check=True)
@@ -113,7 +112,7 @@ def test_parallel_sweep_on_sqlite_loses_nothing(project):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     for child in children:
         assert child.info.status == "FINISHED"
-        assert recipe_params(compose_for(child)) == child.data.params, "no param lost"
+        assert trained_params(compose_for(child)) == child.data.params, "no param lost"
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val/acc")] == [1, 2]
         assert {"test.acc", "train.seconds"} <= set(child.data.metrics)
 

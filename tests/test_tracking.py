@@ -18,7 +18,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cnnpipe import build, cli
+from cnnpipe import cli
 from cnnpipe.config import load_params
 from cnnpipe.fit import HISTORY_KEYS, train
 from cnnpipe.localhost import free_port
@@ -27,7 +27,7 @@ from cnnpipe.prepared import read_manifest
 from cnnpipe.tracking.lineage import recipe_params
 from cnnpipe.tracking.stage_run import read_run_id
 from cnnpipe.tracking.store import tracking_uri
-from tests.helpers import cnnpipe, composed, store
+from tests.helpers import cnnpipe, composed, store, trained_params
 
 
 def git(repo: Path, *args: str) -> str:
@@ -107,8 +107,7 @@ def test_a_pipeline_run_a_person_can_read(project, monkeypatch, archive):
     assert run.data.tags["git.dirty"] == "false"
     # 2. The recipe as params, once: no paths, no second copy from Lightning; and the precision
     # trainer.precision=auto chose on this CPU.
-    used = {"trainer.precision_used": build.precision(load_params())}
-    assert run.data.params == {**recipe_params(load_params()), **used}
+    assert run.data.params == trained_params(load_params())
     assert not {"lr", "net/_target_", "class_names", "mean"} & set(run.data.params)
     # ... and the data by content.
     (dataset,) = run.inputs.dataset_inputs
