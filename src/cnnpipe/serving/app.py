@@ -103,21 +103,6 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
 
 
 @dataclass
-class Service:
-    """What the handlers share: the model and its batcher, what is said about the model, the
-    limits, and the metrics."""
-
-    model: OnnxModel
-    batcher: Batcher
-    metadata: dict
-    max_body_bytes: int
-    top_k: int
-    body_timeout_s: float
-    registry: CollectorRegistry
-    images_classified: Counter
-
-
-@dataclass
 class Limits:
     """What the service takes and how it batches: `cnnpipe serve`'s options."""
 
@@ -129,6 +114,19 @@ class Limits:
     max_batch: int = 64
     batch_window_s: float = 0.0
     max_queue: int = 256
+
+
+@dataclass
+class Service:
+    """What the handlers share: the model and its batcher, what is said about the model, the
+    limits, and the metrics."""
+
+    model: OnnxModel
+    batcher: Batcher
+    metadata: dict
+    limits: Limits
+    registry: CollectorRegistry
+    images_classified: Counter
 
 
 def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
@@ -159,16 +157,7 @@ def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
         limits.max_queue,
         registry,
     )
-    return Service(
-        onnx_model,
-        batcher,
-        metadata,
-        limits.max_body_bytes,
-        limits.top_k,
-        limits.body_timeout_s,
-        registry,
-        images_classified,
-    )
+    return Service(onnx_model, batcher, metadata, limits, registry, images_classified)
 
 
 def service_of(request: Request) -> Service:
@@ -223,8 +212,8 @@ async def metadata(request: Request) -> JSONResponse:
             "model": service.metadata,
             "class_names": service.model.class_names,
             "request": f"image files; each is converted to RGB and resized to {width}x{height}",
-            "max_body_bytes": service.max_body_bytes,
-            "top_k": service.top_k,
+            "max_body_bytes": service.limits.max_body_bytes,
+            "top_k": service.limits.top_k,
         }
     )
 
@@ -258,24 +247,22 @@ async def predict(request: Request) -> JSONResponse:
       503: {description: Too many requests are waiting; retry shortly.}
     """
     service = service_of(request)
+    limits = service.limits
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind.startswith("image/") or kind == "application/octet-stream":
-        body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
-        files = [("body", body)]
-    elif kind == "multipart/form-data":
-        body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
-        files = await multipart_files(request, body)
-    else:
+    multipart = kind == "multipart/form-data"
+    if not (multipart or kind.startswith("image/") or kind == "application/octet-stream"):
         return error(
             415, "send an image (image/*, application/octet-stream) or multipart/form-data"
         )
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+    files = await multipart_files(request, body) if multipart else [("body", body)]
     # Decoded in the batcher's thread: a large JPEG must not stall every other connection.
     try:
         probs, notes = await service.batcher.run(lambda: decode_all(files, service.model.size))
     except ValueError as reason:
         return error(400, str(reason))
     service.images_classified.inc(len(probs))
-    top = service.model.top_k(probs, service.top_k)
+    top = service.model.top_k(probs, limits.top_k)
     predictions = [
         {"file": name, "top_k": [{"label": c, "probability": p} for c, p in best], "note": note}
         for (name, _), best, note in zip(files, top, notes, strict=True)

@@ -7,7 +7,8 @@ import onnxruntime as ort
 
 from cnnpipe import PipelineError, contract
 
-# The service's batches (at most 64 one-image requests) keep their memory between runs.
+# Runs of up to this many images keep their memory for the next: the service's batches (64
+# one-image requests at most, by default).
 SHRINK_ABOVE = 64
 
 
@@ -30,8 +31,8 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: Path | str, release_memory: bool = False) -> "OnnxModel":
-        """The model in `path`; `release_memory`: give back after each run what it took (for a
-        long-running service)."""
+        """The model in `path`; `release_memory`: for a long-running service, whose threads wait
+        between requests and which gives back what a large batch took."""
         options = ort.SessionOptions()
         if release_memory:
             # A service's threads wait for requests: spinning would take the CPU their HTTP needs.

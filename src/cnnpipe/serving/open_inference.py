@@ -124,7 +124,8 @@ async def ready(request: Request) -> Response:
 async def infer(request: Request) -> JSONResponse:
     name, version = served(request)
     service = request.app.state.service
-    body = await read_body(request, service.max_body_bytes, service.body_timeout_s)
+    limits = service.limits
+    body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
 
     def prepare() -> tuple[np.ndarray, None]:
         # In the batcher's thread: checking a large body must not stall every other connection.

@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-log", action="store_true", help="log each request")
     args = parser.parse_args(argv)
     limits = Limits(
-        int(args.max_body_mb * (1 << 20)),
-        args.top_k,
-        args.body_timeout_s,
-        args.max_batch,
-        args.batch_window_ms / 1000,
-        args.max_queue,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        top_k=args.top_k,
+        body_timeout_s=args.body_timeout_s,
+        max_batch=args.max_batch,
+        batch_window_s=args.batch_window_ms / 1000,
+        max_queue=args.max_queue,
     )
     path, registered = args.model, None
     if path.startswith("models:/"):
