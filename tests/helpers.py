@@ -16,6 +16,8 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import numpy as np
 import optuna
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from cnnpipe import build
 from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
@@ -235,8 +239,6 @@ def make_image_folder(
 ) -> dict[str, np.ndarray]:
     """Write `per_class` images of each class to root/<class>/<i>.<fmt>, each with its class in
     its colour so that a model can learn it; returns the pixels written, by path under root."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     written = {}
     suffix = {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
@@ -328,3 +330,33 @@ def compose_for(run) -> DictConfig:
     """The composed config that a sweep's child run's params must mirror key for key."""
     overrides = run.data.tags["sweep.overrides"].split()
     return OmegaConf.create(compose_params(overrides, conf_dir=Path("conf")))
+
+
+# Calls to the service, as a client makes them.
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def call(url: str, data: bytes | None = None, content_type: str | None = None):
+    headers = {"Content-Type": content_type} if content_type else {}
+    try:
+        request = urllib.request.Request(url, data=data, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def samples(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -3,12 +3,10 @@ own image's, and a full queue answered 503 at once."""
 
 import asyncio
 import concurrent.futures
-import io
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from cnnpipe.images import decode
@@ -17,8 +15,7 @@ from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
-from tests.helpers import CLASSES, export_random_model
-from tests.test_serve import call, samples
+from tests.helpers import CLASSES, call, export_random_model, png, samples
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +24,8 @@ def model_path(tmp_path_factory):
     return export_random_model(path, CLASSES, flip=True)
 
 
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+def image(seed: int) -> bytes:
+    return png(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 def post_all(url: str, bodies: list[bytes]) -> list[tuple[int, dict]]:
@@ -40,7 +34,7 @@ def post_all(url: str, bodies: list[bytes]) -> list[tuple[int, dict]]:
 
 
 def test_concurrent_requests_share_one_model_call_and_get_their_own_answers(model_path):
-    bodies = [png(seed) for seed in range(7)] + [b"\x89PNG\r\n\x1a\n" + bytes(100)]
+    bodies = [image(seed) for seed in range(7)] + [b"\x89PNG\r\n\x1a\n" + bytes(100)]
     # A window long enough for all eight to arrive: the eighth fills the batch and starts it.
     limits = Limits(top_k=len(CLASSES), max_batch=len(bodies), batch_window_s=30)
     with running(create_app(str(model_path), limits)) as url:
@@ -69,14 +63,14 @@ def test_a_full_queue_is_answered_503_at_once_and_the_queued_requests_are_served
     limits = Limits(max_batch=64, batch_window_s=3, max_queue=2)
     with running(create_app(str(model_path), limits)) as url:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            queued = [pool.submit(call, f"{url}/predict", png(i), "image/png") for i in range(2)]
+            queued = [pool.submit(call, f"{url}/predict", image(i), "image/png") for i in range(2)]
             wait_until(
                 "two queued requests",
                 lambda: samples(url)[("cnnpipe_batch_queue", ())] == 2,
                 10,
             )
             start = time.perf_counter()
-            status, answer = call(f"{url}/predict", png(2), "image/png")
+            status, answer = call(f"{url}/predict", image(2), "image/png")
             seconds = time.perf_counter() - start
             assert status == 503 and "busy (2 requests waiting): retry shortly" in answer["error"]
             assert seconds < 1, "refused at once, not after the window"

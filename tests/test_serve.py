@@ -2,7 +2,6 @@
 
 import hashlib
 import http.client
-import io
 import json
 import re
 import socket
@@ -15,14 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from cnnpipe import PipelineError
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import PARSERS, running
-from tests.helpers import CLASSES, export_random_model, foreign_model
+from tests.helpers import CLASSES, call, export_random_model, foreign_model, png, samples
 
 LIMIT = 200_000
 TIMEOUT_S = 1.0
@@ -40,22 +37,6 @@ def server(request, model_path):
     app = create_app(str(model_path), Limits(LIMIT, top_k=2, body_timeout_s=TIMEOUT_S))
     with running(app, header_timeout_s=TIMEOUT_S, parser=request.param) as url:
         yield url
-
-
-def png(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def call(url: str, data: bytes | None = None, content_type: str | None = None):
-    headers = {"Content-Type": content_type} if content_type else {}
-    try:
-        request = urllib.request.Request(url, data=data, headers=headers)
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -94,17 +75,6 @@ def test_openapi_describes_the_routes_for_programs(server):
     assert {"image/*", "multipart/form-data"} == set(predict["requestBody"]["content"])
     codes = {str(code) for code in predict["responses"]}
     assert codes == {"200", "400", "408", "413", "415", "503"}
-
-
-def samples(url: str) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=")
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_metrics_count_what_was_served(model_path):
