@@ -155,8 +155,10 @@ def memory_mb(pid: int) -> tuple[float, float]:
 def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "cnnpipe.cli", "serve", str(model), "--port", str(port)]
     command += ["--max-body-mb", str(MAX_BODY_MB), "--body-timeout-s", str(BODY_TIMEOUT_S)]
+    # uvicorn's access log goes to stdout, a line per request: never to an unread pipe. Its
+    # stderr says why a server did not start.
     server = subprocess.Popen(
-        [*command, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server, "the service", 30)
