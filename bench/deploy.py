@@ -95,17 +95,16 @@ def views_table(cfg, classifier, names: list[str], folder: Path, rounds: int) ->
     calibration = calibration_images(cfg)
     runs, rows = {}, []
     for flip, shift in VIEWS:
-        model, metadata = (
-            TorchModel(classifier, flip, shift),
-            Metadata(names, None, None, flip, shift),
-        )
+        model = TorchModel(classifier, flip, shift)
+        metadata = Metadata(names, tta_flip=flip, tta_shift=shift)
         fp32, int8 = folder / f"views{flip}{shift}.onnx", folder / f"views{flip}{shift}.int8.onnx"
         export_onnx(model, fp32, metadata, cfg.export.opset, cfg.parity.atol, [1])
         quantize(model, int8, calibration, metadata, cfg.export.opset, cfg.parity.atol)
+        views = describe_tta(flip, shift)
         for precision, path in (("FP32", fp32), ("INT8", int8)):
             run = OnnxModel.load(path).probabilities
-            runs[(describe_tta(flip, shift), precision)] = run
-            rows.append((describe_tta(flip, shift), precision, accuracy(run, images, labels)))
+            runs[(views, precision)] = run
+            rows.append((views, precision, accuracy(run, images, labels)))
     rates = images_per_second(runs, images[:256], rounds)
     return [(views, precision, rates[(views, precision)], acc) for views, precision, acc in rows]
 
