@@ -168,9 +168,12 @@ def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
     return server
 
 
-# The service before batching (one model call per request, h11, a log line per request), and
-# now: the same file served both ways.
-SERVICES = {"unbatched": ("--max-batch", "1", "--http", "h11", "--access-log"), "batched": ()}
+# The service before batching (one model call per request, h11, asyncio's loop, a log line per
+# request), and now: the same file served both ways.
+SERVICES = {
+    "unbatched": ("--max-batch", "1", "--http", "h11", "--loop", "asyncio", "--access-log"),
+    "batched": (),
+}
 
 
 def apache_bench(port: int, jpeg: Path, clients: int, requests: int) -> tuple[float, float, int]:

@@ -18,7 +18,7 @@ import pytest
 from cnnpipe import PipelineError
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.serving.server import PARSERS, running
+from cnnpipe.serving.server import running
 from tests.helpers import CLASSES, call, export_random_model, foreign_model, png, samples
 
 LIMIT = 200_000
@@ -31,11 +31,13 @@ def model_path(tmp_path_factory):
     return export_random_model(path, CLASSES, flip=False)
 
 
-@pytest.fixture(scope="module", params=list(PARSERS))
+@pytest.fixture(scope="module", params=[("httptools", "uvloop"), ("h11", "asyncio")])
 def server(request, model_path):
-    """The service with each HTTP parser: every answer and deadline must hold with both."""
+    """The service with its C parser and loop, and with the pure-Python ones: every answer and
+    deadline must hold with both."""
     app = create_app(str(model_path), Limits(LIMIT, top_k=2, body_timeout_s=TIMEOUT_S))
-    with running(app, header_timeout_s=TIMEOUT_S, parser=request.param) as url:
+    parser, loop = request.param
+    with running(app, header_timeout_s=TIMEOUT_S, parser=parser, loop=loop) as url:
         yield url
 
 

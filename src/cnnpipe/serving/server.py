@@ -98,6 +98,8 @@ class H11Deadline(HeaderDeadline, H11Protocol):
 
 
 PARSERS = {"httptools": HttpToolsDeadline, "h11": H11Deadline}
+# uvloop (libuv, in C): uvicorn's faster event loop; asyncio's own is kept for comparison.
+LOOPS = ["uvloop", "asyncio"]
 
 
 def server(
@@ -106,6 +108,7 @@ def server(
     port: int,
     header_timeout_s: float,
     parser: str = "httptools",
+    loop: str = "uvloop",
     access_log: bool = False,
     log_level: str = "info",
 ) -> uvicorn.Server:
@@ -115,6 +118,7 @@ def server(
         host=host,
         port=port,
         http=protocol,
+        loop=loop,
         access_log=access_log,
         log_level=log_level,
     )
@@ -123,10 +127,14 @@ def server(
 
 @contextmanager
 def running(
-    app: Starlette, header_timeout_s: float = 10, parser: str = "httptools", start_s: float = 30
+    app: Starlette,
+    header_timeout_s: float = 10,
+    parser: str = "httptools",
+    loop: str = "uvloop",
+    start_s: float = 30,
 ) -> Iterator[str]:
     """The app on a free 127.0.0.1 port in a thread, for tests and benchmarks: its base URL."""
-    service = server(app, "127.0.0.1", 0, header_timeout_s, parser, log_level="warning")
+    service = server(app, "127.0.0.1", 0, header_timeout_s, parser, loop, log_level="warning")
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_s
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                           help="requests that may wait; more are answered 503")  # fmt: skip
     parser.add_argument("--http", choices=list(PARSERS), default="httptools",
                         help="the HTTP parser; h11 is pure Python")  # fmt: skip
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop",
+                        help="the event loop; asyncio is Python's own")  # fmt: skip
     # Off by default: a line per request takes a fifth of the service's requests/s; /metrics
     # counts requests by route and status.
     parser.add_argument("--access-log", action="store_true", help="log each request")
@@ -183,4 +193,6 @@ def main(argv: list[str] | None = None) -> None:
 
         path, registered = fetch_registered(path)
     app = create_app(path, limits, registered)
-    server(app, args.host, args.port, args.header_timeout_s, args.http, args.access_log).run()
+    server(
+        app, args.host, args.port, args.header_timeout_s, args.http, args.loop, args.access_log
+    ).run()
