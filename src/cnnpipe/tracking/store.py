@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{link} (after: mlflow ui --backend-store-uri {uri})"
 
 
+def answers(server: str) -> bool:
+    """Whether the MLflow server at `server` answers its health check now."""
+    try:
+        with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # down, or not an http(s) URI
+        return False
+
+
 def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
     """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
     Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
@@ -77,11 +87,13 @@ def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str
         return "the disk is full; free some space, then run again"
     if "disk i/o error" in text:
         return "a disk I/O error (is the disk full or failing?); check it, then run again"
-    if "mlflow-artifacts" in text and "500 error" in text:
-        # The server is up; behind it, its artifact store (a bucket) refused or did not answer.
+    # An upload through the server failed: it answered 500, or reset the connection as it
+    # answered without reading the body. If the server still answers, its artifact store (a
+    # bucket) refused or did not answer.
+    if "mlflow-artifacts" in text and ("500 error" in text or answers(mlflow.get_tracking_uri())):
         return (
-            "the server cannot store artifacts (it answers HTTP 500): check its "
-            "--artifacts-destination (a bucket that is down, missing or refuses the server's "
+            "the server cannot store artifacts (it failed an upload and answers otherwise): check "
+            "its --artifacts-destination (a bucket that is down, missing or refuses the server's "
             "credentials), then run again"
         )
     if "connection" in text or "max retries" in text or "refused" in text:
