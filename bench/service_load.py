@@ -7,8 +7,9 @@ usage: python bench/service_load.py [--model models/model.onnx] [--connections 3
 Every request must get its expected answer (200 with predictions, or 413, 415, 400, 408), the
 server must stay up, and its memory must stay bounded. Prints throughput as a ratio against one
 client sending the same valid requests in turn, in the same run. Under `ab`, one JPEG per request,
-the same model file is served unbatched (--max-batch 1 --http h11 --access-log: the service
-before batching) and batched (the defaults), in turn, at 4 and 64 clients.
+the same model file is served unbatched (--workers 1 --max-batch 1 --http h11 --loop asyncio
+--access-log: the service before batching) and batched (the defaults), in turn, at 4 and 64
+clients.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from cnnpipe.localhost import free_port, wait_for_http
@@ -145,11 +147,14 @@ async def stalled_clients(port: int, count: int, valid: list) -> tuple[int, int,
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
-    """(current, peak) resident memory of process `pid`."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    """(current, peak) resident memory of the service `pid` and its worker processes, summed."""
+    now = peak = 0.0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in status)
+        now += int(fields["VmRSS"].split()[0]) / 1024
+        peak += int(fields["VmHWM"].split()[0]) / 1024
+    return now, peak
 
 
 def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
@@ -168,12 +173,14 @@ def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
     return server
 
 
-# The service before batching (one model call per request, h11, asyncio's loop, a log line per
-# request), and now: the same file served both ways.
+# The service before batching (one process, one model call per request, h11, asyncio's loop, a
+# log line per request), and now: the same file served both ways.
 SERVICES = {
-    "unbatched": ("--max-batch", "1", "--http", "h11", "--loop", "asyncio", "--access-log"),
+    "unbatched": (
+        "--workers", "1", "--max-batch", "1", "--http", "h11", "--loop", "asyncio", "--access-log"
+    ),
     "batched": (),
-}
+}  # fmt: skip
 
 
 def apache_bench(port: int, jpeg: Path, clients: int, requests: int) -> tuple[float, float, int]:

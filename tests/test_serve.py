@@ -3,6 +3,7 @@
 import hashlib
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -10,12 +11,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnnpipe import PipelineError
+from cnnpipe.localhost import wait_until
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
@@ -375,7 +378,7 @@ def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
     port = free_port()
     service = subprocess.Popen(
         [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path), "--port",
-         str(port)],
+         str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -399,4 +402,69 @@ def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
         assert grown < 60, f"{grown:.0f} MB kept after the request"
     finally:
         service.terminate()
+        service.wait(timeout=30)
+
+
+def start_workers(model_path: Path, tmp_path: Path) -> tuple[subprocess.Popen, str, list[int]]:
+    """`cnnpipe serve --workers 2` with its temporary files under tmp_path, once both workers
+    answer: the service, its URL and the workers' pids."""
+    from cnnpipe.localhost import free_port, wait_for_http
+
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path)]
+    service = subprocess.Popen(
+        [*command, "--port", str(port), "--workers", "2"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health/ready", service, "cnnpipe serve", deadline_s=60)
+
+    # Each worker keeps its metrics in files named with its pid (counter_<pid>.db), from its start.
+    def pids() -> set[int]:
+        return {int(f.stem.split("_")[-1]) for f in tmp_path.glob("cnnpipe-metrics-*/*.db")}
+
+    wait_until("both workers started", lambda: len(pids()) == 2, 60)
+    return service, url, sorted(pids())
+
+
+def test_worker_processes_share_the_port_the_metrics_and_the_stop(model_path, tmp_path):
+    import psutil
+
+    service, url, _ = start_workers(model_path, tmp_path)
+    try:
+        children = psutil.Process(service.pid).children(recursive=True)
+        image = png(np.full((32, 32, 3), 7, dtype=np.uint8))
+        with ThreadPoolExecutor(8) as pool:
+            sent = [pool.submit(call, f"{url}/predict", image, "image/png") for _ in range(40)]
+        assert [future.result()[0] for future in sent] == [200] * 40
+        # Whichever worker answers /metrics counts the requests of both.
+        for _ in range(4):
+            assert samples(url)[("cnnpipe_images_classified_total", ())] == 40
+        service.terminate()
+        assert service.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, "every process of the service ended"
+        assert not list(tmp_path.glob("cnnpipe-metrics-*")), "the metrics' files removed"
+    finally:
+        service.kill()
+        service.wait(timeout=30)
+
+
+def test_a_worker_that_dies_stops_the_service_in_one_line(model_path, tmp_path):
+    import psutil
+
+    service, _, workers = start_workers(model_path, tmp_path)
+    try:
+        children = psutil.Process(service.pid).children(recursive=True)
+        psutil.Process(workers[0]).kill()
+        assert service.wait(timeout=30) == 1
+        said = service.stderr.read().strip().splitlines()[-1]
+        assert said == (
+            f"cnnpipe serve: error: worker process {workers[0]} was killed by signal 9, so the "
+            "service stopped"
+        )
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, "the other worker ended too"
+    finally:
+        service.kill()
         service.wait(timeout=30)

@@ -11,12 +11,20 @@ content types, 400 for bad images.
 """
 
 import hashlib
+import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Info, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
@@ -119,17 +127,18 @@ class Limits:
 @dataclass
 class Service:
     """What the handlers share: the model and its batcher, what is said about the model, the
-    limits, and the metrics."""
+    limits, and the metrics: made in `registry`, shown from `exposition`."""
 
     model: OnnxModel
     batcher: Batcher
     metadata: dict
     limits: Limits
     registry: CollectorRegistry
+    exposition: CollectorRegistry
     images_classified: Counter
 
 
-def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
+def checked_model(model_path: str) -> OnnxModel:
     """The model at `model_path`, run once: a model that loads but cannot run fails here, at
     start, and the first request does not pay for onnxruntime's first-run allocations."""
     onnx_model = OnnxModel.load(model_path, release_memory=True)
@@ -141,15 +150,32 @@ def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
         text = str(failure).strip()
         reason = text.splitlines()[0] if text else repr(failure)
         raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
-    metadata = model_metadata(model_path, onnx_model, registered)
+    return onnx_model
+
+
+def registries() -> tuple[CollectorRegistry, CollectorRegistry]:
+    """Where the metrics are made and what /metrics shows: one registry in one process; under
+    `cnnpipe serve --workers` (PROMETHEUS_MULTIPROC_DIR set), the files of every worker."""
     registry = CollectorRegistry()
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return registry, registry
+    exposition = CollectorRegistry()
+    MultiProcessCollector(exposition)
+    return registry, exposition
+
+
+def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
+    onnx_model = checked_model(model_path)
+    metadata = model_metadata(model_path, onnx_model, registered)
+    registry, exposition = registries()
     images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
-    Info("cnnpipe_model", "The model being served", registry=registry).info(
-        {
-            k: "" if metadata[k] is None else str(metadata[k])
-            for k in ("name", "version", "file", "sha256", "test_accuracy")
-        }
-    )
+    # A gauge of 1, as Prometheus' info metrics are: Info does not work across processes.
+    keys = ("name", "version", "file", "sha256", "test_accuracy")
+    model_info = Gauge(
+        "cnnpipe_model_info", "The model being served", keys, registry=registry,
+        multiprocess_mode="max",
+    )  # fmt: skip
+    model_info.labels(*("" if metadata[k] is None else str(metadata[k]) for k in keys)).set(1)
     batcher = Batcher(
         onnx_model.probabilities,
         limits.max_batch,
@@ -157,7 +183,7 @@ def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
         limits.max_queue,
         registry,
     )
-    return Service(onnx_model, batcher, metadata, limits, registry, images_classified)
+    return Service(onnx_model, batcher, metadata, limits, registry, exposition, images_classified)
 
 
 def service_of(request: Request) -> Service:
@@ -280,7 +306,7 @@ async def openapi(_: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(service_of(request).registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service_of(request).exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 ROUTES: list[BaseRoute] = [

@@ -50,9 +50,12 @@ class Batcher:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=registry,
         )
-        Gauge(
-            "cnnpipe_batch_queue", "Requests waiting for the model", registry=registry
-        ).set_function(lambda: len(self.pending))
+        # Counted up and down, not read from the queue: a function's value does not cross
+        # processes (cnnpipe serve --workers).
+        self.queued = Gauge(
+            "cnnpipe_batch_queue", "Requests waiting for the model", registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
 
     async def run(self, prepare: Prepare) -> tuple[np.ndarray, Any]:
         """The probabilities of the images `prepare` returns, and what else it returned; its
@@ -63,6 +66,7 @@ class Batcher:
             )
         future = asyncio.get_running_loop().create_future()
         self.pending.append((prepare, future))
+        self.queued.inc()
         self.arrived.set()
         return await future
 
@@ -87,6 +91,7 @@ class Batcher:
                 continue
             await self.gather(loop.time() + self.window_s)
             jobs = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+            self.queued.dec(len(jobs))
             outcomes = await loop.run_in_executor(self.thread, self.run_batch, jobs)
             for (_, future), outcome in zip(jobs, outcomes, strict=True):
                 if future.done():  # the client went away

@@ -4,10 +4,17 @@ MODEL is the ONNX file or a registered version: models:/NAME/VERSION or models:/
 """
 
 import asyncio
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing.connection import wait
 
 import h11
 import uvicorn
@@ -17,7 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import PipelineError
 from cnnpipe.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, Parser
-from cnnpipe.serving.app import Limits, create_app
+from cnnpipe.serving.app import Limits, checked_model, create_app
 
 
 class HeaderDeadline:
@@ -149,6 +156,54 @@ def running(
         thread.join(timeout=10)
 
 
+def worker(sock: socket.socket, app_args: tuple, options: dict) -> None:
+    """One of `serve_workers`' processes: its own model and batcher, on the shared socket."""
+    server(create_app(*app_args), "", 0, **options).run(sockets=[sock])
+
+
+def serve_workers(workers: int, host: str, port: int, app_args: tuple, options: dict) -> None:
+    """The service in `workers` processes accepting on one socket: a process runs one thread of
+    Python at a time, and its HTTP and batching keep about one core busy (docs/performance.md).
+    The metrics of all of them are shown together (Prometheus' multiprocess mode)."""
+    checked_model(app_args[0])  # a bad model is refused here once, in one line
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:
+        raise PipelineError(f"cannot listen on {host}:{port} ({error.strerror})") from None
+    spawn = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive a fork
+    processes = [
+        spawn.Process(target=worker, args=(sock, app_args, options)) for _ in range(workers)
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-metrics-") as metrics:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics  # read by each worker as it starts
+        for process in processes:
+            process.start()
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        print(f"serving on {url} in {workers} worker processes (Ctrl+C stops)", file=sys.stderr)
+        ready = wait([process.sentinel for process in processes])
+        ended = next(p for p in processes if p.sentinel in ready)
+        failed = not stopping
+        stop()
+        for process in processes:
+            process.join()
+    if failed:
+        code = ended.exitcode or 0
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise PipelineError(f"worker process {ended.pid} {how}, so the service stopped")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(prog="cnnpipe serve", description=__doc__)
     parser.add_argument(
@@ -177,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     # Off by default: a line per request takes a fifth of the service's requests/s; /metrics
     # counts requests by route and status.
     parser.add_argument("--access-log", action="store_true", help="log each request")
+    parser.add_argument("--workers", type=COUNT, default=2,
+                        help="processes serving the port, each with its model")  # fmt: skip
     args = parser.parse_args(argv)
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -192,7 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         from cnnpipe.tracking.registry import fetch_registered
 
         path, registered = fetch_registered(path)
-    app = create_app(path, limits, registered)
-    server(
-        app, args.host, args.port, args.header_timeout_s, args.http, args.loop, args.access_log
-    ).run()
+    options = {
+        "header_timeout_s": args.header_timeout_s,
+        "parser": args.http,
+        "loop": args.loop,
+        "access_log": args.access_log,
+    }
+    if args.workers > 1:
+        serve_workers(args.workers, args.host, args.port, (path, limits, registered), options)
+    else:
+        server(create_app(path, limits, registered), args.host, args.port, **options).run()
