@@ -468,3 +468,16 @@ def test_a_worker_that_dies_stops_the_service_in_one_line(model_path, tmp_path):
     finally:
         service.kill()
         service.wait(timeout=30)
+
+
+def test_workers_on_a_port_in_use_are_refused_in_one_line(model_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path)]
+        result = subprocess.run([*command, "--port", str(port), "--workers", "2"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"cnnpipe serve: error: cannot listen on 127.0.0.1:{port} (Address already in use): "
+        "choose another --port or --host\n"
+    )

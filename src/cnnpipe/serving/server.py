@@ -170,7 +170,10 @@ def serve_workers(workers: int, host: str, port: int, app_args: tuple, options: 
     try:
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
-        raise PipelineError(f"cannot listen on {host}:{port} ({error.strerror})") from None
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise PipelineError(
+            f"cannot listen on {host}:{port} ({reason}): choose another --port or --host"
+        ) from None
     spawn = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive a fork
     processes = [
         spawn.Process(target=worker, args=(sock, app_args, options)) for _ in range(workers)
