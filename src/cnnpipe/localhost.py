@@ -1,5 +1,5 @@
-"""Ports, HTTP checks and waits, each wait with a deadline: for the tests, the benches,
-tools/local_cluster.py, and a stage asking whether its MLflow server is up."""
+"""Ports and waits on this machine, each wait with a deadline: for the tests, the benches and
+tools/local_cluster.py."""
 
 import socket
 import subprocess
@@ -15,15 +15,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def answers(url: str, timeout_s: float = 2) -> bool:
-    """Whether `url` answers now with a status below 400."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 def wait_until(what: str, ready: Callable[[], bool], deadline_s: float) -> None:
     """Poll `ready` until it is true; TimeoutError naming `what` once `deadline_s` have passed."""
     deadline = time.monotonic() + deadline_s
@@ -37,12 +28,14 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, deadline_s: fl
     """Wait until `url` answers; RuntimeError if `process` (the server) exits first, with its
     stderr when that is a pipe, TimeoutError once the deadline passes."""
 
-    def up() -> bool:
-        if answers(url):
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(url, timeout=2)
             return True
-        if process.poll() is not None:
-            said = process.stderr.read().decode()[-2000:] if process.stderr else ""
-            raise RuntimeError(f"{what} exited before answering {url}\n{said}")
-        return False
+        except OSError:
+            if process.poll() is not None:
+                said = process.stderr.read().decode()[-2000:] if process.stderr else ""
+                raise RuntimeError(f"{what} exited before answering {url}\n{said}") from None
+            return False
 
-    wait_until(f"{what} at {url}", up, deadline_s)
+    wait_until(f"{what} at {url}", answers, deadline_s)

@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from omegaconf import DictConfig
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
-from cnnpipe.localhost import answers
 
 
 def quiet_mlflow() -> None:
@@ -59,6 +59,15 @@ def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{link} (after: mlflow ui --backend-store-uri {uri})"
 
 
+def answers(server: str) -> bool:
+    """Whether the MLflow server at `server` answers its health check now."""
+    try:
+        with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # down, or not an http(s) URI
+        return False
+
+
 def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str:
     """What went wrong with a database, in words, and what to do; `setting` points elsewhere.
     Read from the error and the ones it came from (Optuna wraps SQLAlchemy's)."""
@@ -81,8 +90,7 @@ def store_problem(error: Exception, setting: str = "MLFLOW_TRACKING_URI") -> str
     # An upload through the server failed: it answered 500, or reset the connection as it
     # answered without reading the body. If the server still answers, its artifact store (a
     # bucket) refused or did not answer.
-    uploaded = "mlflow-artifacts" in text  # only an http(s) store has this route
-    if uploaded and ("500 error" in text or answers(f"{mlflow.get_tracking_uri()}/health", 5)):
+    if "mlflow-artifacts" in text and ("500 error" in text or answers(mlflow.get_tracking_uri())):
         return (
             "the server cannot store artifacts (it failed an upload and answers otherwise): check "
             "its --artifacts-destination (a bucket that is down, missing or refuses the server's "
