@@ -481,3 +481,14 @@ def test_workers_on_a_port_in_use_are_refused_in_one_line(model_path):
         f"cnnpipe serve: error: cannot listen on 127.0.0.1:{port} (Address already in use): "
         "choose another --port or --host\n"
     )
+
+
+def test_workers_on_a_host_that_does_not_resolve_are_refused_in_one_line(model_path):
+    command = [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path)]
+    result = subprocess.run([*command, "--host", "nonexistent.invalid", "--workers", "2"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "cnnpipe serve: error: cannot listen on nonexistent.invalid:8000 (the host does not "
+        "resolve): choose another --port or --host\n"
+    )

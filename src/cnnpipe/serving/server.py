@@ -170,7 +170,10 @@ def serve_workers(workers: int, host: str, port: int, app_args: tuple, options: 
     try:
         sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
+        # create_server appends the address to strerror, so errno's own text is the reason;
+        # negative errnos are getaddrinfo's, for a host name that does not resolve.
+        errno = error.errno or 0
+        reason = os.strerror(errno) if errno > 0 else "the host does not resolve"
         raise PipelineError(
             f"cannot listen on {host}:{port} ({reason}): choose another --port or --host"
         ) from None
