@@ -38,6 +38,7 @@ from cnnpipe.inference import TorchModel, describe_tta, nhwc
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.prepared import write_random
 from cnnpipe.quantization import accuracy, calibration_images, images_per_second, quantize
+from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
@@ -84,7 +85,10 @@ def service(
     return len(ok) / seconds, statistics.quantiles(ok, n=100)[98], len(times) - len(ok)
 
 
-VIEWS = [(False, 0), (True, 0), (False, 1), (True, 1)]  # (flip, shift): 1, 2, 3 and 6 views
+# 1, 2, 3 (the default) and 6 views, each moved by 1 pixel where it is moved.
+VIEWS = [
+    ("image",), ("image", "mirror"), ("image", "mirror_up_left", "mirror_down_right"), TTA_VIEWS
+]  # fmt: skip
 
 
 def views_table(cfg, classifier, names: list[str], folder: Path, rounds: int) -> list[tuple]:
@@ -94,17 +98,17 @@ def views_table(cfg, classifier, names: list[str], folder: Path, rounds: int) ->
     images, labels = nhwc(test_images).numpy(), test_labels.numpy()
     calibration = calibration_images(cfg)
     runs, rows = {}, []
-    for flip, shift in VIEWS:
-        model = TorchModel(classifier, flip, shift)
-        metadata = Metadata(names, tta_flip=flip, tta_shift=shift)
-        fp32, int8 = folder / f"views{flip}{shift}.onnx", folder / f"views{flip}{shift}.int8.onnx"
+    for i, views in enumerate(VIEWS):
+        model = TorchModel(classifier, views)
+        metadata = Metadata(names, tta_views=views)
+        fp32, int8 = folder / f"views{i}.onnx", folder / f"views{i}.int8.onnx"
         export_onnx(model, fp32, metadata, cfg.export.opset, cfg.parity.atol, [1])
         quantize(model, int8, calibration, metadata, cfg.export.opset, cfg.parity.atol)
-        views = describe_tta(flip, shift)
+        label = describe_tta(views, 1)
         for precision, path in (("FP32", fp32), ("INT8", int8)):
             run = OnnxModel.load(path).probabilities
-            runs[(views, precision)] = run
-            rows.append((views, precision, accuracy(run, images, labels)))
+            runs[(label, precision)] = run
+            rows.append((label, precision, accuracy(run, images, labels)))
     rates = images_per_second(runs, images[:256], rounds)
     return [(views, precision, rates[(views, precision)], acc) for views, precision, acc in rows]
 
@@ -129,9 +133,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             names = [str(i) for i in range(10)]
-            torch_model = TorchModel(untrained(names), flip=True, shift=1)
+            torch_model = TorchModel(untrained(names), TTA_VIEWS)
             model, int8 = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
-            metadata = Metadata(names, tta_flip=True, tta_shift=1)
+            metadata = Metadata(names, tta_views=TTA_VIEWS)
             export_onnx(torch_model, model, metadata, opset, atol, [1])
         else:
             model, int8 = Path(args.model), Path(args.int8)
@@ -139,8 +143,8 @@ def main() -> None:
         metadata = fp32.metadata
         if not args.tiny:
             # Eager PyTorch computes the views the model was exported with.
-            flip, shift = metadata.tta_flip, metadata.tta_shift
-            torch_model = TorchModel(load_checkpoint(args.checkpoint), flip, shift)
+            views, shift = metadata.tta_views, metadata.tta_shift
+            torch_model = TorchModel(load_checkpoint(args.checkpoint), views, shift)
         if not int8.is_file():
             int8 = Path(tmp) / "int8.onnx"
             quantize(torch_model, int8, batch[:64], metadata, opset, atol)
@@ -190,7 +194,7 @@ def main() -> None:
         }
 
     fp32_rate, int8_rate = rates["onnxruntime fp32"], rates["onnxruntime int8"]
-    tta = describe_tta(torch_model.flip, torch_model.shift)
+    tta = describe_tta(torch_model.views, torch_model.shift)
     print(f"\nbatch 256, {tta}, {torch.get_num_threads()} threads")
     for name, rate in rates.items():
         print(f"  {name:>18}: {rate:9.0f} images/s")
@@ -211,9 +215,9 @@ def main() -> None:
     ratio = served["batched"][0] / served["unbatched"][0]
     print(f"service batched / unbatched      = {ratio:.2f}")
     if table:
-        print(f"\n{'test-time views':<45} {'':4} {'images/s':>9} {'test acc':>8}")
+        print(f"\n{'':4} {'images/s':>9} {'test acc':>8}  test-time views")
         for views, precision, rate, acc in table:
-            print(f"{views:<45} {precision:4} {rate:9.0f} {acc:8.2%}")
+            print(f"{precision:4} {rate:9.0f} {acc:8.2%}  {views}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def chapter_cnn(cfg: DictConfig, folder: Path) -> dict:
     metadata = contract.Metadata(
         class_names=model.classifier.hparams.class_names, model_name="gpu-check",
         test_accuracy=float((want.argmax(1) == labels.numpy()).mean()),
-        tta_flip=cfg.evaluate.tta.flip, tta_shift=cfg.evaluate.tta.shift,
+        tta_views=tuple(cfg.evaluate.tta.views), tta_shift=cfg.evaluate.tta.shift,
         mlflow_run_id="", git_commit="",
     )  # fmt: skip
     onnx_path = folder / "model.onnx"

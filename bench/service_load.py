@@ -237,8 +237,9 @@ def tiny_model(folder: Path) -> Path:
     cfg = OmegaConf.create(compose_params(conf_dir=Path(__file__).resolve().parents[1] / "conf"))
     names = [str(i) for i in range(10)]
     path = folder / "model.onnx"
-    model = TorchModel(untrained(names), True)
-    metadata = Metadata(names, tta_flip=True)
+    views = ("image", "mirror")
+    model = TorchModel(untrained(names), views)
+    metadata = Metadata(names, tta_views=views)
     export_onnx(model, path, metadata, cfg.export.opset, cfg.parity.atol, [1])
     return path
 

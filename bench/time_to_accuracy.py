@@ -36,17 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # The default config before the current recipe (docs/performance.md, Time to accuracy).
 OLD = [
     "trainer.max_epochs=35", "data.crop_padding=4", "loader.batch_size=256",
-    "optim.ema_decay=null", "optim.whiten=false", "evaluate.tta.shift=0",
+    "optim.ema_decay=null", "optim.whiten=false", "evaluate.tta.views=[image,mirror]",
 ]  # fmt: skip
 # Each trick of the recipe and the override that switches it off; --ablation leaves out the
-# tricks the config has off already (by default the shifted views).
+# tricks the config has off already.
 TRICKS = {
     "crops padded by 2 pixels (off: 4)": "data.crop_padding=4",
     "batch 128 (off: 256)": "loader.batch_size=256",
     "EMA of the weights": "optim.ema_decay=null",
     "whitened first conv": "optim.whiten=false",
-    "shifted test-time views": "evaluate.tta.shift=0",
-    "mirrored test-time view": "evaluate.tta.flip=false",
+    "mirror views moved 1 px (off: the mirror itself)": "evaluate.tta.views=[image,mirror]",
+    "test-time views (off: the image alone)": "evaluate.tta.views=[image]",
 }
 TEST_TIME = ("evaluate.tta.",)
 

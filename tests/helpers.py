@@ -128,14 +128,17 @@ def store(repo: Path):
 
 
 def export_random_model(
-    path: Path, class_names: list[str], flip: bool = True, shift: int = 0, image_size: int = 32
+    path: Path,
+    class_names: list[str],
+    views: tuple[str, ...] = ("image", "mirror"),
+    image_size: int = 32,
 ) -> Path:
     """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
     from cnnpipe.inference import TorchModel
     from cnnpipe.onnx_export import export_onnx
 
-    metadata = Metadata(class_names, "cnnpipe-test", 0.5, flip, shift)
-    model = TorchModel(untrained(class_names, image_size=image_size), flip, shift)
+    metadata = Metadata(class_names, "cnnpipe-test", 0.5, views)
+    model = TorchModel(untrained(class_names, image_size=image_size), views)
     cfg = defaults()
     export_onnx(model, path, metadata, cfg.export.opset, cfg.parity.atol, [1])
     return path

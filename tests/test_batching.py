@@ -21,7 +21,7 @@ from tests.helpers import CLASSES, call, export_random_model, png, samples
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_random_model(path, CLASSES, flip=True)
+    return export_random_model(path, CLASSES)
 
 
 def image(seed: int) -> bytes:

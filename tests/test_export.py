@@ -10,6 +10,7 @@ from cnnpipe.classifier import untrained
 from cnnpipe.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
 from cnnpipe.inference import TorchModel, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
+from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.stages.parity import compare
 from tests.helpers import CLASSES, defaults
@@ -21,9 +22,9 @@ def random_images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, input_shape(n, (32, 32)), dtype=torch.uint8, generator=g)
 
 
-@pytest.fixture(scope="module", params=[(False, 0), (True, 1)], ids=["plain", "six_views"])
+@pytest.fixture(scope="module", params=[("image",), TTA_VIEWS], ids=["plain", "six_views"])
 def exported(request, tmp_path_factory):
-    model = TorchModel(untrained(CLASSES, seed=0), *request.param)
+    model = TorchModel(untrained(CLASSES, seed=0), request.param)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     metadata = Metadata(CLASSES, mlflow_run_id="abc", git_commit="123")
     export_onnx(model, path, metadata, defaults().export.opset, defaults().parity.atol, [1, 5])
@@ -56,6 +57,20 @@ def test_file_is_self_contained_with_metadata(exported):
     assert Metadata.from_props(props) == Metadata(CLASSES, mlflow_run_id="abc", git_commit="123")
 
 
+@pytest.mark.parametrize(
+    "flip, shift, views",
+    [
+        ("true", "1", TTA_VIEWS),
+        ("true", "0", ("image", "mirror")),
+        ("false", "0", ("image",)),
+    ],
+)
+def test_files_from_before_named_views_read_as_the_views_they_compute(flip, shift, views):
+    props = {"class_names": json.dumps(CLASSES), "tta_flip": flip, "tta_shift": shift}
+    # The same views; the order differs (the mean does not depend on it).
+    assert sorted(Metadata.from_props(props).tta_views) == sorted(views)
+
+
 @pytest.mark.parametrize("batch", [1, 64])
 def test_onnx_matches_pytorch_on_random_weights(exported, batch):
     model, path = exported
@@ -72,32 +87,43 @@ def test_output_is_probabilities(exported):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
 
 
-def test_flip_tta_makes_predictions_mirror_invariant():
+def test_mirror_tta_makes_predictions_mirror_invariant():
     module = untrained(CLASSES, seed=1)
     images = random_images(8)
-    tta, plain = TorchModel(module, flip=True), TorchModel(module)
+    tta, plain = TorchModel(module, ["image", "mirror"]), TorchModel(module)
     mirrored = images.flip(2)  # (N, H, W, C): the width axis
     torch.testing.assert_close(predict_probs(tta, images, 8), predict_probs(tta, mirrored, 8))
     assert not torch.allclose(predict_probs(plain, images, 8), predict_probs(plain, mirrored, 8))
 
 
-def test_shift_tta_averages_the_six_views_computed_by_hand():
+def moved_by_hand(images: torch.Tensor, shift: int) -> dict[str, torch.Tensor]:
+    """Each view of (N, C, H, W) `images` by its name, built pixel by pixel."""
+    views = {}
+    for name, image in (("image", images), ("mirror", images.flip(3))):
+        down_right, up_left = torch.zeros_like(image), torch.zeros_like(image)
+        down_right[:, :, shift:, shift:] = image[:, :, :-shift, :-shift]
+        up_left[:, :, :-shift, :-shift] = image[:, :, shift:, shift:]
+        views |= {name: image, f"{name}_down_right": down_right, f"{name}_up_left": up_left}
+    return views
+
+
+@pytest.mark.parametrize(
+    "views, shift",
+    [(TTA_VIEWS, 1), (("image", "mirror_up_left", "mirror_down_right"), 2), (("mirror",), 1)],
+)
+def test_tta_averages_the_named_views_computed_by_hand(views, shift):
     module = untrained(CLASSES, seed=1).eval()
     images = random_images(4).permute(0, 3, 1, 2)
-    views = []
-    for image in (images, images.flip(3)):
-        down_right, up_left = torch.zeros_like(image), torch.zeros_like(image)
-        down_right[:, :, 1:, 1:] = image[:, :, :-1, :-1]
-        up_left[:, :, :-1, :-1] = image[:, :, 1:, 1:]
-        views += [image, down_right, up_left]
+    by_hand = moved_by_hand(images, shift)
     with torch.inference_mode():
-        expected = torch.stack([module(v).softmax(1) for v in views]).mean(0)
-        torch.testing.assert_close(TorchModel(module, flip=True, shift=1)(nhwc(images)), expected)
+        expected = torch.stack([module(by_hand[v]).softmax(1) for v in views]).mean(0)
+        got = TorchModel(module, views, shift)(nhwc(images))
+    torch.testing.assert_close(got, expected)
 
 
 def test_parity_notices_a_different_model(exported):
     model, path = exported
-    other = TorchModel(untrained(CLASSES, seed=2), model.flip, model.shift)
+    other = TorchModel(untrained(CLASSES, seed=2), model.views, model.shift)
     assert compare(other, OnnxModel.load(path), random_images(32), 32)["max_abs_diff"] > 1e-5
 
 
@@ -109,7 +135,7 @@ def test_other_models_export_with_parity(tmp_path, target):
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
-    model = TorchModel(module, flip=True, shift=1)
+    model = TorchModel(module, TTA_VIEWS)
     opset, atol = defaults().export.opset, defaults().parity.atol
     export_onnx(model, tmp_path / "m.onnx", Metadata(CLASSES), opset, atol, [1, 3])
     result = compare(model, OnnxModel.load(tmp_path / "m.onnx"), random_images(16), 16)

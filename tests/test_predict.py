@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from cnnpipe.images import decode
+from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
 from tests.helpers import CLASSES, cnnpipe, export_random_model, foreign_model
 
@@ -15,7 +16,7 @@ from tests.helpers import CLASSES, cnnpipe, export_random_model, foreign_model
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_random_model(path, CLASSES, flip=True, shift=1)
+    return export_random_model(path, CLASSES, TTA_VIEWS)
 
 
 @pytest.fixture

@@ -10,18 +10,21 @@ from cnnpipe.classifier import untrained
 from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel
 from cnnpipe.quantization import QuantizableModel, quantize
+from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
 from tests.helpers import CLASSES, defaults
 
 
 @pytest.fixture(scope="module")
 def model() -> TorchModel:
-    return TorchModel(untrained(CLASSES), flip=True, shift=1)
+    return TorchModel(untrained(CLASSES), TTA_VIEWS)
 
 
-@pytest.mark.parametrize("flip, shift", [(True, 1), (True, 0), (False, 0)])
-def test_rearranged_model_computes_the_torch_models_function(model, flip, shift):
-    model = TorchModel(model.classifier, flip, shift)
+@pytest.mark.parametrize(
+    "views", [TTA_VIEWS, ("image", "mirror_up_left", "mirror_down_right"), ("image",)]
+)
+def test_rearranged_model_computes_the_torch_models_function(model, views):
+    model = TorchModel(model.classifier, views)
     images = torch.randint(0, 256, input_shape(16, (32, 32)), dtype=torch.uint8)
     rearranged = QuantizableModel(model)
     assert rearranged.folded, "ChapterCNN's first convolution has no padding"
@@ -34,7 +37,7 @@ def test_rearranged_model_computes_the_torch_models_function(model, flip, shift)
 def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, model):
     int8 = tmp_path / "int8.onnx"
     images = np.random.default_rng(0).integers(0, 256, input_shape(128, (32, 32)), dtype=np.uint8)
-    metadata = Metadata(CLASSES, model_name="m", tta_flip=True, tta_shift=1)
+    metadata = Metadata(CLASSES, model_name="m", tta_views=TTA_VIEWS)
     quantize(model, int8, images[:64], metadata, defaults().export.opset, defaults().parity.atol)
 
     proto = onnx.load(int8)

@@ -41,6 +41,16 @@ def test_every_shipped_choice_is_valid_and_kept_as_composed(choice):
         ("trainer.precision=fp8", "config key trainer.precision: 'fp8' is not one of"),
         ("data.std=[0.2,0.2,0]", "data.mean and data.std need 3 values each, std > 0"),
         ("~loader.batch_size", "config keys missing: loader.batch_size; regenerate params.yaml"),
+        (
+            "evaluate.tta.views=[image,sideways]",
+            "config key evaluate.tta.views: ['sideways'] unknown",
+        ),
+        ("evaluate.tta.views=[image,image]", "evaluate.tta.views=['image', 'image'] must name"),
+        ("evaluate.tta.shift=0", "evaluate.tta.shift=0 must be >= 1 for the moved views"),
+        (
+            "data.flip=false",
+            "evaluate.tta.views has ['mirror_up_left', 'mirror_down_right'] but data.flip is false",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override, message):

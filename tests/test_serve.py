@@ -31,7 +31,7 @@ TIMEOUT_S = 1.0
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    return export_random_model(path, CLASSES, flip=False)
+    return export_random_model(path, CLASSES, ("image",))
 
 
 @pytest.fixture(scope="module", params=[("httptools", "uvloop"), ("h11", "asyncio")])

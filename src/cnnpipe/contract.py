@@ -50,8 +50,9 @@ class Metadata:
     model_name: str | None = None
     # Of this file's function on the test set, as evaluate scored it.
     test_accuracy: float | None = None
-    tta_flip: bool = False
-    tta_shift: int = 0
+    # The test-time views the graph averages over (cnnpipe.inference.tta_views).
+    tta_views: tuple[str, ...] = ("image",)
+    tta_shift: int = 1
     mlflow_run_id: str | None = None
     git_commit: str | None = None
     # The data set it was trained on, by name (data.name): "cifar10", "leaves".
@@ -61,7 +62,7 @@ class Metadata:
         props = {
             "class_names": json.dumps(self.class_names),
             "input_description": input_description(size),
-            "tta_flip": str(self.tta_flip).lower(),
+            "tta_views": json.dumps(list(self.tta_views)),
             "tta_shift": str(self.tta_shift),
         }
         for key in ("model_name", "dataset", "test_accuracy", "mlflow_run_id", "git_commit"):
@@ -81,8 +82,22 @@ class Metadata:
             model_name=props.get("model_name"),
             dataset=props.get("dataset"),
             test_accuracy=float(accuracy) if accuracy else None,
-            tta_flip=props.get("tta_flip") == "true",
-            tta_shift=int(props.get("tta_shift", 0)),
+            **tta_of(props),
             mlflow_run_id=props.get("mlflow_run_id"),
             git_commit=props.get("git_commit"),
         )
+
+
+def tta_of(props: dict[str, str]) -> dict:
+    """The test-time views of a file's metadata; files exported before views had names say
+    tta_flip (the mirror too) and tta_shift (each of those moved both ways, 0 for none)."""
+    if "tta_views" in props:
+        return {
+            "tta_views": tuple(json.loads(props["tta_views"])),
+            "tta_shift": int(props["tta_shift"]),
+        }
+    views = ["image", "mirror"] if props.get("tta_flip") == "true" else ["image"]
+    shift = int(props.get("tta_shift", 0))
+    if shift:
+        views += [f"{v}_{way}" for way in ("down_right", "up_left") for v in views]
+    return {"tta_views": tuple(views), "tta_shift": shift or 1}

@@ -2,6 +2,8 @@
 probabilities out, averaged over test-time views. Evaluate scores it, export writes it as ONNX
 and parity compares the two, so the accuracy reported is the accuracy deployed."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,42 +11,49 @@ from torch import nn
 from cnnpipe.classifier import LitClassifier
 
 
-def tta_views(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
-    """The test-time views of uint8 (N, C, H, W) images stacked along the batch: the images, with
-    `flip` their mirror images, and with `shift` each of those moved by `shift` pixels up-left
-    and down-right (zero-filled, like the training crops)."""
-    views = [images, images.flip(3)] if flip else [images]
-    if shift:
-        padded = [F.pad(v, (shift,) * 4) for v in views]
-        views += [p[:, :, : -2 * shift, : -2 * shift] for p in padded]
-        views += [p[:, :, 2 * shift :, 2 * shift :] for p in padded]
-    return torch.cat(views)
+def tta_views(images: torch.Tensor, views: Sequence[str], shift: int) -> torch.Tensor:
+    """The named `views` of uint8 (N, C, H, W) images, stacked along the batch: each is the
+    image or its mirror, as it is or with its content moved `shift` pixels up-left or down-right
+    (zero-filled, like the training crops). The names: cnnpipe.schema.TTA_VIEWS."""
+    stacked = []
+    for name in views:
+        view = images.flip(3) if name.startswith("mirror") else images
+        if name.endswith("up_left"):
+            view = F.pad(view, (shift,) * 4)[:, :, 2 * shift :, 2 * shift :]
+        elif name.endswith("down_right"):
+            view = F.pad(view, (shift,) * 4)[:, :, : -2 * shift, : -2 * shift]
+        stacked.append(view)
+    return torch.cat(stacked)
 
 
-def describe_tta(flip: bool, shift: int) -> str:
-    """`tta_views` in words: "6 test-time views (mirror, 1-pixel shifts)"."""
-    views = (1 + flip) * (1 + 2 * (shift > 0))
-    kinds = ["mirror"] * flip + [f"{shift}-pixel shifts"] * (shift > 0)
-    return f"{views} test-time views ({', '.join(kinds)})" if kinds else "no test-time augmentation"
+def describe_tta(views: Sequence[str], shift: int) -> str:
+    """`views` in words: "3 test-time views (image, mirror up-left, mirror down-right; moved by
+    1 px)"."""
+    if list(views) == ["image"]:
+        return "no test-time augmentation"
+    words = ", ".join(v.replace("_", " ", 1).replace("_", "-") for v in views)
+    moved = any(v.endswith(("up_left", "down_right")) for v in views)
+    return f"{len(views)} test-time views ({words}" + f"; moved by {shift} px" * moved + ")"
 
 
 class TorchModel(nn.Module):
     """A trained LitClassifier as deployed: uint8 (N, H, W, 3) RGB in, probabilities out.
 
-    The probabilities are averaged over the test-time views (`tta_views`) that `flip` and `shift`
-    (conf: evaluate.tta) ask for: 1, 2, 3 or 6 of them.
+    The probabilities are averaged over the test-time `views` (`tta_views`; conf: evaluate.tta).
     """
 
-    def __init__(self, classifier: LitClassifier, flip: bool = False, shift: int = 0) -> None:
+    def __init__(
+        self, classifier: LitClassifier, views: Sequence[str] = ("image",), shift: int = 1
+    ) -> None:
         super().__init__()
-        self.classifier, self.flip, self.shift = classifier.eval(), flip, shift
+        self.classifier, self.views, self.shift = classifier.eval(), list(views), shift
         # (height, width) of the images it takes: those it was trained on.
         self.size = (classifier.hparams.image_size,) * 2
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # A contiguous NHWC batch seen as NCHW is channels-last in memory, which makes oneDNN
         # run every convolution in NHWC: twice as fast on CPU.
-        views = tta_views(images.permute(0, 3, 1, 2), self.flip, self.shift)
+        views = tta_views(images.permute(0, 3, 1, 2), self.views, self.shift)
         # One pass over all views: less per-layer overhead than one pass per view at small batches.
         probs = self.classifier(views).softmax(dim=1)
         return probs.unflatten(0, (-1, images.shape[0])).mean(0)

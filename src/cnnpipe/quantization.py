@@ -72,7 +72,7 @@ class QuantizableModel(nn.Module):
         super().__init__()
         classifier = model.classifier
         self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.flip, self.shift, self.size = model.flip, model.shift, model.size
+        self.views, self.shift, self.size = model.views, model.shift, model.size
         self.register_buffer("mean", classifier.mean.clone())
         self.register_buffer("std", classifier.std.clone())
         first = next(self.net.children(), None)
@@ -84,7 +84,7 @@ class QuantizableModel(nn.Module):
                 first.weight.copy_(weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = tta_views(images.permute(0, 3, 1, 2), self.flip, self.shift).float()
+        x = tta_views(images.permute(0, 3, 1, 2), self.views, self.shift).float()
         if not self.folded:
             x = normalise(x, self.mean, self.std)
         probs = self.net(x).softmax(dim=1)
@@ -113,7 +113,7 @@ def quantize(
                 out,
                 ImageBatches(calibration, contract.INPUT_NAME, batch_size),
                 quant_format=QuantFormat.QDQ,
-                # Softmax and the flip average stay FP32; quantizing them cost accuracy and time.
+                # Softmax and the views' average stay FP32; quantizing them cost accuracy and time.
                 op_types_to_quantize=["Conv", "Gemm", "MatMul", "MaxPool", "Relu"],
                 per_channel=True,
                 # 7-bit weights: without AVX-512 VNNI, onnxruntime multiplies uint8 by int8 with

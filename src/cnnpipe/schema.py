@@ -69,7 +69,7 @@ class MLflow:
 
 @dataclass
 class Tta:
-    flip: bool
+    views: list[str]
     shift: int
 
 
@@ -143,6 +143,11 @@ POSITIVE = [
 NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
 ]  # fmt: skip
+# The test-time views by name (cnnpipe.inference.tta_views); each costs a pass of the network.
+TTA_VIEWS = (
+    "image", "mirror",
+    "image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right",
+)  # fmt: skip
 PRECISIONS = {"auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true"}
 # Keys of the untyped groups (Lightning's Trainer checks the rest itself) that cnnpipe reads.
 UNTYPED = {
@@ -280,6 +285,25 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"{sorted(PRECISIONS)}"
         )
     problems += data_problems(cfg.data)
+    problems += tta_problems(cfg.evaluate.tta, cfg.data.flip)
     if problems:
         raise PipelineError("; ".join(problems))
     return cfg
+
+
+def tta_problems(tta: DictConfig, flip: bool) -> list[str]:
+    """What is wrong with evaluate.tta: unknown or repeated views, mirrors the data forbids."""
+    views = list(tta.views)
+    if unknown := [v for v in views if v not in TTA_VIEWS]:
+        return [f"config key evaluate.tta.views: {unknown} unknown; choose from {list(TTA_VIEWS)}"]
+    if not views or len(set(views)) < len(views):
+        return [f"evaluate.tta.views={views} must name each view once, at least one"]
+    problems = []
+    if not flip and (mirrors := [v for v in views if v.startswith("mirror")]):
+        problems.append(
+            f"evaluate.tta.views has {mirrors} but data.flip is false (a mirror image may be "
+            "another class): set evaluate.tta.views=[image] or leave out its mirror views"
+        )
+    if tta.shift < 1 and any(v.endswith(("up_left", "down_right")) for v in views):
+        problems.append(f"evaluate.tta.shift={tta.shift} must be >= 1 for the moved views")
+    return problems

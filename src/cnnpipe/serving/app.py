@@ -91,7 +91,7 @@ def model_metadata(path: str, model: OnnxModel, registered: dict | None) -> dict
         "version": registered.get("version"),
         "alias": registered.get("alias"),
         "test_accuracy": meta.test_accuracy,
-        "tta_flip": meta.tta_flip,
+        "tta_views": list(meta.tta_views),
         "tta_shift": meta.tta_shift,
         "file": path,
         "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
             dataset=dataset_name(cfg.data),
             # What `cnnpipe serve` shows: evaluate scored the same TorchModel this file computes.
             test_accuracy=test_accuracy(Path(cfg.paths.eval_metrics)),
-            tta_flip=cfg.evaluate.tta.flip,
+            tta_views=tuple(cfg.evaluate.tta.views),
             tta_shift=cfg.evaluate.tta.shift,
             mlflow_run_id=run.info.run_id,
             git_commit=commit + ("-dirty" if dirty else ""),
