@@ -9,7 +9,8 @@ import torch
 from cnnpipe.classifier import untrained
 from cnnpipe.contract import Metadata, input_shape
 from cnnpipe.inference import TorchModel
-from cnnpipe.quantization import QuantizableModel, quantize
+from cnnpipe.onnx_export import ArrangedModel
+from cnnpipe.quantization import quantize
 from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
 from tests.helpers import CLASSES, defaults
@@ -26,7 +27,7 @@ def model() -> TorchModel:
 def test_rearranged_model_computes_the_torch_models_function(model, views):
     model = TorchModel(model.classifier, views)
     images = torch.randint(0, 256, input_shape(16, (32, 32)), dtype=torch.uint8)
-    rearranged = QuantizableModel(model)
+    rearranged = ArrangedModel(model)
     assert rearranged.folded, "ChapterCNN's first convolution has no padding"
     order = [type(m).__name__ for m in rearranged.net.children()][:3]
     assert order == ["Conv2d", "ReLU", "MaxPool2d"]

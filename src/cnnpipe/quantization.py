@@ -1,12 +1,11 @@
 """INT8 quantization of the deployed model: onnxruntime's static quantization (QDQ format,
-per-channel weights), calibrated on training images, of the TorchModel's function rearranged
-for onnxruntime's INT8 kernels (QuantizableModel); and how it compares with the FP32 model."""
+per-channel weights), calibrated on training images, of the graph export writes (the
+TorchModel's function arranged for onnxruntime: cnnpipe.onnx_export.ArrangedModel); and how it
+compares with the FP32 model."""
 
-import copy
 import statistics
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,14 +20,12 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
-from torch import nn
 
 from cnnpipe import contract
-from cnnpipe.classifier import normalise
 from cnnpipe.config import network_name, registered_name
 from cnnpipe.data import read_split
 from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, nhwc, tta_views
+from cnnpipe.inference import TorchModel, nhwc
 from cnnpipe.onnx_export import export_onnx
 
 # A model as the stage runs it: NHWC uint8 images in, probabilities out (OnnxModel.probabilities).
@@ -47,50 +44,6 @@ class ImageBatches(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def relu_before_pool(net: nn.Module) -> nn.Module:
-    """MaxPool then ReLU reordered as ReLU then MaxPool, the same function: onnxruntime's
-    quantizer fuses a ReLU into the convolution before it, but drops one that follows a pool."""
-    if not isinstance(net, nn.Sequential):
-        return net
-    layers = list(net.named_children())
-    for i in range(len(layers) - 1):
-        if isinstance(layers[i][1], nn.MaxPool2d) and isinstance(layers[i + 1][1], nn.ReLU):
-            layers[i], layers[i + 1] = layers[i + 1], layers[i]
-    return nn.Sequential(OrderedDict(layers))
-
-
-class QuantizableModel(nn.Module):
-    """A TorchModel's function (the contract's uint8 images in, probabilities out) arranged for
-    INT8 kernels.
-
-    Each change was measured (docs/performance.md, INT8): ReLU before max-pool; the normalisation
-    folded into the first convolution when it has no padding, so the 0-255 pixel values are
-    already its exact INT8 input; test-time views made of uint8 pixels (a quarter of the bytes).
-    """
-
-    def __init__(self, model: TorchModel) -> None:
-        super().__init__()
-        classifier = model.classifier
-        self.net = relu_before_pool(copy.deepcopy(classifier.net)).eval()
-        self.views, self.shift, self.size = model.views, model.shift, model.size
-        self.register_buffer("mean", classifier.mean.clone())
-        self.register_buffer("std", classifier.std.clone())
-        first = next(self.net.children(), None)
-        self.folded = isinstance(first, nn.Conv2d) and first.padding == (0, 0)
-        if self.folded:
-            with torch.no_grad():
-                weight = first.weight / self.std
-                first.bias -= (weight * self.mean).sum((1, 2, 3))
-                first.weight.copy_(weight)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = tta_views(images.permute(0, 3, 1, 2), self.views, self.shift).float()
-        if not self.folded:
-            x = normalise(x, self.mean, self.std)
-        probs = self.net(x).softmax(dim=1)
-        return probs.unflatten(0, (-1, images.shape[0])).mean(0)
-
-
 def quantize(
     model: TorchModel,
     int8: Path,
@@ -105,7 +58,7 @@ def quantize(
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         # export_onnx checks the rearranged graph against PyTorch before it is quantized.
-        export_onnx(QuantizableModel(model), fp32, metadata, opset, atol, [1])
+        export_onnx(model, fp32, metadata, opset, atol, [1])
         quant_pre_process(fp32, prepared)  # shape inference and graph clean-up, as ORT recommends
         with atomic_path(int8) as out:
             quantize_static(

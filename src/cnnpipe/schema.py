@@ -302,7 +302,7 @@ def tta_problems(tta: DictConfig, flip: bool) -> list[str]:
     if not flip and (mirrors := [v for v in views if v.startswith("mirror")]):
         problems.append(
             f"evaluate.tta.views has {mirrors} but data.flip is false (a mirror image may be "
-            "another class): set evaluate.tta.views=[image] or leave out its mirror views"
+            "another class): set evaluate.tta.views=[image,image_up_left,image_down_right]"
         )
     if tta.shift < 1 and any(v.endswith(("up_left", "down_right")) for v in views):
         problems.append(f"evaluate.tta.shift={tta.shift} must be >= 1 for the moved views")
