@@ -45,8 +45,10 @@ TRICKS = {
     "batch 128 (off: 256)": "loader.batch_size=256",
     "EMA of the weights": "optim.ema_decay=null",
     "whitened first conv": "optim.whiten=false",
-    "mirror views moved 1 px (off: the mirror itself)": "evaluate.tta.views=[image,mirror]",
-    "test-time views (off: the image alone)": "evaluate.tta.views=[image]",
+    "moved test-time views (off: the image and its mirror)": "evaluate.tta.views=[image,mirror]",
+    "mirrored test-time views (off: the image and its moves)": (
+        "evaluate.tta.views=[image,image_up_left,image_down_right]"
+    ),
 }
 TEST_TIME = ("evaluate.tta.",)
 
