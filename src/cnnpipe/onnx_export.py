@@ -36,7 +36,7 @@ class ArrangedModel(nn.Module):
     Each change was measured (docs/performance.md, INT8): ReLU before max-pool, fused into the
     convolution; the normalisation folded into the first convolution when it has no padding, so
     the 0-255 pixel values are already its exact INT8 input; test-time views made of uint8 pixels
-    (a quarter of the bytes). In FP32 they make the graph about 4% faster.
+    (a quarter of the bytes). In FP32 they make the graph 2 to 4% faster.
     """
 
     def __init__(self, model: TorchModel) -> None:
