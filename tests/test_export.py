@@ -8,7 +8,7 @@ import torch
 
 from cnnpipe.classifier import untrained
 from cnnpipe.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
 from cnnpipe.onnx_export import export_onnx
 from cnnpipe.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
@@ -140,3 +140,18 @@ def test_other_models_export_with_parity(tmp_path, target):
     export_onnx(model, tmp_path / "m.onnx", Metadata(CLASSES), opset, atol, [1, 3])
     result = compare(model, OnnxModel.load(tmp_path / "m.onnx"), random_images(16), 16)
     assert result["max_abs_diff"] <= atol and result["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "views, words",
+    [
+        (["image"], "no test-time augmentation"),
+        (["mirror"], "1 test-time view (mirror)"),
+        (
+            ["image", "mirror_up_left", "mirror_down_right"],
+            "3 test-time views (image, mirror up-left, mirror down-right; moved by 2 px)",
+        ),
+    ],
+)
+def test_views_are_described_as_the_registry_and_bench_show_them(views, words):
+    assert describe_tta(views, 2) == words

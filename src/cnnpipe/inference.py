@@ -33,7 +33,8 @@ def describe_tta(views: Sequence[str], shift: int) -> str:
         return "no test-time augmentation"
     words = ", ".join(v.replace("_", " ", 1).replace("_", "-") for v in views)
     moved = any(v.endswith(("up_left", "down_right")) for v in views)
-    return f"{len(views)} test-time views ({words}" + f"; moved by {shift} px" * moved + ")"
+    count = f"{len(views)} test-time view" + "s" * (len(views) > 1)
+    return f"{count} ({words}" + f"; moved by {shift} px" * moved + ")"
 
 
 class TorchModel(nn.Module):
