@@ -287,7 +287,10 @@ def main() -> None:
             server.wait()
 
     turn_rate = len(valid) / turn_s
-    print(f"\none client, {len(valid)} valid requests in turn: {turn_rate:.0f} requests/s")
+    print(
+        f"\none client, {len(valid)} valid requests in turn: {turn_rate:.0f} requests/s, "
+        f"{turn_wrong} wrong"
+    )
     for i, (seconds, wrong, latencies) in enumerate(waves, 1):
         rate = len(mix) / seconds
         p99_ms = statistics.quantiles(latencies, n=100)[98] * 1000

@@ -21,7 +21,8 @@ def run_bench(name: str, tmp_path: Path, *args: str) -> str:
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # stdout names the part that failed; stderr has the traceback or the exit message.
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
@@ -162,7 +163,8 @@ def test_gpu_check_runs_its_steps_on_the_cpu_without_mlflow_or_dvc(data_dir, tmp
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # stdout names the part that failed; stderr has the traceback or the exit message.
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(report.read_text())
     chapter, resnet = figures["chapter_cnn"], figures["resnet9"]
     # 160 training images, one epoch each.
