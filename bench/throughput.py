@@ -20,9 +20,11 @@ that is repeated `--repeats` times and the median of each is compared.
 """
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch.profiler import profile, record_function
 from torchvision import transforms
 
 from cnnpipe import build
@@ -88,9 +91,10 @@ def timed_steps(step, batches: Iterator, steps: int, warmup: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def plain_step(cfg: DictConfig, prepared: Prepared, total_steps: int):
-    """One step of the plain loop per call, each on the next batch; returns the seconds it took."""
-    module = build.module(cfg, cifar_like(cfg)).train()
+def plain_step(cfg: DictConfig, module: pl.LightningModule, prepared: Prepared, total_steps: int):
+    """One step of the plain loop for `module` per call, each on the next batch; returns the
+    seconds it took."""
+    module.train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
@@ -134,22 +138,79 @@ class Alternate(pl.Callback):
         self.end = time.perf_counter()
 
 
-def plain_and_project(cfg: DictConfig, prepared: Prepared, steps: int, warmup: int):
-    """images/s of the plain loop and of the project's Lightning loop (as `cnnpipe train` builds
-    it, validation left out), their steps alternating."""
-    # The first `warmup` steps of each are not timed; the last plain step has no project step
-    # after it to pair with, so it is dropped.
-    total = warmup + steps + 1
-    alternate = Alternate(plain_step(cfg, prepared, total), warmup)
+def alternate_fit(cfg: DictConfig, prepared: Prepared, alternate: Alternate, total: int) -> None:
+    """The project's Lightning loop (as `cnnpipe train` builds it, validation left out) for
+    `total` steps, with `alternate` running the plain steps between its own."""
     trainer = build.trainer(
         cfg, logger=False, callbacks=[alternate], max_steps=total, limit_val_batches=0
     )
     module = build.module(cfg, cifar_like(cfg))
     trainer.fit(module, train_dataloaders=project_loader(cfg, prepared))
+
+
+def plain_and_project(cfg: DictConfig, prepared: Prepared, steps: int, warmup: int):
+    """images/s of the plain loop and of the project's Lightning loop, their steps alternating."""
+    # The first `warmup` steps of each are not timed; the last plain step has no project step
+    # after it to pair with, so it is dropped.
+    total = warmup + steps + 1
+    plain = plain_step(cfg, build.module(cfg, cifar_like(cfg)), prepared, total)
+    alternate = Alternate(plain, warmup)
+    alternate_fit(cfg, prepared, alternate, total)
     plain, project = alternate.plain[:steps], alternate.project
     assert len(plain) == len(project) == steps, (len(plain), len(project))
     batch = cfg.loader.batch_size
     return batch * steps / sum(plain), batch * steps / sum(project)
+
+
+class Ranges(Alternate):
+    """Alternate, with each plain and each project step in a profiler range of its loop's name."""
+
+    def __init__(self, plain, warmup: int) -> None:
+        super().__init__(plain, warmup)
+        self.range = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.on_train_end(trainer, module)
+        with record_function("plain"):
+            super().on_train_batch_start(trainer, module, batch, batch_idx)
+        self.range = record_function("project")
+        self.range.__enter__()
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.range is not None:
+            self.range.__exit__(None, None, None)
+            self.range = None
+
+
+def quiet_profiler(**options) -> profile:
+    """torch's profiler, without its backend's lines on stderr (each start and stop, and a failed
+    probe for a GPU)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    return profile(**options)
+
+
+def operators_and_python(cfg: DictConfig, prepared: Prepared, steps: int) -> dict[str, tuple]:
+    """Per loop, "plain" and "project": ms per step, and of those the ms spent in torch's
+    operators (their own time, all aten:: events), from one profiled run of alternating steps.
+    The rest is Python: the loop's code and what it calls around the operators."""
+    # Two steps more than asked: a one-cycle schedule of 4 steps (--tiny) has no warm-up phase.
+    total = steps + 2
+    plain = plain_step(cfg, build.module(cfg, cifar_like(cfg)), prepared, total + 1)
+    ranges = Ranges(plain, warmup=0)
+    with quiet_profiler() as prof:
+        alternate_fit(cfg, prepared, ranges, total)
+    wall, operators, count = Counter(), Counter(), Counter()
+    for event in prof.events():
+        if event.name in ("plain", "project"):
+            wall[event.name] += event.cpu_time_total
+            count[event.name] += 1
+            continue
+        loop = event.cpu_parent
+        while loop is not None and loop.name not in ("plain", "project"):
+            loop = loop.cpu_parent
+        if loop is not None and event.name.startswith("aten::"):
+            operators[loop.name] += event.self_cpu_time_total
+    return {n: (wall[n] / count[n] / 1e3, operators[n] / count[n] / 1e3) for n in wall}
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -202,6 +263,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="random data and a few steps")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--profile", action="store_true", help="also split each loop's step: operators, Python"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     # The whitening initialisation runs once before the first step (about a second), not per
@@ -239,6 +303,13 @@ def main() -> None:
         print(f"{name:>9}: {value:8.0f} images/s   (runs: {each})")
     print(f"project / plain    = {rate['project'] / rate['plain']:.3f}  (goal >= 0.97)")
     print(f"project / tutorial = {rate['project'] / rate['tutorial']:.2f}  (goal >= 3)")
+    if not args.profile:
+        return
+    split = operators_and_python(cfg, prepared, steps)
+    print("\none profiled run of alternating steps, ms per step:")
+    print(f"{'':>9}  {'step':>6}  {'operators':>9}  {'Python':>6}")
+    for name, (step, operators) in split.items():
+        print(f"{name:>9}  {step:6.2f}  {operators:9.2f}  {step - operators:6.2f}")
 
 
 if __name__ == "__main__":

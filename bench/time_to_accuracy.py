@@ -117,6 +117,16 @@ def rescore(cfg: DictConfig, tta: DictConfig) -> float:
     return float((probs.argmax(1) == labels).float().mean())
 
 
+def cpu_name() -> str:
+    """The CPU, as "AMD EPYC (family 25, model 1)": its name alone does not tell Zen 3 from 5."""
+    cpuinfo = dict(
+        line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line
+    )
+    cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}
+    cpu = f"{cpuinfo.get('model name', platform.processor())} (family {cpuinfo.get('cpu family')}"
+    return cpu + f", model {cpuinfo.get('model')})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,14 +138,7 @@ def main() -> None:
     parser.add_argument("--against", action="append", default=[], metavar="OVERRIDE")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    # "AMD EPYC (family 25, model 1)": the model name alone does not tell Zen 3 from Zen 5.
-    cpuinfo = dict(
-        line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line
-    )
-    cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}
-    cpu = f"{cpuinfo.get('model name', platform.processor())} (family {cpuinfo.get('cpu family')}"
-    cpu += f", model {cpuinfo.get('model')})"
-    print(f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data).resolve()
         tiny = []

@@ -27,7 +27,7 @@ def run_bench(name: str, tmp_path: Path, *args: str) -> str:
 
 
 def test_throughput_prints_both_ratios(tmp_path):
-    out = run_bench("throughput.py", tmp_path)
+    out = run_bench("throughput.py", tmp_path, "--profile")
     rates = dict(re.findall(r"^\s*(plain|project|tutorial):\s+(\d+) images/s", out, re.M))
     assert set(rates) == {"plain", "project", "tutorial"} and all(
         int(v) > 0 for v in rates.values()
@@ -35,6 +35,38 @@ def test_throughput_prints_both_ratios(tmp_path):
     ratio = float(re.search(r"project / plain\s+= ([\d.]+)", out).group(1))
     assert ratio == pytest.approx(int(rates["project"]) / int(rates["plain"]), rel=0.01)
     assert re.search(r"project / tutorial = [\d.]+", out)
+    # --profile: each loop's step splits into torch's operators and the Python around them.
+    split = re.findall(r"^\s*(plain|project)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    assert [name for name, *_ in split] == ["plain", "project"]
+    for _, step, operators, python in split:
+        assert float(operators) > 0 and float(python) >= 0
+        assert float(step) == pytest.approx(float(operators) + float(python), abs=0.011)
+
+
+def test_step_profile_puts_the_convolutions_against_the_cpus_peak(tmp_path):
+    out = run_bench("step_profile.py", tmp_path)
+    # The chapter CNN's convolutions at --tiny's batch of 32, recomputed: each one's forward and
+    # weight gradient, and the input gradient of all but the first (its input is the image).
+    forward = [2 * 32 * 30 * 30 * 32 * 27, 2 * 32 * 13 * 13 * 64 * 288, 2 * 32 * 4 * 4 * 64 * 576]
+    flops = 2 * sum(forward) + sum(forward[1:])
+    found = re.search(
+        r"convolutions: ([\d.]+) GFLOP in ([\d.]+) ms = (\d+) GFLOP/s; "
+        r"a 256x256 matmul in (?:bfloat16|float32): (\d+) GFLOP/s",
+        out,
+    )
+    gflop, ms, rate, peak = float(found[1]), float(found[2]), int(found[3]), int(found[4])
+    assert gflop == round(flops / 1e9, 2)
+    assert flops / (ms + 0.05) / 1e6 - 1 <= rate <= flops / (ms - 0.05) / 1e6 + 1
+    step = float(re.search(r"a training step: ([\d.]+) ms", out)[1])
+    ideal, bound = map(float, re.search(r"take ([\d.]+) ms: bound = ([\d.]+)x", out).groups())
+    assert ideal == pytest.approx(flops / peak / 1e6, abs=0.05 + 0.01 * ideal)
+    # Each printed to 0.1 ms; the bound to 0.01.
+    assert (step - 0.05) / (ideal + 0.05) - 0.01 <= bound <= (step + 0.05) / (ideal - 0.05) + 0.01
+    # The table's rows are the step's operators, largest first; the convolutions among them.
+    rows = re.findall(r"^(aten::\S+|\S+#\S+).* ([\d.]+) +(\d+)%$", out, re.M)
+    assert any("convolution" in name for name, *_ in rows)
+    times = [float(t) for _, t, _ in rows]
+    assert times == sorted(times, reverse=True)
 
 
 def test_prepare_times_a_full_and_an_incremental_decode(tmp_path):
