@@ -20,6 +20,7 @@ import concurrent.futures
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
@@ -30,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from cnnpipe import PipelineError
 from cnnpipe.classifier import load_checkpoint, untrained
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata, input_shape
@@ -221,4 +223,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
+        sys.exit(f"{Path(__file__).name}: error: {error}")

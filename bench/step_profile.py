@@ -13,6 +13,7 @@ Overrides are Hydra overrides of conf/ (e.g. trainer.precision=32-true loader.ba
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from throughput import cifar_like, plain_step, quiet_profiler
 from time_to_accuracy import cpu_name
 from torch import nn
 
-from cnnpipe import build
+from cnnpipe import PipelineError, build
 from cnnpipe.config import compose_params
 from cnnpipe.prepared import Prepared, write_random
 
@@ -128,4 +129,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
+        sys.exit(f"{Path(__file__).name}: error: {error}")

@@ -22,6 +22,7 @@ that is repeated `--repeats` times and the median of each is compared.
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ from PIL import Image
 from torch.profiler import profile, record_function
 from torchvision import transforms
 
-from cnnpipe import build
+from cnnpipe import PipelineError, build
 from cnnpipe.config import compose_params
 from cnnpipe.data import BatchLoader
 from cnnpipe.prepared import Prepared, write_random
@@ -313,4 +314,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
+        sys.exit(f"{Path(__file__).name}: error: {error}")

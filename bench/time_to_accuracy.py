@@ -16,6 +16,7 @@ the weights and test-time views the checkpoint would be evaluated with; its time
 
 import argparse
 import platform
+import sys
 import tempfile
 from itertools import accumulate
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cnnpipe import PipelineError
 from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
@@ -189,4 +191,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
+        sys.exit(f"{Path(__file__).name}: error: {error}")

@@ -212,3 +212,25 @@ def test_gpu_check_runs_its_steps_on_the_cpu_without_mlflow_or_dvc(data_dir, tmp
     assert f"test accuracy {chapter['test_acc']:.2%}; ONNX parity" in out
     assert f"ResNet-9: 1 epochs in {resnet['seconds']:.1f} s" in out
     assert f"0% after 1 epochs, {epoch['seconds']:.1f} s" in out
+
+
+@pytest.mark.parametrize(
+    "name, missing",
+    [
+        ("throughput.py", "--data=nowhere"),
+        ("step_profile.py", "--data=nowhere"),
+        ("time_to_accuracy.py", "--data=nowhere"),
+        ("deploy.py", "--model=nowhere.onnx"),
+    ],
+)
+def test_a_bench_without_the_pipelines_outputs_says_so_in_one_line(tmp_path, name, missing):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / name), missing],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{name}: error: ") and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
