@@ -20,18 +20,17 @@ import concurrent.futures
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+import console
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnpipe import PipelineError
 from cnnpipe.classifier import load_checkpoint, untrained
 from cnnpipe.config import compose_params
 from cnnpipe.contract import Metadata, input_shape
@@ -223,7 +222,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
-        sys.exit(f"{Path(__file__).name}: error: {error}")
+    console.run(main)

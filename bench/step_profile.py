@@ -13,22 +13,17 @@ Overrides are Hydra overrides of conf/ (e.g. trainer.precision=32-true loader.ba
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import console
 import torch
-from omegaconf import OmegaConf
-from throughput import cifar_like, plain_step, quiet_profiler
-from time_to_accuracy import cpu_name
+from throughput import cifar_like, plain_step, quiet_profiler, step_config
 from torch import nn
 
-from cnnpipe import PipelineError, build
-from cnnpipe.config import compose_params
+from cnnpipe import build
 from cnnpipe.prepared import Prepared, write_random
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def matmul_rate(dtype: torch.dtype, n: int) -> float:
@@ -71,7 +66,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=10, help="rows of the kernel table")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = OmegaConf.create(compose_params(["optim.whiten=false", *args.overrides], ROOT / "conf"))
+    cfg = step_config(args.overrides)
     steps, rounds, side = args.steps, args.rounds, 2048
     data = Path(args.data)
     if args.tiny:
@@ -103,7 +98,7 @@ def main() -> None:
     kernels, per_step = profiles[conv_ms.index(statistics.median_low(conv_ms))]
     conv_ms = statistics.median_low(conv_ms)
 
-    print(f"\n{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"\n{console.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         f"model {cfg.model._target_}, batch {cfg.loader.batch_size}, precision {precision}, "
         f"channels_last {cfg.loader.channels_last}"
@@ -129,7 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
-        sys.exit(f"{Path(__file__).name}: error: {error}")
+    console.run(main)

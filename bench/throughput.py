@@ -22,7 +22,6 @@ that is repeated `--repeats` times and the median of each is compared.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import console
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -39,13 +39,20 @@ from PIL import Image
 from torch.profiler import profile, record_function
 from torchvision import transforms
 
-from cnnpipe import PipelineError, build
+from cnnpipe import build
 from cnnpipe.config import compose_params
 from cnnpipe.data import BatchLoader
 from cnnpipe.prepared import Prepared, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
+
+
+def step_config(overrides: list[str]) -> DictConfig:
+    """conf/ with `overrides`, for timing steps. The whitening initialisation runs once before
+    the first step (about a second), not per step, and needs the datamodule: it is off. The
+    weight averaging after each step is measured."""
+    return OmegaConf.create(compose_params(["optim.whiten=false", *overrides], ROOT / "conf"))
 
 
 def cifar_like(cfg: DictConfig) -> SimpleNamespace:
@@ -171,13 +178,16 @@ class Ranges(Alternate):
         self.range = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.on_train_end(trainer, module)
+        self.end_project_step()
         with record_function("plain"):
             super().on_train_batch_start(trainer, module, batch, batch_idx)
         self.range = record_function("project")
         self.range.__enter__()
 
     def on_train_end(self, trainer, module) -> None:
+        self.end_project_step()
+
+    def end_project_step(self) -> None:
         if self.range is not None:
             self.range.__exit__(None, None, None)
             self.range = None
@@ -269,10 +279,7 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    # The whitening initialisation runs once before the first step (about a second), not per
-    # step, and needs the datamodule; the weight averaging after each step is measured.
-    overrides = ["optim.whiten=false", *args.overrides]
-    cfg = OmegaConf.create(compose_params(overrides, conf_dir=ROOT / "conf"))
+    cfg = step_config(args.overrides)
     steps, repeats, warmup = args.steps, args.repeats, 5
     data = Path(args.data)
     if args.tiny:
@@ -314,7 +321,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
-        sys.exit(f"{Path(__file__).name}: error: {error}")
+    console.run(main)

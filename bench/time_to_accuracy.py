@@ -15,16 +15,14 @@ the weights and test-time views the checkpoint would be evaluated with; its time
 """
 
 import argparse
-import platform
-import sys
 import tempfile
 from itertools import accumulate
 from pathlib import Path
 
+import console
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe import PipelineError
 from cnnpipe.classifier import load_checkpoint
 from cnnpipe.config import compose_params, outputs_under
 from cnnpipe.data import read_split
@@ -119,16 +117,6 @@ def rescore(cfg: DictConfig, tta: DictConfig) -> float:
     return float((probs.argmax(1) == labels).float().mean())
 
 
-def cpu_name() -> str:
-    """The CPU, as "AMD EPYC (family 25, model 1)": its name alone does not tell Zen 3 from 5."""
-    cpuinfo = dict(
-        line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line
-    )
-    cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}
-    cpu = f"{cpuinfo.get('model name', platform.processor())} (family {cpuinfo.get('cpu family')}"
-    return cpu + f", model {cpuinfo.get('model')})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -140,7 +128,7 @@ def main() -> None:
     parser.add_argument("--against", action="append", default=[], metavar="OVERRIDE")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{console.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data).resolve()
         tiny = []
@@ -191,7 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PipelineError as error:  # e.g. no pipeline outputs yet: `make run` first
-        sys.exit(f"{Path(__file__).name}: error: {error}")
+    console.run(main)
