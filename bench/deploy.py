@@ -31,18 +31,18 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnpipe.classifier import load_checkpoint, untrained
-from cnnpipe.config import compose_params
-from cnnpipe.contract import Metadata, input_shape
-from cnnpipe.data import read_split
-from cnnpipe.inference import TorchModel, describe_tta, nhwc
-from cnnpipe.onnx_export import export_onnx
-from cnnpipe.prepared import write_random
-from cnnpipe.quantization import accuracy, calibration_images, images_per_second, quantize
-from cnnpipe.schema import TTA_VIEWS
+from cnnpipe.artifact.contract import Metadata, input_shape
+from cnnpipe.artifact.onnx_export import export_onnx
+from cnnpipe.artifact.quantization import accuracy, calibration_images, images_per_second, quantize
+from cnnpipe.base.config import compose_params
+from cnnpipe.base.schema import TTA_VIEWS
+from cnnpipe.data.loader import read_split
+from cnnpipe.data.prepared import write_random
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
+from cnnpipe.training.classifier import load_checkpoint, untrained
+from cnnpipe.training.inference import TorchModel, describe_tta, nhwc
 
 
 def latency_ms(run, image: np.ndarray, count: int) -> tuple[float, float]:

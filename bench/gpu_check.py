@@ -10,7 +10,7 @@ runs this where hydra-core, MLflow and DVC may be missing (it brings hydra-core'
 usage: python bench/gpu_check.py --data DIR [--json OUT.json] [--resnet-epochs N] [OVERRIDE ...]
        python bench/gpu_check.py --device cpu --data DIR ...   # the same steps on the CPU (tests)
 Overrides are Hydra overrides of conf/ applied to both trainings. No MLflow: this composes conf/
-and trains with cnnpipe.build's builders directly, in a temporary folder.
+and trains with cnnpipe.training.build's builders directly, in a temporary folder.
 """
 
 import argparse
@@ -27,15 +27,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Timer
 
-from cnnpipe import PipelineError, build, contract
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import compose_params
-from cnnpipe.data import read_split
-from cnnpipe.epoch_scoring import TestAccuracy
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.onnx_export import export_onnx
-from cnnpipe.preparation import prepare
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
+from cnnpipe.artifact.onnx_export import export_onnx
+from cnnpipe.base.config import compose_params
+from cnnpipe.data.loader import read_split
+from cnnpipe.data.preparation import prepare
 from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.training import build
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.epoch_scoring import TestAccuracy
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 # The GPU recipes; the chapter CNN's is the project's own (conf/), on conf/trainer/gpu.yaml.

@@ -20,9 +20,9 @@ import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnpipe.config import compose_params
-from cnnpipe.preparation import prepare
-from cnnpipe.prepared import read_manifest
+from cnnpipe.base.config import compose_params
+from cnnpipe.data.preparation import prepare
+from cnnpipe.data.prepared import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from cnnpipe.localhost import free_port, wait_for_http
+from cnnpipe.base.localhost import free_port, wait_for_http
 
 MAX_BODY_MB = 1
 BODY_TIMEOUT_S = 2
@@ -228,11 +228,11 @@ def jpeg_file(folder: Path) -> Path:
 def tiny_model(folder: Path) -> Path:
     from omegaconf import OmegaConf
 
-    from cnnpipe.classifier import untrained
-    from cnnpipe.config import compose_params
-    from cnnpipe.contract import Metadata
-    from cnnpipe.inference import TorchModel
-    from cnnpipe.onnx_export import export_onnx
+    from cnnpipe.artifact.contract import Metadata
+    from cnnpipe.artifact.onnx_export import export_onnx
+    from cnnpipe.base.config import compose_params
+    from cnnpipe.training.classifier import untrained
+    from cnnpipe.training.inference import TorchModel
 
     cfg = OmegaConf.create(compose_params(conf_dir=Path(__file__).resolve().parents[1] / "conf"))
     names = [str(i) for i in range(10)]

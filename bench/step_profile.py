@@ -22,8 +22,8 @@ import torch
 from throughput import cifar_like, plain_step, quiet_profiler, step_config
 from torch import nn
 
-from cnnpipe import build
-from cnnpipe.prepared import Prepared, write_random
+from cnnpipe.data.prepared import Prepared, write_random
+from cnnpipe.training import build
 
 
 def matmul_rate(dtype: torch.dtype, n: int) -> float:

@@ -39,10 +39,10 @@ from PIL import Image
 from torch.profiler import profile, record_function
 from torchvision import transforms
 
-from cnnpipe import build
-from cnnpipe.config import compose_params
-from cnnpipe.data import BatchLoader
-from cnnpipe.prepared import Prepared, write_random
+from cnnpipe.base.config import compose_params
+from cnnpipe.data.loader import BatchLoader
+from cnnpipe.data.prepared import Prepared, write_random
+from cnnpipe.training import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]

@@ -23,14 +23,14 @@ import console
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import compose_params, outputs_under
-from cnnpipe.data import read_split
-from cnnpipe.epoch_scoring import TestAccuracy
-from cnnpipe.evaluation import evaluate
-from cnnpipe.fit import train
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.prepared import write_random
+from cnnpipe.base.config import compose_params, outputs_under
+from cnnpipe.data.loader import read_split
+from cnnpipe.data.prepared import write_random
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.epoch_scoring import TestAccuracy
+from cnnpipe.training.evaluation import evaluate
+from cnnpipe.training.fit import train
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default config before the current recipe (docs/performance.md, Time to accuracy).

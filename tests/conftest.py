@@ -21,7 +21,7 @@ def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
     """The tiny archive, prepared by the prepare stage's own function."""
     from omegaconf import OmegaConf
 
-    from cnnpipe.preparation import prepare
+    from cnnpipe.data.preparation import prepare
     from tests.helpers import composed
 
     dest = tmp_path / "prepared"
@@ -34,7 +34,7 @@ def project(tmp_path: Path, data_dir: Path, monkeypatch) -> tuple[Path, list[str
     """A folder laid out like the repository, with conf/, a params.yaml for the tiny data and its
     own MLflow store (sqlite:///<folder>/mlflow.db); the tests run in it. Yields the folder and
     the overrides that made params.yaml."""
-    from cnnpipe.config import compose_params
+    from cnnpipe.base.config import compose_params
 
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "conf", repo / "conf")

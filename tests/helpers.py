@@ -28,12 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnpipe import build
-from cnnpipe.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
-from cnnpipe.classifier import untrained
-from cnnpipe.config import compose_params
-from cnnpipe.contract import Metadata
+from cnnpipe.artifact.contract import Metadata
+from cnnpipe.base.config import compose_params
+from cnnpipe.data.cifar import ARCHIVE_DIR, META, TEST_BATCH, TRAIN_BATCHES
 from cnnpipe.tracking.lineage import recipe_params
+from cnnpipe.training import build
+from cnnpipe.training.classifier import untrained
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -134,8 +134,8 @@ def export_random_model(
     image_size: int = 32,
 ) -> Path:
     """The chapter's CNN with seeded random weights, exported as the pipeline exports it."""
-    from cnnpipe.inference import TorchModel
-    from cnnpipe.onnx_export import export_onnx
+    from cnnpipe.artifact.onnx_export import export_onnx
+    from cnnpipe.training.inference import TorchModel
 
     metadata = Metadata(class_names, "cnnpipe-test", 0.5, views)
     model = TorchModel(untrained(class_names, image_size=image_size), views)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from cnnpipe.localhost import free_port, wait_for_http
+from cnnpipe.base.localhost import free_port, wait_for_http
 from cnnpipe.tracking.store import MODEL_TRAINING, ui_link
 
 CHROMIUM = "/usr/bin/chromium"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cnnpipe.images import decode
-from cnnpipe.localhost import wait_until
+from cnnpipe.base.localhost import wait_until
+from cnnpipe.data.images import decode
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.onnx_model import OnnxModel

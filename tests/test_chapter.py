@@ -7,20 +7,20 @@ import pytest
 import torch
 from torch import nn
 
+from cnnpipe.base.config import baseline_config
 from cnnpipe.chapter.measures import equivariance_error, measure, shift
 from cnnpipe.chapter.plots import draw
 from cnnpipe.chapter.report import report, self_contained_html
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import baseline_config
-from cnnpipe.data import read_split
-from cnnpipe.evaluation import evaluate
-from cnnpipe.fit import train
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.param_count import params_report
+from cnnpipe.data.loader import read_split
 from cnnpipe.stages.baseline import train_baseline
 from cnnpipe.stages.params_report import to_metrics
 from cnnpipe.tracking.stage_run import record
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.evaluation import evaluate
+from cnnpipe.training.fit import train
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.training.models import ChapterCNN, DenseBaseline
+from cnnpipe.training.param_count import params_report
 from tests.helpers import composed
 
 

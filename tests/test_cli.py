@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
+from cnnpipe.base.config import compose_params
 from cnnpipe.cli import COMMANDS, main
-from cnnpipe.config import compose_params
 from tests.helpers import ROOT, cnnpipe
 
 

@@ -25,10 +25,10 @@ import pytest
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 
-from cnnpipe.fit import HISTORY_KEYS
-from cnnpipe.localhost import free_port, wait_for_http, wait_until
+from cnnpipe.base.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.store import ui_link
+from cnnpipe.training.fit import HISTORY_KEYS
 from tests import helpers
 from tests.helpers import (
     ROOT,

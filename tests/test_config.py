@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.config import compose_params
+from cnnpipe.base.config import compose_params
 from tests.helpers import ROOT
 
 
@@ -67,7 +67,7 @@ def test_overrides_compose_into_params():
     )
     assert cfg.trainer.max_epochs == 3
     assert cfg.optim.lr == 0.01
-    assert cfg.model._target_ == "cnnpipe.models.ChapterCNN"
+    assert cfg.model._target_ == "cnnpipe.training.models.ChapterCNN"
 
 
 def test_default_points_at_the_official_archive():

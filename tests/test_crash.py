@@ -12,7 +12,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from cnnpipe.config import compose_params, output_roots
+from cnnpipe.base.config import compose_params, output_roots
 from tests.helpers import ROOT, TINY, cnnpipe, make_archive, store
 
 STAGES = [
@@ -24,7 +24,7 @@ STAGES = [
 # folder in place: it is whole under its temporary name, the output not yet replaced.
 DIE_AT_FIRST_OUTPUT = """
 import os, signal, sys
-import cnnpipe.files
+import cnnpipe.base.files
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 real_replace = os.replace
@@ -33,7 +33,7 @@ def replace(src, dst, *args, **kwargs):
         die()
     return real_replace(src, dst, *args, **kwargs)
 os.replace = replace
-cnnpipe.files.swap = lambda new, path: die()
+cnnpipe.base.files.swap = lambda new, path: die()
 from cnnpipe import cli
 cli.main(sys.argv[1:])
 """

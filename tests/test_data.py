@@ -8,12 +8,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cnnpipe import PipelineError, build
-from cnnpipe.cifar import load_batch, unpickle
-from cnnpipe.config import outputs_under
-from cnnpipe.data import BatchLoader, random_crop, random_flip, read_split
-from cnnpipe.fit import train
-from cnnpipe.prepared import ImageArray, write_random
+from cnnpipe import PipelineError
+from cnnpipe.base.config import outputs_under
+from cnnpipe.data.cifar import load_batch, unpickle
+from cnnpipe.data.loader import BatchLoader, random_crop, random_flip, read_split
+from cnnpipe.data.prepared import ImageArray, write_random
+from cnnpipe.training import build
+from cnnpipe.training.fit import train
 from tests.helpers import composed
 
 

@@ -1,5 +1,5 @@
 """dvc.yaml's code dependencies follow one rule: a stage depends on its module's source and on
-that of every cnnpipe module it imports, transitively (cnnpipe.sources)."""
+that of every cnnpipe module it imports, transitively (cnnpipe.base.sources)."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from cnnpipe.fit import RECIPE_KEYS
-from cnnpipe.sources import imported, source_files
+from cnnpipe.base.sources import imported, source_files
+from cnnpipe.training.fit import RECIPE_KEYS
 from tests.helpers import ROOT
 
 
@@ -32,7 +32,7 @@ def test_imports_inside_functions_and_modules_named_in_from_imports_count(tmp_pa
     (package / "b.py").write_text("def f():\n    import cnnpipe.c\n")
     (package / "c.py").write_text("import os\n")
     (package / "unused.py").write_text("")
-    monkeypatch.setattr("cnnpipe.sources.PACKAGE", package)
+    monkeypatch.setattr("cnnpipe.base.sources.PACKAGE", package)
     assert sorted(imported("cnnpipe.a")) == ["cnnpipe", "cnnpipe.b"]
     names = [p.name for p in source_files("cnnpipe.a")]
     assert names == ["__init__.py", "a.py", "b.py", "c.py"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cnnpipe.evaluation import confusion_figure
+from cnnpipe.training.evaluation import confusion_figure
 
 matplotlib.use("Agg")
 

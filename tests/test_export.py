@@ -6,14 +6,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cnnpipe.classifier import untrained
-from cnnpipe.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
-from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
-from cnnpipe.onnx_export import export_onnx
-from cnnpipe.schema import TTA_VIEWS
+from cnnpipe.artifact.contract import INPUT_NAME, OUTPUT_NAME, Metadata, input_shape
+from cnnpipe.artifact.onnx_export import export_onnx
+from cnnpipe.base.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.stages.parity import compare
-from tests.helpers import CLASSES, defaults
+from cnnpipe.training.classifier import load_checkpoint, untrained
+from cnnpipe.training.inference import TorchModel, describe_tta, nhwc, predict_probs
+from tests.helpers import CLASSES, ROOT, defaults
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -127,7 +127,9 @@ def test_parity_notices_a_different_model(exported):
     assert compare(other, OnnxModel.load(path), random_images(32), 32)["max_abs_diff"] > 1e-5
 
 
-@pytest.mark.parametrize("target", ["cnnpipe.models.ChapterCNNBatchNorm", "cnnpipe.models.ResNet9"])
+@pytest.mark.parametrize(
+    "target", ["cnnpipe.training.models.ChapterCNNBatchNorm", "cnnpipe.training.models.ResNet9"]
+)
 def test_other_models_export_with_parity(tmp_path, target):
     module = untrained(CLASSES, target, seed=3)
     with torch.no_grad():
@@ -155,3 +157,20 @@ def test_other_models_export_with_parity(tmp_path, target):
 )
 def test_views_are_described_as_the_registry_and_bench_show_them(views, words):
     assert describe_tta(views, 2) == words
+
+
+def test_a_checkpoint_from_before_the_packages_loads_exports_and_serves(tmp_path):
+    """tests/fixtures/chapter_cnn_flat_layout.ckpt: a train stage's checkpoint (tiny data, one
+    epoch) saved when the networks lived in cnnpipe.models."""
+    path = ROOT / "tests/fixtures/chapter_cnn_flat_layout.ckpt"
+    saved = torch.load(path, weights_only=True)
+    assert saved["hyper_parameters"]["net"]["_target_"] == "cnnpipe.models.ChapterCNN"
+    module = load_checkpoint(str(path))
+    for name, tensor in module.net.state_dict().items():
+        assert torch.equal(tensor, saved["state_dict"][f"net.{name}"]), name
+    model = TorchModel(module, ("image", "mirror"))
+    metadata = Metadata(module.hparams.class_names, mlflow_run_id="abc", git_commit="123")
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(model, onnx_file, metadata, defaults().export.opset, defaults().parity.atol, [1])
+    result = compare(model, OnnxModel.load(onnx_file), random_images(16), 16)
+    assert result["max_abs_diff"] <= defaults().parity.atol and result["top1_agreement"] == 1

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from cnnpipe.localhost import free_port, wait_for_http
+from cnnpipe.base.localhost import free_port, wait_for_http
 from tests.helpers import (
     copy_repo,
     defaults,

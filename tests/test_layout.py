@@ -1,16 +1,74 @@
-"""The package's layout is its architecture: imports run one way, stages stand alone, serving
-runs without the training stack, and the ONNX interface has one home."""
+"""The package's layout is its architecture: packages by the road the data travels, imports that
+run one way along it, stages that stand alone, serving without the training stack, and the ONNX
+interface in one home."""
 
+import ast
 import pkgutil
 import re
 import subprocess
 import sys
 
 import cnnpipe
-from cnnpipe.sources import imported
+from cnnpipe.base.sources import imported, path_of
 from tests.helpers import ROOT
 
 MODULES = [m.name for m in pkgutil.walk_packages(cnnpipe.__path__, "cnnpipe.")]
+# The road, lowest floor first: each imports only the floors before it.
+FLOORS = ["base", "data", "tracking", "training", "artifact"]
+# The roles over the floors, and what each imports besides itself. Serving runs without the
+# training stack: the one image decoder, the ONNX contract, and the registry to fetch a models:/
+# URI; only the stages use serving's model.
+ROLES = {
+    "serving": ["base", "data.images", "artifact.contract", "tracking.registry"],
+    "experiments": FLOORS,
+    "chapter": FLOORS,
+    "stages": [*FLOORS, "serving", "chapter"],
+}
+
+
+def may_import(package: str) -> list[str]:
+    return FLOORS[: FLOORS.index(package)] if package in FLOORS else ROLES[package]
+
+
+def test_the_top_level_is_the_cli_and_the_packages_of_the_road():
+    top = sorted(m for m in MODULES if m.count(".") == 1)
+    packages = sorted(f"cnnpipe.{p}" for p in [*FLOORS, *ROLES])
+    assert top == sorted(["cnnpipe.cli", *packages])
+
+
+def test_imports_run_down_the_road():
+    for module in MODULES:
+        if module == "cnnpipe.cli":
+            continue
+        package = module.split(".")[1]
+        allowed = [f"cnnpipe.{p}" for p in [package, *may_import(package)]]
+        for other in set(imported(module)) - {"cnnpipe"}:
+            # A package's __init__ on the way to an allowed module imports nothing (tested).
+            within = [a for a in allowed if a.startswith(f"{other}.")]
+            assert within or any(other == a or other.startswith(f"{a}.") for a in allowed), (
+                f"{module} imports {other}: {package} may import only {may_import(package)}"
+            )
+            if package == "stages":
+                assert not other.startswith("cnnpipe.stages."), f"{module} imports {other}"
+
+
+def test_each_package_says_what_it_may_import():
+    for package in [*FLOORS, *ROLES]:
+        doc = ast.get_docstring(ast.parse(path_of(f"cnnpipe.{package}").read_text()))
+        said = re.search(r"May import: (.*)\.$", doc, re.DOTALL)
+        assert said, f"cnnpipe/{package}/__init__.py does not say what it may import"
+        names = [n.removeprefix("cnnpipe.") for n in re.split(r",\s*", said[1])]
+        if names == ["nothing of cnnpipe above it"]:
+            names = []
+        assert names == may_import(package), package
+
+
+def test_package_inits_import_nothing():
+    """So that serving and bench/gpu_check.py load only the modules they use."""
+    for module in MODULES:
+        tree = ast.parse(path_of(module).read_text())
+        if path_of(module).name == "__init__.py":
+            assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], module
 
 
 def test_no_import_circles():
@@ -31,18 +89,6 @@ def test_no_import_circles():
         visit(module)
 
 
-def test_no_stage_imports_another_and_the_core_imports_no_role_package():
-    roles = ("cnnpipe.stages.", "cnnpipe.experiments.", "cnnpipe.serving.")
-    for module in MODULES:
-        found = set(imported(module)) - {module}
-        if module.startswith("cnnpipe.stages."):
-            assert not [m for m in found if m.startswith("cnnpipe.stages.")], module
-        elif not module.startswith(roles) and module != "cnnpipe.cli":
-            # The core may be used by every role, so it uses none (parity and quantize, stages,
-            # use serving's onnxruntime model; the core does not).
-            assert not [m for m in found if m.startswith(roles)], module
-
-
 def test_serving_imports_no_training_stack():
     serving = [m for m in MODULES if m.startswith("cnnpipe.serving")]
     code = (
@@ -60,4 +106,4 @@ def test_the_image_size_comes_from_the_data_not_from_code():
         str(p.relative_to(ROOT / "src")) for p in (ROOT / "src").rglob("*.py")
         if re.search(r"^[^#\n\"]*\b32, 32\b", p.read_text(), re.MULTILINE)
     )  # fmt: skip
-    assert holders == ["cnnpipe/cifar.py"]
+    assert holders == ["cnnpipe/data/cifar.py"]

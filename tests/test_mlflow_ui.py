@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cnnpipe import cli
-from cnnpipe.config import compose_params
+from cnnpipe.base.config import compose_params
 from cnnpipe.tracking.stage_run import read_run_id
 from cnnpipe.tracking.store import MODEL_TRAINING
 from tests.helpers import store

@@ -1,9 +1,9 @@
 import pytest
 
-from cnnpipe.classifier import untrained
-from cnnpipe.models import ChapterCNN
-from cnnpipe.param_count import params_report
 from cnnpipe.stages.params_report import to_markdown, to_metrics
+from cnnpipe.training.classifier import untrained
+from cnnpipe.training.models import ChapterCNN
+from cnnpipe.training.param_count import params_report
 from tests.helpers import CLASSES
 
 

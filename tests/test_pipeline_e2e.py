@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from omegaconf import OmegaConf
 
-from cnnpipe.localhost import free_port, wait_for_http
+from cnnpipe.base.localhost import free_port, wait_for_http
 from tests.helpers import copy_repo, defaults, folder_over_http, make_archive, repo_env
 
 # Keep the INT8 model whatever it loses or gains on the tiny data, to see it registered.

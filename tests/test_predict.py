@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnpipe.images import decode
-from cnnpipe.schema import TTA_VIEWS
+from cnnpipe.base.schema import TTA_VIEWS
+from cnnpipe.data.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 from tests.helpers import CLASSES, cnnpipe, export_random_model, foreign_model
 

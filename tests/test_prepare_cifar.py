@@ -15,8 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.preparation import prepare
-from cnnpipe.prepared import IMAGES, LABELS, MANIFEST, Prepared
+from cnnpipe.data.preparation import prepare
+from cnnpipe.data.prepared import IMAGES, LABELS, MANIFEST, Prepared
 from tests.helpers import add_member, composed, make_archive
 
 PREPARED = sorted([IMAGES, LABELS, MANIFEST])

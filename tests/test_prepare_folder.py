@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnpipe import PipelineError, build
-from cnnpipe.data import split_rows
-from cnnpipe.images import decode
-from cnnpipe.models import ChapterCNN, DenseBaseline
-from cnnpipe.preparation import prepare
-from cnnpipe.prepared import IMAGES, MANIFEST, Prepared, unit_hash
+from cnnpipe import PipelineError
+from cnnpipe.data.images import decode
+from cnnpipe.data.loader import split_rows
+from cnnpipe.data.preparation import prepare
+from cnnpipe.data.prepared import IMAGES, MANIFEST, Prepared, unit_hash
+from cnnpipe.training import build
+from cnnpipe.training.models import ChapterCNN, DenseBaseline
 from tests.helpers import folder_config, keras_chapter_params, make_image_folder
 
 CLASSES = ["bolt", "nut", "washer"]

@@ -6,13 +6,13 @@ import onnx
 import pytest
 import torch
 
-from cnnpipe.classifier import untrained
-from cnnpipe.contract import Metadata, input_shape
-from cnnpipe.inference import TorchModel
-from cnnpipe.onnx_export import ArrangedModel
-from cnnpipe.quantization import quantize
-from cnnpipe.schema import TTA_VIEWS
+from cnnpipe.artifact.contract import Metadata, input_shape
+from cnnpipe.artifact.onnx_export import ArrangedModel
+from cnnpipe.artifact.quantization import quantize
+from cnnpipe.base.schema import TTA_VIEWS
 from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.training.classifier import untrained
+from cnnpipe.training.inference import TorchModel
 from tests.helpers import CLASSES, defaults
 
 
@@ -60,7 +60,7 @@ def test_int8_model_is_quantized_and_agrees_with_fp32(tmp_path, model):
 @pytest.mark.slow
 def test_stage_drops_an_int8_model_that_is_not_fast_enough_and_says_why(project, capsys):
     from cnnpipe import cli
-    from cnnpipe.config import compose_params
+    from cnnpipe.base.config import compose_params
 
     repo, tiny = project
     for stage in ("train", "evaluate", "export"):

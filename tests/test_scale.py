@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 
-from cnnpipe.config import compose_params
+from cnnpipe.base.config import compose_params
 from tests import helpers
 from tests.helpers import ROOT, compose_for, trained_params
 
@@ -159,7 +159,7 @@ def test_ddp_with_two_cpu_processes(project):
     # 160 training images: 80 per rank, in 3 batches of 32.
     assert world == "2" and batches == "3"
 
-    from cnnpipe.classifier import load_checkpoint
+    from cnnpipe.training.classifier import load_checkpoint
 
     module = load_checkpoint("models/model.ckpt")
     weights = b"".join(p.detach().numpy().tobytes() for p in module.parameters())

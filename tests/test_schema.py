@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.schema import UNTYPED, Config, validate
+from cnnpipe.base.schema import UNTYPED, Config, validate
 from cnnpipe.tracking.lineage import flatten
 from tests.helpers import ROOT, composed
 

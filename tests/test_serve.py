@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cnnpipe import PipelineError
-from cnnpipe.localhost import wait_until
+from cnnpipe.base.localhost import wait_until
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
@@ -373,7 +373,7 @@ def test_open_inference_protocol_answers_any_hostile_body_with_a_json_4xx(server
 def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
     import psutil
 
-    from cnnpipe.localhost import free_port, wait_for_http
+    from cnnpipe.base.localhost import free_port, wait_for_http
 
     port = free_port()
     service = subprocess.Popen(
@@ -408,7 +408,7 @@ def test_the_service_gives_back_the_memory_of_a_large_request(model_path):
 def start_workers(model_path: Path, tmp_path: Path) -> tuple[subprocess.Popen, str, list[int]]:
     """`cnnpipe serve --workers 2` with its temporary files under tmp_path, once both workers
     answer: the service, its URL and the workers' pids."""
-    from cnnpipe.localhost import free_port, wait_for_http
+    from cnnpipe.base.localhost import free_port, wait_for_http
 
     port = free_port()
     command = [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path)]

@@ -19,14 +19,14 @@ import yaml
 from omegaconf import OmegaConf
 
 from cnnpipe import cli
-from cnnpipe.config import load_params
-from cnnpipe.fit import HISTORY_KEYS, train
-from cnnpipe.localhost import free_port
-from cnnpipe.preparation import prepare
-from cnnpipe.prepared import read_manifest
+from cnnpipe.base.config import load_params
+from cnnpipe.base.localhost import free_port
+from cnnpipe.data.preparation import prepare
+from cnnpipe.data.prepared import read_manifest
 from cnnpipe.tracking.lineage import recipe_params
 from cnnpipe.tracking.stage_run import read_run_id
 from cnnpipe.tracking.store import tracking_uri
+from cnnpipe.training.fit import HISTORY_KEYS, train
 from tests.helpers import cnnpipe, composed, store, trained_params
 
 
@@ -281,7 +281,7 @@ def test_a_failed_rerun_of_a_finished_stage_leaves_the_finished_run_as_it_was(pr
 KILLED_IN_EPOCH_3 = """
 import os, signal
 from cnnpipe import cli
-from cnnpipe.classifier import LitClassifier
+from cnnpipe.training.classifier import LitClassifier
 
 step = LitClassifier.training_step
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cnnpipe import PipelineError, build
-from cnnpipe.classifier import load_checkpoint, whiten_first_conv
-from cnnpipe.data import read_split
-from cnnpipe.evaluation import evaluate
-from cnnpipe.fit import HISTORY_KEYS, train
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.models import ChapterCNN, DenseBaseline
+from cnnpipe import PipelineError
+from cnnpipe.data.loader import read_split
+from cnnpipe.training import build
+from cnnpipe.training.classifier import load_checkpoint, whiten_first_conv
+from cnnpipe.training.evaluation import evaluate
+from cnnpipe.training.fit import HISTORY_KEYS, train
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.training.models import ChapterCNN, DenseBaseline
 from tests.helpers import TINY, composed
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import boto3
 import botocore.exceptions
 
-from cnnpipe.localhost import free_port, wait_until
+from cnnpipe.base.localhost import free_port, wait_until
 
 PACKAGES = {
     "slurmctld": "slurmctld",

@@ -7,11 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from cnnpipe import PipelineError, files
+from cnnpipe import PipelineError
+from cnnpipe.base import files
 
 # Modules are imported on demand so that `cnnpipe prepare` does not pay for torch, MLflow and ONNX.
 COMMANDS = {
-    "params": "cnnpipe.config",
+    "params": "cnnpipe.base.config",
     # The stages of dvc.yaml, in its order.
     "prepare": "cnnpipe.stages.prepare",
     "train": "cnnpipe.stages.train",

@@ -1,2 +1,5 @@
 """The chapter's claims about CNNs, measured (measures.py), drawn (plots.py) and reported
-(report.py)."""
+(report.py).
+
+May import: cnnpipe.base, cnnpipe.data, cnnpipe.tracking, cnnpipe.training, cnnpipe.artifact.
+"""

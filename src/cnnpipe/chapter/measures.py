@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from cnnpipe.classifier import LitClassifier, first_conv, normalise
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.training.classifier import LitClassifier, first_conv, normalise
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
 
 
 def shift(images: torch.Tensor, k: int) -> torch.Tensor:

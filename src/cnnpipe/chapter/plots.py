@@ -9,10 +9,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cnnpipe.classifier import LitClassifier, first_conv
-from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
-from cnnpipe.param_count import params_report
+from cnnpipe.base.files import atomic_path
+from cnnpipe.training.classifier import LitClassifier, first_conv
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.training.param_count import params_report
 
 
 def draw(cfg: DictConfig, module: LitClassifier, images: torch.Tensor, labels: torch.Tensor) -> int:

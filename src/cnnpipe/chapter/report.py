@@ -12,7 +12,7 @@ import jinja2
 from markdown_it import MarkdownIt
 from omegaconf import DictConfig
 
-from cnnpipe.config import network_name
+from cnnpipe.base.config import network_name
 
 TEMPLATE = jinja2.Template(
     files("cnnpipe.chapter").joinpath("report.md.j2").read_text(),

@@ -13,9 +13,9 @@ from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe import PipelineError
-from cnnpipe.args import COUNT, Parser
-from cnnpipe.config import load_params, network_name, output_roots
-from cnnpipe.files import remove_leftovers
+from cnnpipe.base.args import COUNT, Parser
+from cnnpipe.base.config import load_params, network_name, output_roots
+from cnnpipe.base.files import remove_leftovers
 from cnnpipe.tracking.stage_run import HOST, abandoned, close_abandoned_runs
 from cnnpipe.tracking.store import quiet_mlflow, store_errors, store_problem, tracking_uri
 

@@ -20,14 +20,14 @@ from mlflow.entities import Param
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
-from cnnpipe.config import CONF_DIR, outputs_under
-from cnnpipe.evaluation import evaluate, log_evaluation
+from cnnpipe.base.config import CONF_DIR, outputs_under
+from cnnpipe.base.schema import validate
 from cnnpipe.experiments import search
-from cnnpipe.fit import log_training, train
-from cnnpipe.schema import validate
 from cnnpipe.tracking.lineage import git_commit, recipe_params, source_tags
 from cnnpipe.tracking.stage_run import STAGE, process_tags, short_name, stage_run, write_run_file
 from cnnpipe.tracking.store import store_errors, ui_link, use_experiment
+from cnnpipe.training.evaluation import evaluate, log_evaluation
+from cnnpipe.training.fit import log_training, train
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.

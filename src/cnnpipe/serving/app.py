@@ -32,8 +32,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.schemas import SchemaGenerator
 
-from cnnpipe import PipelineError, contract
-from cnnpipe.images import decode
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
+from cnnpipe.data.images import decode
 from cnnpipe.serving import open_inference
 from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body

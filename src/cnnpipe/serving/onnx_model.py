@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cnnpipe import PipelineError, contract
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
 
 # Runs of up to this many images keep their memory for the next: the service's batches (64
 # one-image requests at most, by default).

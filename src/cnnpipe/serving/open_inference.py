@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cnnpipe import contract
+from cnnpipe.artifact import contract
 from cnnpipe.serving.http import RequestError, read_body
 
 

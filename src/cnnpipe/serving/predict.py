@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe import PipelineError
-from cnnpipe.args import COUNT, Parser
-from cnnpipe.images import decode
+from cnnpipe.base.args import COUNT, Parser
+from cnnpipe.data.images import decode
 from cnnpipe.serving.onnx_model import OnnxModel
 
 

@@ -23,7 +23,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import PipelineError
-from cnnpipe.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, Parser
+from cnnpipe.base.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, Parser
 from cnnpipe.serving.app import Limits, checked_model, create_app
 
 

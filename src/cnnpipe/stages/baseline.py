@@ -2,12 +2,12 @@
 
 from omegaconf import DictConfig
 
-from cnnpipe.args import Parser
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import baseline_config, load_params
-from cnnpipe.evaluation import evaluate
-from cnnpipe.fit import train
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import baseline_config, load_params
 from cnnpipe.tracking.stage_run import record, stage_run
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.evaluation import evaluate
+from cnnpipe.training.fit import train
 
 
 def train_baseline(cfg: DictConfig) -> dict:

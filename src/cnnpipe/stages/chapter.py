@@ -5,15 +5,15 @@ from pathlib import Path
 
 import mlflow
 
-from cnnpipe.args import Parser
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import baseline_config, load_params
+from cnnpipe.base.files import atomic_path
 from cnnpipe.chapter.measures import measure
 from cnnpipe.chapter.plots import draw
 from cnnpipe.chapter.report import report, self_contained_html
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import baseline_config, load_params
-from cnnpipe.data import read_split
-from cnnpipe.files import atomic_path
+from cnnpipe.data.loader import read_split
 from cnnpipe.tracking.stage_run import record, stage_run
+from cnnpipe.training.classifier import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

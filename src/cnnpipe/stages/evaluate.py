@@ -1,9 +1,9 @@
 """Stage `evaluate`: test-set accuracy, per-class accuracy and the confusion matrix."""
 
-from cnnpipe.args import Parser
-from cnnpipe.config import load_params
-from cnnpipe.evaluation import evaluate, log_evaluation
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params
 from cnnpipe.tracking.stage_run import stage_run
+from cnnpipe.training.evaluation import evaluate, log_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:

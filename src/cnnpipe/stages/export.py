@@ -5,14 +5,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, contract
-from cnnpipe.args import Parser
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import dataset_name, load_params, registered_name
-from cnnpipe.inference import TorchModel
-from cnnpipe.onnx_export import export_onnx
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
+from cnnpipe.artifact.onnx_export import export_onnx
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import dataset_name, load_params, registered_name
 from cnnpipe.tracking.lineage import git_commit
 from cnnpipe.tracking.stage_run import stage_run
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.inference import TorchModel
 
 
 def test_accuracy(eval_metrics: Path) -> float:

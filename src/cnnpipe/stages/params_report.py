@@ -3,12 +3,12 @@
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe.args import Parser
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import load_params, network_name
-from cnnpipe.files import atomic_path
-from cnnpipe.param_count import params_report
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params, network_name
+from cnnpipe.base.files import atomic_path
 from cnnpipe.tracking.stage_run import record, stage_run
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.param_count import params_report
 
 
 def to_metrics(report: dict) -> dict:

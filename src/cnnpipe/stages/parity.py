@@ -7,17 +7,18 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from cnnpipe import PipelineError, contract
-from cnnpipe.args import Parser
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import load_params, network_name, registered_name
-from cnnpipe.data import read_split
-from cnnpipe.inference import TorchModel, describe_tta, nhwc, predict_probs
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params, network_name, registered_name
+from cnnpipe.data.loader import read_split
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
 from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote
 from cnnpipe.tracking.stage_run import record, stage_run
 from cnnpipe.tracking.store import ui_link
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.inference import TorchModel, describe_tta, nhwc, predict_probs
 
 
 def compare(

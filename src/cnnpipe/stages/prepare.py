@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpipe.args import Parser
-from cnnpipe.config import load_params, output_roots
-from cnnpipe.files import remove_leftovers
-from cnnpipe.preparation import prepare
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params, output_roots
+from cnnpipe.base.files import remove_leftovers
+from cnnpipe.data.preparation import prepare
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,12 @@
 """Stage `quantize`: an INT8 copy of the ONNX model, kept only if it loses at most a set accuracy
-and is faster than the FP32 model by a set margin (cnnpipe.quantization)."""
+and is faster than the FP32 model by a set margin (cnnpipe.artifact.quantization)."""
 
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnpipe.args import Parser
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import load_params, network_name, registered_name
-from cnnpipe.data import read_split
-from cnnpipe.files import atomic_folder
-from cnnpipe.inference import TorchModel, nhwc
-from cnnpipe.quantization import (
+from cnnpipe.artifact.quantization import (
     Probabilities,
     calibration_images,
     compare,
@@ -20,11 +14,17 @@ from cnnpipe.quantization import (
     quantize,
     reasons_to_drop,
 )
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params, network_name, registered_name
+from cnnpipe.base.files import atomic_folder
+from cnnpipe.data.loader import read_split
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.tracking.datasets import scored_dataset
 from cnnpipe.tracking.registry import log_onnx_model
 from cnnpipe.tracking.stage_run import record, stage_run
 from cnnpipe.tracking.store import ui_link
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.inference import TorchModel, nhwc
 
 # What the output folder holds instead of model.onnx when the INT8 model is dropped.
 DROPPED = "dropped.txt"

@@ -4,10 +4,10 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
-from cnnpipe.args import Parser
-from cnnpipe.config import load_params
-from cnnpipe.fit import interrupted_run, log_training, train
+from cnnpipe.base.args import Parser
+from cnnpipe.base.config import load_params
 from cnnpipe.tracking.stage_run import stage_run, write_run_file
+from cnnpipe.training.fit import interrupted_run, log_training, train
 
 
 def main(argv: list[str] | None = None) -> None:

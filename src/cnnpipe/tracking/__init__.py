@@ -1,2 +1,5 @@
 """MLflow: the store (store.py), the run a stage works in (stage_run.py), what a run ran
-(lineage.py), the data as datasets (datasets.py) and the model registry (registry.py)."""
+(lineage.py), the data as datasets (datasets.py) and the model registry (registry.py).
+
+May import: cnnpipe.base, cnnpipe.data.
+"""

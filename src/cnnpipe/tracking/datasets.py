@@ -9,8 +9,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import Schema, TensorSpec
 from omegaconf import DictConfig
 
-from cnnpipe.data import test_mask
-from cnnpipe.prepared import Manifest, Prepared
+from cnnpipe.data.loader import test_mask
+from cnnpipe.data.prepared import Manifest, Prepared
 
 
 def mlflow_dataset(prepared: Prepared, rows: np.ndarray | None = None) -> MetaDataset:

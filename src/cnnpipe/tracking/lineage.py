@@ -4,7 +4,7 @@ import subprocess
 
 from omegaconf import DictConfig
 
-from cnnpipe.schema import recipe
+from cnnpipe.base.schema import recipe
 
 DIRTY = "git.dirty"
 

@@ -12,9 +12,10 @@ import mlflow
 from mlflow.entities import RunInfo
 from omegaconf import DictConfig, OmegaConf
 
-from cnnpipe import PipelineError, processes
-from cnnpipe.config import network_name, output_roots
-from cnnpipe.files import atomic_path, remove_leftovers
+from cnnpipe import PipelineError
+from cnnpipe.base import processes
+from cnnpipe.base.config import network_name, output_roots
+from cnnpipe.base.files import atomic_path, remove_leftovers
 from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
 from cnnpipe.tracking.store import store_errors, ui_hint, use_experiment
 

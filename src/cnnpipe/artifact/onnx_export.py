@@ -11,10 +11,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cnnpipe import PipelineError, contract
-from cnnpipe.classifier import normalise
-from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, tta_views
+from cnnpipe import PipelineError
+from cnnpipe.artifact import contract
+from cnnpipe.base.files import atomic_path
+from cnnpipe.training.classifier import normalise
+from cnnpipe.training.inference import TorchModel, tta_views
 
 
 def relu_before_pool(net: nn.Module) -> nn.Module:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cnnpipe.folder import Entry
-from cnnpipe.images import decode
-from cnnpipe.prepared import Prepared
+from cnnpipe.data.folder import Entry
+from cnnpipe.data.images import decode
+from cnnpipe.data.prepared import Prepared
 
 # Files per task: large enough that a worker's answer outweighs the cost of sending it.
 CHUNK = 64

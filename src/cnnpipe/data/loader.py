@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
-from cnnpipe.prepared import ImageArray, Prepared, channel_stats, duplicates_across, unit_hash
+from cnnpipe.data.prepared import ImageArray, Prepared, channel_stats, duplicates_across, unit_hash
 
 
 def split_rows(prepared: Prepared, data: DictConfig, seed: int) -> dict[str, np.ndarray]:

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Timer
 
-from cnnpipe.data import read_split
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.data.loader import read_split
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
 
 
 class TestAccuracy(pl.Callback):

@@ -10,9 +10,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import PipelineError
-from cnnpipe.args import Parser
-from cnnpipe.files import atomic_path
-from cnnpipe.schema import unknown_choice, validate
+from cnnpipe.base.args import Parser
+from cnnpipe.base.files import atomic_path
+from cnnpipe.base.schema import unknown_choice, validate
 
 CONF_DIR = Path("conf")
 PARAMS_FILE = Path("params.yaml")

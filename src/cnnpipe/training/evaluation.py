@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cnnpipe.classifier import load_checkpoint
-from cnnpipe.config import dataset_name
-from cnnpipe.data import read_split
-from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, nhwc, predict_probs
+from cnnpipe.base.config import dataset_name
+from cnnpipe.base.files import atomic_path
+from cnnpipe.data.loader import read_split
 from cnnpipe.tracking.stage_run import record
+from cnnpipe.training.classifier import load_checkpoint
+from cnnpipe.training.inference import TorchModel, nhwc, predict_probs
 
 
 def evaluate(cfg: DictConfig) -> dict:

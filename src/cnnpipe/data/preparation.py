@@ -9,13 +9,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
-from cnnpipe.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
-from cnnpipe.config import dataset_name
-from cnnpipe.decoding import decode_entries
-from cnnpipe.download import as_url, extract, fetch_archive
-from cnnpipe.files import partial_name, swap
-from cnnpipe.folder import Entry, check_counts, listing, missing_source, scan
-from cnnpipe.prepared import Manifest, Prepared, create_images, write_index
+from cnnpipe.base.config import dataset_name
+from cnnpipe.base.files import partial_name, swap
+from cnnpipe.data.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
+from cnnpipe.data.decoding import decode_entries
+from cnnpipe.data.download import as_url, extract, fetch_archive
+from cnnpipe.data.folder import Entry, check_counts, listing, missing_source, scan
+from cnnpipe.data.prepared import Manifest, Prepared, create_images, write_index
 
 
 def previous(dest: Path) -> Prepared | None:

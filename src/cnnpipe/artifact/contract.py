@@ -50,7 +50,7 @@ class Metadata:
     model_name: str | None = None
     # Of this file's function on the test set, as evaluate scored it.
     test_accuracy: float | None = None
-    # The test-time views the graph averages over (cnnpipe.inference.tta_views).
+    # The test-time views the graph averages over (cnnpipe.training.inference.tta_views).
     tta_views: tuple[str, ...] = ("image",)
     tta_shift: int = 1
     mlflow_run_id: str | None = None

@@ -5,9 +5,9 @@ directly or inside a function, transitively. One rule for the code a DVC stage d
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]
 # Networks are built by name from the config (Hydra's instantiate), not imported.
-BY_NAME = {"cnnpipe.classifier": ["cnnpipe.models"]}
+BY_NAME = {"cnnpipe.training.classifier": ["cnnpipe.training.models"]}
 
 
 def path_of(module: str) -> Path:

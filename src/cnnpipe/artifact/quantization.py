@@ -1,7 +1,7 @@
 """INT8 quantization of the deployed model: onnxruntime's static quantization (QDQ format,
 per-channel weights), calibrated on training images, of the graph export writes (the
-TorchModel's function arranged for onnxruntime: cnnpipe.onnx_export.ArrangedModel); and how it
-compares with the FP32 model."""
+TorchModel's function arranged for onnxruntime: cnnpipe.artifact.onnx_export.ArrangedModel);
+and how it compares with the FP32 model."""
 
 import statistics
 import tempfile
@@ -21,12 +21,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from cnnpipe import contract
-from cnnpipe.config import network_name, registered_name
-from cnnpipe.data import read_split
-from cnnpipe.files import atomic_path
-from cnnpipe.inference import TorchModel, nhwc
-from cnnpipe.onnx_export import export_onnx
+from cnnpipe.artifact import contract
+from cnnpipe.artifact.onnx_export import export_onnx
+from cnnpipe.base.config import network_name, registered_name
+from cnnpipe.base.files import atomic_path
+from cnnpipe.data.loader import read_split
+from cnnpipe.training.inference import TorchModel, nhwc
 
 # A model as the stage runs it: NHWC uint8 images in, probabilities out (OnnxModel.probabilities).
 Probabilities = Callable[[np.ndarray], np.ndarray]

@@ -19,12 +19,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint, Timer
 from pytorch_lightning.utilities import rank_zero_only
 from sqlalchemy.exc import SQLAlchemyError
 
-from cnnpipe import PipelineError, build
-from cnnpipe.data import ImageDataModule
-from cnnpipe.files import atomic_path
-from cnnpipe.sources import source_files
+from cnnpipe import PipelineError
+from cnnpipe.base.files import atomic_path
+from cnnpipe.base.sources import source_files
+from cnnpipe.data.loader import ImageDataModule
 from cnnpipe.tracking.datasets import dataset_tags, mlflow_dataset
 from cnnpipe.tracking.stage_run import record
+from cnnpipe.training import build
 
 HISTORY_KEYS = ["train/loss", "train/acc", "val/loss", "val/acc"]
 # Every setting that changes what is trained: what a resume must share, and the train stage's

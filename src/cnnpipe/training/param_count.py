@@ -3,7 +3,7 @@
 
 from pytorch_lightning.utilities.model_summary import ModelSummary
 
-from cnnpipe.classifier import LitClassifier
+from cnnpipe.training.classifier import LitClassifier
 
 # Keras folds activations into the layer before them, so its summary has no rows for these.
 ACTIVATIONS = {"ReLU", "GELU", "SiLU", "Softmax", "Sigmoid", "Tanh"}

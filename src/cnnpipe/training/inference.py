@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.classifier import LitClassifier
+from cnnpipe.training.classifier import LitClassifier
 
 
 def tta_views(images: torch.Tensor, views: Sequence[str], shift: int) -> torch.Tensor:
     """The named `views` of uint8 (N, C, H, W) images, stacked along the batch: each is the
     image or its mirror, as it is or with its content moved `shift` pixels up-left or down-right
-    (zero-filled, like the training crops). The names: cnnpipe.schema.TTA_VIEWS."""
+    (zero-filled, like the training crops). The names: cnnpipe.base.schema.TTA_VIEWS."""
     stacked = []
     for name in views:
         view = images.flip(3) if name.startswith("mirror") else images

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from cnnpipe import PipelineError
-from cnnpipe.classifier import LitClassifier
-from cnnpipe.data import ImageDataModule
+from cnnpipe.data.loader import ImageDataModule
+from cnnpipe.training.classifier import LitClassifier
 
 
 def datamodule(cfg: DictConfig) -> ImageDataModule:

@@ -47,7 +47,7 @@ class Optim:
     ema_decay: float | None
     ema_every_n_steps: int
     whiten: bool
-    # Hydra nodes with _target_ (cnnpipe.classifier.LitClassifier.configure_optimizers).
+    # Hydra nodes with _target_ (cnnpipe.training.classifier.LitClassifier.configure_optimizers).
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
 
@@ -56,8 +56,8 @@ class Optim:
 class Loader:
     batch_size: int
     channels_last: bool
-    # The datamodule's class (cnnpipe.build.datamodule).
-    _target_: str = "cnnpipe.data.ImageDataModule"
+    # The datamodule's class (cnnpipe.training.build.datamodule).
+    _target_: str = "cnnpipe.data.loader.ImageDataModule"
 
 
 @dataclass
@@ -127,7 +127,8 @@ class Config:
     seed: int
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
-    # pytorch_lightning.Trainer's arguments, which it checks itself (cnnpipe.build.trainer).
+    # pytorch_lightning.Trainer's arguments, which it checks itself
+    # (cnnpipe.training.build.trainer).
     trainer: dict[str, Any] = field(default_factory=dict)
     callbacks: dict[str, Any] = field(default_factory=dict, metadata=NOT_RECIPE)
     baseline: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +144,8 @@ POSITIVE = [
 NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
 ]  # fmt: skip
-# The test-time views by name (cnnpipe.inference.tta_views); each costs a pass of the network.
+# The test-time views by name (cnnpipe.training.inference.tta_views); each costs a pass of the
+# network.
 TTA_VIEWS = (
     "image", "mirror",
     "image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right",

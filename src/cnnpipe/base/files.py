@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from cnnpipe import processes
+from cnnpipe.base import processes
 
 # The output being written now: a full disk is reported against it, not against the
 # temporary file some library wrote first (/tmp/tmp...).

@@ -1,0 +1,6 @@
+"""Images in: CIFAR-10's archive or a folder of images, downloaded, checked and decoded once into
+the same uint8 arrays and class names (preparation.py); the splits and batches (loader.py). The
+one image decoder is here too, shared with serving (images.py).
+
+May import: cnnpipe.base.
+"""
