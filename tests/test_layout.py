@@ -1,15 +1,17 @@
 """The package's layout is its architecture: packages by the road the data travels, imports that
-run one way along it, stages that stand alone, serving without the training stack, and the ONNX
-interface in one home."""
+run one way along it, stages that stand alone, serving without the training stack, heavy
+libraries loaded only when used, and the ONNX interface in one home."""
 
 import ast
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 
 import cnnpipe
 from cnnpipe.base.sources import imported, path_of
+from cnnpipe.cli import COMMANDS
 from tests.helpers import ROOT
 
 MODULES = [m.name for m in pkgutil.walk_packages(cnnpipe.__path__, "cnnpipe.")]
@@ -24,6 +26,8 @@ ROLES = {
     "chapter": FLOORS,
     "stages": [*FLOORS, "serving", "chapter"],
 }
+# What a command line must not import before its arguments and configuration are checked.
+HEAVY = ("torch", "pytorch_lightning", "torchmetrics", "mlflow", "onnx", "optuna")
 
 
 def may_import(package: str) -> list[str]:
@@ -97,6 +101,44 @@ def test_serving_imports_no_training_stack():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_help_and_config_errors_load_no_heavy_library(tmp_path):
+    """Every command's --help, and a value the schema refuses (in params.yaml for the stages,
+    on the command line for a Hydra job), answer before torch, Lightning or MLflow load."""
+    shutil.copytree(ROOT / "conf", tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    (tmp_path / "params.yaml").write_text("optim:\n  lr: fast\n")
+    code = f"""
+import contextlib, io, sys
+from cnnpipe import cli
+said = []
+for argv in [*([c, "--help"] for c in cli.COMMANDS),
+             *([c] for c in cli.COMMANDS if c not in ("params", "predict", "serve")),
+             ["train", "optim.lr=fast"]]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            cli.main(argv)
+        except SystemExit as exit:
+            # Hydra prints a job's error itself and exits 1.
+            said.append((argv, err.getvalue() if exit.code == 1 else exit.code))
+heavy = [m for m in {HEAVY!r} if m in sys.modules]
+assert not heavy, heavy
+for argv, code in said:
+    print(argv, str(code).strip().splitlines()[-1] if code else code)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # Every --help, every stage with the bad params.yaml, the Hydra job.
+    assert len(lines) == len(COMMANDS) + len(COMMANDS) - 3 + 1
+    for line in lines:
+        if "--help" in line:
+            assert line.endswith(" 0"), line
+        else:
+            assert "error: config key optim.lr" in line, line
 
 
 def test_the_image_size_comes_from_the_data_not_from_code():

@@ -4,20 +4,20 @@ Reads the store that the pipeline writes to (MLFLOW_TRACKING_URI, else mlflow.tr
 sqlite:///<repo>/mlflow.db) through MLflow's client; `mlflow ui` shows the same runs as charts.
 """
 
+from __future__ import annotations
+
 import socket
 import time
-
-import mlflow
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING
 
 from cnnpipe import PipelineError
 from cnnpipe.base.args import COUNT, Parser
 from cnnpipe.base.config import load_params, network_name, output_roots
 from cnnpipe.base.files import remove_leftovers
-from cnnpipe.tracking.stage_run import HOST, abandoned, close_abandoned_runs
-from cnnpipe.tracking.store import quiet_mlflow, store_errors, store_problem, tracking_uri
+
+if TYPE_CHECKING:
+    import mlflow
+    from mlflow.entities import Run
 
 COLUMNS = {
     "model": lambda r: network_name(r.data.params.get("model._target_", "")),
@@ -54,6 +54,12 @@ def find_runs(client: mlflow.MlflowClient, experiment: str, last: int, sweep: st
 def close_dead_runs(client: mlflow.MlflowClient, experiment: str) -> str | None:
     """Close the RUNNING runs of this machine whose process is gone, so that the table is true;
     on a store that cannot be written, the line that says why they still read RUNNING there."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from cnnpipe.tracking.stage_run import close_abandoned_runs
+    from cnnpipe.tracking.store import store_problem
+
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -70,6 +76,8 @@ def close_dead_runs(client: mlflow.MlflowClient, experiment: str) -> str | None:
 def status(run: Run) -> str:
     """The run's status; KILLED* where it reads RUNNING but its process of this machine is gone
     (a store that cannot be written keeps it so)."""
+    from cnnpipe.tracking.stage_run import HOST, abandoned
+
     here = run.data.tags.get(HOST) == socket.gethostname()
     if run.info.status == "RUNNING" and here and abandoned(run.data.tags):
         return "KILLED*"
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'")
     args = parser.parse_args(argv)
     cfg = load_params()
+    import mlflow
+
+    from cnnpipe.tracking.store import quiet_mlflow, store_errors, tracking_uri
+
     # What a crash left, cleaned as by any stage: this is the command to run after one.
     remove_leftovers(output_roots(cfg))
     quiet_mlflow()

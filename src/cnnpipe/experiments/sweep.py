@@ -10,24 +10,16 @@ import sys
 from pathlib import Path
 
 import hydra
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from mlflow.entities import Param
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
 from cnnpipe.base.config import CONF_DIR, outputs_under
 from cnnpipe.base.schema import validate
-from cnnpipe.experiments import search
-from cnnpipe.tracking.lineage import git_commit, recipe_params, source_tags
-from cnnpipe.tracking.stage_run import STAGE, process_tags, short_name, stage_run, write_run_file
-from cnnpipe.tracking.store import store_errors, ui_link, use_experiment
-from cnnpipe.training.evaluation import evaluate, log_evaluation
-from cnnpipe.training.fit import log_training, train
 
 # Set by the sweep's callback before any job starts; launchers pass the environment to their
 # workers (joblib's processes, SLURM jobs), so every job finds its parent without a race.
@@ -54,6 +46,13 @@ def train_and_test(cfg: DictConfig) -> dict:
     """A grid job trains and tests; a search's trial trains with pruning and is never tested."""
     hc = HydraConfig.get()
     cfg = outputs_under(validate(cfg), hc.runtime.output_dir)
+    import mlflow
+
+    from cnnpipe.experiments import search
+    from cnnpipe.tracking.stage_run import stage_run, write_run_file
+    from cnnpipe.training.evaluation import evaluate, log_evaluation
+    from cnnpipe.training.fit import log_training, train
+
     overrides = " ".join(hc.overrides.task) or "(defaults)"
     tags = {"sweep.overrides": overrides}
     name = overrides
@@ -88,6 +87,8 @@ def train_and_test(cfg: DictConfig) -> dict:
 def summary_table(children: list, links: bool = False) -> str:
     """Markdown: one row per child run (named by what the sweep varied), best validation
     accuracy first, with `links` to the runs in the MLflow UI."""
+    from cnnpipe.tracking.store import ui_link
+
     lines = [
         "| overrides | val/acc | test.acc | train s | status | run |",
         "|---|---:|---:|---:|---|---|",
@@ -122,6 +123,14 @@ class ParentRun(Callback):
             sys.exit(f"cnnpipe train: error: {error}")
 
     def open_parent(self, config: DictConfig) -> None:
+        import mlflow
+        from mlflow.entities import Param
+
+        from cnnpipe.experiments import search
+        from cnnpipe.tracking.lineage import git_commit, recipe_params, source_tags
+        from cnnpipe.tracking.stage_run import STAGE, process_tags, short_name
+        from cnnpipe.tracking.store import store_errors, use_experiment
+
         experiment_id = use_experiment(config)
         overrides = list(config.hydra.overrides.task)
         varied = swept_keys(overrides)
@@ -172,6 +181,10 @@ class ParentRun(Callback):
 
 def close_sweep(status: str) -> None:
     """Log the summary table to the parent run, tag the best child, end with `status`."""
+    import mlflow
+
+    from cnnpipe.tracking.store import store_errors
+
     parent = os.environ.pop(PARENT_ENV)
     os.environ.pop(VARIED_ENV, None)
     client = mlflow.MlflowClient()

@@ -4,14 +4,14 @@ from omegaconf import DictConfig
 
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import baseline_config, load_params
-from cnnpipe.tracking.stage_run import record, stage_run
-from cnnpipe.training.classifier import load_checkpoint
-from cnnpipe.training.evaluation import evaluate
-from cnnpipe.training.fit import train
 
 
 def train_baseline(cfg: DictConfig) -> dict:
     """Train and test the baseline; return what the chapter report compares with the CNN."""
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.evaluation import evaluate
+    from cnnpipe.training.fit import train
+
     bcfg = baseline_config(cfg)
     trained = train(bcfg)
     tested = evaluate(bcfg)
@@ -27,6 +27,8 @@ def train_baseline(cfg: DictConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe baseline", description=__doc__).parse_args(argv)
     cfg = load_params()
+    from cnnpipe.tracking.stage_run import record, stage_run
+
     with stage_run(cfg, "baseline"):
         metrics = train_baseline(cfg)
         record(cfg.paths.baseline_metrics, metrics)

@@ -3,22 +3,23 @@
 
 from pathlib import Path
 
-import mlflow
-
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import baseline_config, load_params
 from cnnpipe.base.files import atomic_path
-from cnnpipe.chapter.measures import measure
-from cnnpipe.chapter.plots import draw
-from cnnpipe.chapter.report import report, self_contained_html
-from cnnpipe.data.loader import read_split
-from cnnpipe.tracking.stage_run import record, stage_run
-from cnnpipe.training.classifier import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe chapter", description=__doc__).parse_args(argv)
     cfg = load_params()
+    import mlflow
+
+    from cnnpipe.chapter.measures import measure
+    from cnnpipe.chapter.plots import draw
+    from cnnpipe.chapter.report import report, self_contained_html
+    from cnnpipe.data.loader import read_split
+    from cnnpipe.tracking.stage_run import record, stage_run
+    from cnnpipe.training.classifier import load_checkpoint
+
     with stage_run(cfg, "chapter"):
         module = load_checkpoint(cfg.paths.checkpoint)
         baseline = load_checkpoint(baseline_config(cfg).paths.checkpoint)

@@ -7,13 +7,8 @@ from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
 from cnnpipe.artifact import contract
-from cnnpipe.artifact.onnx_export import export_onnx
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import dataset_name, load_params, registered_name
-from cnnpipe.tracking.lineage import git_commit
-from cnnpipe.tracking.stage_run import stage_run
-from cnnpipe.training.classifier import load_checkpoint
-from cnnpipe.training.inference import TorchModel
 
 
 def test_accuracy(eval_metrics: Path) -> float:
@@ -26,6 +21,12 @@ def test_accuracy(eval_metrics: Path) -> float:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
+    from cnnpipe.artifact.onnx_export import export_onnx
+    from cnnpipe.tracking.lineage import git_commit
+    from cnnpipe.tracking.stage_run import stage_run
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.inference import TorchModel
+
     with stage_run(cfg, "export") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
         commit, dirty = git_commit()

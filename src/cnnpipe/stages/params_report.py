@@ -1,14 +1,10 @@
 """Stage `params_report`: parameters and multiply-accumulates per layer, against dense layers."""
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import load_params, network_name
 from cnnpipe.base.files import atomic_path
-from cnnpipe.tracking.stage_run import record, stage_run
-from cnnpipe.training.classifier import load_checkpoint
-from cnnpipe.training.param_count import params_report
 
 
 def to_metrics(report: dict) -> dict:
@@ -58,6 +54,12 @@ def to_markdown(report: dict, model_name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe params-report", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
+    import mlflow
+
+    from cnnpipe.tracking.stage_run import record, stage_run
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.param_count import params_report
+
     with stage_run(cfg, "params_report"):
         module = load_checkpoint(cfg.paths.checkpoint)
         report = params_report(module, OmegaConf.to_container(cfg.report.dense_baselines))

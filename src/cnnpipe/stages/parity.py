@@ -1,24 +1,23 @@
 """Stage `parity`: the ONNX model in onnxruntime against the PyTorch checkpoint, on the test set."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
 from cnnpipe.artifact import contract
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import load_params, network_name, registered_name
-from cnnpipe.data.loader import read_split
-from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.tracking.datasets import scored_dataset
-from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote
-from cnnpipe.tracking.stage_run import record, stage_run
-from cnnpipe.tracking.store import ui_link
-from cnnpipe.training.classifier import load_checkpoint
-from cnnpipe.training.inference import TorchModel, describe_tta, nhwc, predict_probs
+
+if TYPE_CHECKING:
+    import torch
+
+    from cnnpipe.serving.onnx_model import OnnxModel
+    from cnnpipe.training.inference import TorchModel
 
 
 def compare(
@@ -31,6 +30,8 @@ def compare(
     """Largest probability difference and top-1 agreement between PyTorch and onnxruntime on
     (N, H, W, 3) `images`, and with `labels`, the accuracy of the ONNX file itself: the accuracy
     of what gets deployed."""
+    from cnnpipe.training.inference import predict_probs
+
     want = predict_probs(model, images, batch_size).numpy()
     got = onnx_model.probabilities(images.numpy(), batch_size)
     result = {
@@ -47,6 +48,8 @@ def version_description(
     cfg: DictConfig, result: dict, params: int, size: tuple[int, int], link: str
 ) -> str:
     """What a registered version holds and how it was checked, for the registry's page."""
+    from cnnpipe.training.inference import describe_tta
+
     return (
         f"{network_name(cfg.model)} ({params:,} parameters) as ONNX: "
         f"{contract.input_description(size)} in, class probabilities out, preprocessing and "
@@ -62,6 +65,17 @@ def version_description(
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
+    from mlflow import MlflowClient
+
+    from cnnpipe.data.loader import read_split
+    from cnnpipe.serving.onnx_model import OnnxModel
+    from cnnpipe.tracking.datasets import scored_dataset
+    from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote
+    from cnnpipe.tracking.stage_run import record, stage_run
+    from cnnpipe.tracking.store import ui_link
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.inference import TorchModel, nhwc
+
     with stage_run(cfg, "parity") as run:
         module = load_checkpoint(cfg.paths.checkpoint)
         model = TorchModel(module, **cfg.evaluate.tta)

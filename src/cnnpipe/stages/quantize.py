@@ -1,30 +1,20 @@
 """Stage `quantize`: an INT8 copy of the ONNX model, kept only if it loses at most a set accuracy
 and is faster than the FP32 model by a set margin (cnnpipe.artifact.quantization)."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import DictConfig
 
-from cnnpipe.artifact.quantization import (
-    Probabilities,
-    calibration_images,
-    compare,
-    description,
-    quantize,
-    reasons_to_drop,
-)
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import load_params, network_name, registered_name
 from cnnpipe.base.files import atomic_folder
-from cnnpipe.data.loader import read_split
-from cnnpipe.serving.onnx_model import OnnxModel
-from cnnpipe.tracking.datasets import scored_dataset
-from cnnpipe.tracking.registry import log_onnx_model
-from cnnpipe.tracking.stage_run import record, stage_run
-from cnnpipe.tracking.store import ui_link
-from cnnpipe.training.classifier import load_checkpoint
-from cnnpipe.training.inference import TorchModel, nhwc
+
+if TYPE_CHECKING:
+    from cnnpipe.artifact.quantization import Probabilities
 
 # What the output folder holds instead of model.onnx when the INT8 model is dropped.
 DROPPED = "dropped.txt"
@@ -33,6 +23,14 @@ DROPPED = "dropped.txt"
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
+    from cnnpipe.artifact.quantization import calibration_images, compare, quantize, reasons_to_drop
+    from cnnpipe.data.loader import read_split
+    from cnnpipe.serving.onnx_model import OnnxModel
+    from cnnpipe.tracking.stage_run import record, stage_run
+    from cnnpipe.tracking.store import ui_link
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.inference import TorchModel, nhwc
+
     with stage_run(cfg, "quantize") as run:
         test_images, test_labels = read_split(cfg, "test")
         images, labels = nhwc(test_images).numpy(), test_labels.numpy()
@@ -82,6 +80,10 @@ def register(
     cfg: DictConfig, int8: Path, model: Probabilities, example: np.ndarray, metrics: dict, link: str
 ) -> None:
     """Log the kept INT8 model with the ONNX flavour and register it as `<model name>-int8`."""
+    from cnnpipe.artifact.quantization import description
+    from cnnpipe.tracking.datasets import scored_dataset
+    from cnnpipe.tracking.registry import log_onnx_model
+
     log_onnx_model(
         int8,
         f"{network_name(cfg.model)}-onnx-int8",

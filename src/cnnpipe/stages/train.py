@@ -2,18 +2,19 @@
 
 from pathlib import Path
 
-from pytorch_lightning.utilities import rank_zero_only
-
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import load_params
-from cnnpipe.tracking.stage_run import stage_run, write_run_file
-from cnnpipe.training.fit import interrupted_run, log_training, train
 
 
 def main(argv: list[str] | None = None) -> None:
     epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
     Parser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(argv)
     cfg = load_params()
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from cnnpipe.tracking.stage_run import stage_run, write_run_file
+    from cnnpipe.training.fit import interrupted_run, log_training, train
+
     if rank_zero_only.rank != 0:
         # Another DDP process (started by Lightning, torchrun or SLURM): it trains, rank 0 logs.
         train(cfg)
