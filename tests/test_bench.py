@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
+
+
+def test_every_bench_imports_what_it_uses_of_the_core(monkeypatch):
+    """The fast tier's guard for the benches, which run whole in the slow tier: a core name a
+    bench imports and a change renamed fails here."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        runpy.run_path(str(path))  # its imports and definitions; main() runs in the slow tier
 
 
 def run_bench(name: str, tmp_path: Path, *args: str) -> str:
@@ -26,6 +35,7 @@ def run_bench(name: str, tmp_path: Path, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_throughput_prints_both_ratios(tmp_path):
     out = run_bench("throughput.py", tmp_path, "--profile")
     rates = dict(re.findall(r"^\s*(plain|project|tutorial):\s+(\d+) images/s", out, re.M))
@@ -43,6 +53,7 @@ def test_throughput_prints_both_ratios(tmp_path):
         assert float(step) == pytest.approx(float(operators) + float(python), abs=0.011)
 
 
+@pytest.mark.slow
 def test_step_profile_puts_the_convolutions_against_the_cpus_peak(tmp_path):
     out = run_bench("step_profile.py", tmp_path)
     # The chapter CNN's convolutions at --tiny's batch of 32, recomputed: each one's forward and
@@ -87,6 +98,7 @@ def test_prepare_times_a_full_and_an_incremental_decode(tmp_path):
     assert "decoded 40 of 320 images" in out
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
     # Any accuracy reaches 0%: the first epoch is the one to report, with its own time.
     out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0")
@@ -104,6 +116,7 @@ def test_time_to_accuracy_compares_the_recipes_epoch_by_epoch(tmp_path):
     assert re.search(r"new / old: 1.00x the epochs, [\d.]+x the seconds", out)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_compares_the_default_against_a_change(tmp_path):
     out = run_bench("time_to_accuracy.py", tmp_path, "--target", "0", "--against", "seed=7")
     headers = dict(re.findall(r"^(old|new): (.*)$", out, re.M))
@@ -112,6 +125,7 @@ def test_time_to_accuracy_compares_the_default_against_a_change(tmp_path):
     assert re.search(r"new / old: 1.00x the epochs, [\d.]+x the seconds", out)
 
 
+@pytest.mark.slow
 def test_deploy_benchmark_prints_every_figure(tmp_path):
     out = run_bench("deploy.py", tmp_path, "--views")
     for name in ("pytorch eager", "onnxruntime fp32", "onnxruntime int8"):
@@ -134,6 +148,7 @@ def test_deploy_benchmark_prints_every_figure(tmp_path):
     assert views == [(n, p) for n in ("no", "2", "3", "6") for p in ("FP32", "INT8")]
 
 
+@pytest.mark.slow
 def test_service_load_answers_every_request_and_reports_memory(tmp_path):
     out = run_bench("service_load.py", tmp_path)
     waves = re.findall(
@@ -187,6 +202,7 @@ def test_gpu_check_says_in_one_line_that_there_is_no_gpu():
     )
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_steps_on_the_cpu_without_mlflow_or_dvc(data_dir, tmp_path):
     report = tmp_path / "gpu_check.json"
     args = ["--device", "cpu", "--data", str(data_dir), "--json", str(report), "--target", "0",
@@ -214,6 +230,7 @@ def test_gpu_check_runs_its_steps_on_the_cpu_without_mlflow_or_dvc(data_dir, tmp
     assert f"0% after 1 epochs, {epoch['seconds']:.1f} s" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, missing",
     [
