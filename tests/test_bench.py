@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnpipe.cli import COMMANDS
 from tests.helpers import ROOT
 
 
@@ -251,3 +252,20 @@ def test_a_bench_without_the_pipelines_outputs_says_so_in_one_line(tmp_path, nam
     assert result.returncode == 1
     assert result.stderr.startswith(f"{name}: error: ") and "nowhere" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_startup_times_every_answer_against_the_lightning_import(tmp_path):
+    out = run_bench("cli_startup.py", tmp_path)
+    baseline = float(re.search(r"^import pytorch_lightning: (\d+\.\d\d) s", out, re.M)[1])
+    rows = re.findall(r"^(\S.*?) +(\d+\.\d\d) +(\d+\.\d\d)$", out, re.M)
+    stages = [c for c in COMMANDS if c not in ("params", "predict", "serve")]
+    assert [r[0] for r in rows] == [
+        *(f"{c} --help" for c in COMMANDS),
+        *(f"{s} (bad params.yaml)" for s in stages),
+        "train optim.lr=fast",
+    ]
+    for _, seconds, ratio in rows:
+        assert float(ratio) == pytest.approx(float(seconds) / baseline, abs=0.01)
+    slowest = max(rows, key=lambda r: float(r[1]))
+    assert f"slowest: {slowest[0]}, {slowest[1]} s" in out
