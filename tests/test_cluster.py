@@ -347,7 +347,7 @@ def team_pipeline(team_server, tmp_path_factory):
         for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "pipeline"]):
             pipeline.run("git", *command)
         # The stages that log, register and promote the model; the rest log the same way.
-        pipeline.said = pipeline.run("dvc", "repro", "parity").stdout
+        pipeline.said = pipeline.run("dvc", "repro", "promote").stdout
         yield pipeline
 
 
@@ -383,7 +383,8 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     assert pipeline.data.metrics["test.acc"] == test_acc
     # Each stage ended with the link to its run on the server, in Model training views.
     link = ui_link(pipeline.info.experiment_id, pipeline.info.run_id, base)
-    assert team_pipeline.said.count(f"MLflow: {link}\n") == 4  # train, evaluate, export, parity
+    # train, evaluate, export, parity, promote
+    assert team_pipeline.said.count(f"MLflow: {link}\n") == 5
 
     # The artifacts lie in the bucket, byte for byte what the stages wrote.
     stored = bucket_objects(cluster, "mlflow/")
@@ -404,11 +405,15 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     assert model_key in stored, (first.source, sorted(stored))
     assert stored[model_key] == (repo / "models" / "model.onnx").read_bytes()
 
-    # Parity again (another batch size): a new version as accurate as the first takes the alias.
+    # Parity again (another batch size): a new version that scores as the first is only
+    # @challenger; a tie never moves @champion.
     team_pipeline.run("cnnpipe", "params", *TEAM_TINY, "parity.batch_size=25")
-    team_pipeline.run("dvc", "repro", "parity")
+    team_pipeline.run("dvc", "repro", "promote")
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert int(challenger.version) == int(first.version) + 1 and challenger.run_id == first.run_id
+    assert challenger.tags["promotion.p_value"] == "1.0"
     champion = client.get_model_version_by_alias(name, "champion")
-    assert int(champion.version) == int(first.version) + 1 and champion.run_id == first.run_id
+    assert champion.version == first.version
 
     port = free_port()
     server = subprocess.Popen(

@@ -16,8 +16,8 @@ from cnnpipe.base.config import compose_params, output_roots
 from tests.helpers import ROOT, TINY, cnnpipe, make_archive, store
 
 STAGES = [
-    "prepare", "train", "evaluate", "params-report", "export", "parity", "quantize", "baseline",
-    "chapter",
+    "prepare", "train", "evaluate", "params-report", "export", "parity", "promote", "quantize",
+    "baseline", "chapter",
 ]  # fmt: skip
 
 # The stage in this process, which SIGKILLs itself when it puts its first temporary file or

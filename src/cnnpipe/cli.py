@@ -20,6 +20,7 @@ COMMANDS = {
     "params-report": "cnnpipe.stages.params_report",
     "export": "cnnpipe.stages.export",
     "parity": "cnnpipe.stages.parity",
+    "promote": "cnnpipe.stages.promote",
     "quantize": "cnnpipe.stages.quantize",
     "baseline": "cnnpipe.stages.baseline",
     "chapter": "cnnpipe.stages.chapter",

@@ -113,6 +113,12 @@ class Parity:
 
 
 @dataclass
+class Promote:
+    alpha: float = field(metadata=NOT_RECIPE)
+    batch_size: int = field(metadata=NOT_RECIPE)
+
+
+@dataclass
 class Config:
     data: Data
     optim: Optim
@@ -124,6 +130,7 @@ class Config:
     chapter: Chapter
     quantize: Quantize
     parity: Parity
+    promote: Promote
     seed: int
     # Networks differ in their arguments; Hydra's instantiate checks them when it builds one.
     model: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +147,7 @@ POSITIVE = [
     "evaluate.batch_size", "export.opset",
     "chapter.mistakes", "chapter.feature_map_images", "chapter.maps_per_layer",
     "quantize.calibration_images", "quantize.batch_size", "parity.atol", "parity.batch_size",
+    "promote.batch_size",
 ]  # fmt: skip
 NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
@@ -277,6 +285,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in NOT_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+    if not 0 < cfg.promote.alpha < 1:
+        problems.append(f"promote.alpha={cfg.promote.alpha} must be between 0 and 1")
     if not 0 < cfg.optim.pct_start < 1:
         problems.append(f"optim.pct_start={cfg.optim.pct_start} must lie between 0 and 1")
     if not 0 <= cfg.optim.label_smoothing < 1:

@@ -1,4 +1,5 @@
-"""Stage `parity`: the ONNX model in onnxruntime against the PyTorch checkpoint, on the test set."""
+"""Stage `parity`: the ONNX model in onnxruntime against the PyTorch checkpoint, on the test set;
+a model that passes is registered as a new version (the `promote` stage decides its alias)."""
 
 from __future__ import annotations
 
@@ -65,12 +66,10 @@ def version_description(
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe parity", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    from mlflow import MlflowClient
-
     from cnnpipe.data.loader import read_split
     from cnnpipe.serving.onnx_model import OnnxModel
     from cnnpipe.tracking.datasets import scored_dataset
-    from cnnpipe.tracking.registry import CHAMPION, log_onnx_model, promote
+    from cnnpipe.tracking.registry import log_onnx_model
     from cnnpipe.tracking.stage_run import record, stage_run
     from cnnpipe.tracking.store import ui_link
     from cnnpipe.training.classifier import load_checkpoint
@@ -107,12 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             scored_dataset(cfg),
         )
-        name = registered_name(cfg)
-        promoted = promote(MlflowClient(), name, version, result["onnx_test_acc"])
-    print(
-        f"registered {name} version {version}"
-        + (f", now @{CHAMPION}" if promoted else f"; @{CHAMPION} stays on a more accurate version")
-    )
+    print(f"registered {registered_name(cfg)} version {version}")
     print(
         f"parity: max |diff| {result['max_abs_diff']:.2e}, "
         f"top-1 agreement {result['top1_agreement']:.4%} on {result['images']} images"

@@ -1,6 +1,6 @@
 """The model registry: an ONNX model logged with MLflow's flavour and registered as a new
-version, `@champion` moved to the most accurate version, and a registered version fetched to
-serve."""
+version, the aliases the gate sets (`@champion`, `@challenger`, cnnpipe.tracking.gate), and a
+registered version fetched to serve."""
 
 from pathlib import Path
 
@@ -14,6 +14,8 @@ from cnnpipe import PipelineError
 from cnnpipe.tracking.store import quiet_mlflow, store_errors, tracking_uri
 
 CHAMPION = "champion"
+# A registered version that did not pass the gate to @champion: the newest such.
+CHALLENGER = "challenger"
 
 
 # The step a logged model is recorded at in its run: one no metric has, since MLflow links every
@@ -55,17 +57,30 @@ def log_onnx_model(
     return version
 
 
-def promote(client: MlflowClient, name: str, version: str, test_acc: float) -> bool:
-    """Point the `champion` alias at `version` unless the current champion is more accurate."""
-    client.set_model_version_tag(name, version, "test_acc", str(test_acc))
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """The version `@champion` points at, or None."""
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
-        champion = None
-    if champion is not None and float(champion.tags.get("test_acc", "-1")) > test_acc:
-        return False
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return True
+        return None
+
+
+def version_of_run(client: MlflowClient, name: str, run_id: str) -> str:
+    """The newest version of `name` registered from run `run_id` (by the parity stage)."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not found:
+        raise PipelineError(
+            f"no version of {name} registered from run {run_id}; run `dvc repro parity`"
+        )
+    return str(max(int(v.version) for v in found))
+
+
+def settle(client: MlflowClient, name: str, version: str, promoted: bool, record: dict) -> None:
+    """Record the gate's figures and decision on `version` as tags, and point `@champion` at it
+    if it was `promoted`, else `@challenger`."""
+    for key, value in record.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version)
 
 
 def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:

@@ -289,10 +289,14 @@ def drop_process_tags(client: mlflow.MlflowClient, run_id: str) -> None:
 
 def record(path: str | Path, metrics: dict, curves: tuple[str, ...] = ()) -> None:
     """A stage's result: `metrics` to the JSON file at `path` and, under the same names, to the
-    active MLflow run. `curves` are keys the run already has per epoch (the JSON holds their
-    final value), logged once, not again."""
+    active MLflow run, numbers as metrics and words (a decision, a version) as tags. `curves` are
+    keys the run already has per epoch (the JSON holds their final value), logged once, not
+    again."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
 
     if mlflow.active_run():
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in curves})
+        words = {k: v for k, v in metrics.items() if isinstance(v, str)}
+        numbers = {k: float(v) for k, v in metrics.items() if k not in curves and k not in words}
+        mlflow.log_metrics(numbers)
+        mlflow.set_tags(words)
