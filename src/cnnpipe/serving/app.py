@@ -10,8 +10,10 @@ requests whose headers or body do not arrive in time (slow or stalled clients), 
 content types, 400 for bad images.
 """
 
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -37,6 +39,7 @@ from cnnpipe.artifact import contract
 from cnnpipe.data.images import decode
 from cnnpipe.serving import open_inference
 from cnnpipe.serving.batching import Batcher
+from cnnpipe.serving.capture import Capture, Settings
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
 from cnnpipe.serving.metrics import Metrics
 from cnnpipe.serving.onnx_model import OnnxModel
@@ -128,7 +131,8 @@ class Limits:
 @dataclass
 class Service:
     """What the handlers share: the model and its batcher, what is said about the model, the
-    limits, and the metrics: made in `registry`, shown from `exposition`."""
+    limits, the metrics (made in `registry`, shown from `exposition`), and what keeps answered
+    images when --capture asks for it."""
 
     model: OnnxModel
     batcher: Batcher
@@ -137,6 +141,16 @@ class Service:
     registry: CollectorRegistry
     exposition: CollectorRegistry
     images_classified: Counter
+    capture: Capture | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self, _: object = None) -> AsyncIterator[None]:
+        """The batcher's worker while the app runs (a Starlette lifespan); then what capture has
+        queued is written."""
+        async with self.batcher.working():
+            yield
+        if self.capture:
+            self.capture.close()
 
 
 def checked_model(model_path: str) -> OnnxModel:
@@ -165,7 +179,9 @@ def registries() -> tuple[CollectorRegistry, CollectorRegistry]:
     return registry, exposition
 
 
-def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
+def load(
+    model_path: str, limits: Limits, registered: dict | None, keep: Settings | None
+) -> Service:
     onnx_model = checked_model(model_path)
     metadata = model_metadata(model_path, onnx_model, registered)
     registry, exposition = registries()
@@ -184,7 +200,10 @@ def load(model_path: str, limits: Limits, registered: dict | None) -> Service:
         limits.max_queue,
         registry,
     )
-    return Service(onnx_model, batcher, metadata, limits, registry, exposition, images_classified)
+    kept = keep and Capture(keep, metadata, onnx_model.class_names, registry)
+    return Service(
+        onnx_model, batcher, metadata, limits, registry, exposition, images_classified, kept
+    )
 
 
 def service_of(request: Request) -> Service:
@@ -289,6 +308,8 @@ async def predict(request: Request) -> JSONResponse:
     except ValueError as reason:
         return error(400, str(reason))
     service.images_classified.inc(len(probs))
+    if service.capture:
+        service.capture.offer([data for _, data in files], probs, "/predict")
     top = service.model.top_k(probs, limits.top_k)
     predictions = [
         {"file": name, "top_k": [{"label": c, "probability": p} for c, p in best], "note": note}
@@ -324,13 +345,15 @@ ROUTES: list[BaseRoute] = [
 
 
 def create_app(
-    model_path: str, limits: Limits | None = None, registered: dict | None = None
+    model_path: str,
+    limits: Limits | None = None,
+    registered: dict | None = None,
+    keep: Settings | None = None,
 ) -> Starlette:
-    """The service for the ONNX file at `model_path`; `registered` names its registry version."""
-    service = load(model_path, limits or Limits(), registered)
-    app = Starlette(
-        routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=service.batcher.working
-    )
+    """The service for the ONNX file at `model_path`; `registered` names its registry version,
+    `keep` says what answered images to capture."""
+    service = load(model_path, limits or Limits(), registered, keep)
+    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=service.running)
     app.state.service = service
     app.add_middleware(Metrics, registry=service.registry, routes=ROUTES)
     return app

@@ -127,14 +127,18 @@ async def infer(request: Request) -> JSONResponse:
     limits = service.limits
     body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s)
 
-    def prepare() -> tuple[np.ndarray, None]:
+    def prepare() -> tuple[np.ndarray, np.ndarray]:
         # In the batcher's thread: checking a large body must not stall every other connection.
-        return images_from(parse_json(body), contract.INPUT_NAME, service.model.size), None
+        # The images come back beside their probabilities, for capture.
+        images = images_from(parse_json(body), contract.INPUT_NAME, service.model.size)
+        return images, images
 
     try:
-        probs, _ = await service.batcher.run(prepare)
+        probs, images = await service.batcher.run(prepare)
     except ValueError as reason:
         raise RequestError(400, str(reason)) from None
+    if service.capture:
+        service.capture.offer(list(images), probs, request.url.path)
     output = {
         "name": service.metadata["output"]["name"],
         "shape": list(probs.shape),

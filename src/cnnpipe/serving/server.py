@@ -23,8 +23,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import PipelineError
-from cnnpipe.base.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, Parser
+from cnnpipe.base.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, SHARE, Parser
 from cnnpipe.serving.app import Limits, checked_model, create_app
+from cnnpipe.serving.capture import Settings
 
 
 class HeaderDeadline:
@@ -240,7 +241,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-log", action="store_true", help="log each request")
     parser.add_argument("--workers", type=COUNT, default=2,
                         help="processes serving the port, each with its model")  # fmt: skip
+    keep = parser.add_argument_group(
+        "capture", "keep answered images for review and retraining (off: they are users' data)"
+    )
+    keep.add_argument(
+        "--capture", metavar="DIR", help="keep images as received in DIR, listed in captured.jsonl"
+    )
+    keep.add_argument(
+        "--capture-unsure-below", metavar="P", type=SHARE, default=Settings.unsure_below,
+        help="keep every image whose top probability is under P (default %(default)s)",
+    )  # fmt: skip
+    keep.add_argument(
+        "--capture-share", metavar="SHARE", type=SHARE, default=Settings.sample_share,
+        help="and this share of the others, at random (default %(default)s)",
+    )  # fmt: skip
+    keep.add_argument(
+        "--capture-mb", metavar="MB", type=MEGABYTES, default=Settings.max_mb,
+        help="stop keeping when DIR holds this much (default %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    kept = args.capture and Settings(
+        args.capture, args.capture_unsure_below, args.capture_share, args.capture_mb
+    )
     limits = Limits(
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         top_k=args.top_k,
@@ -262,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         "access_log": args.access_log,
     }
     if args.workers > 1:
-        serve_workers(args.workers, args.host, args.port, (path, limits, registered), options)
+        app_args = (path, limits, registered, kept or None)
+        serve_workers(args.workers, args.host, args.port, app_args, options)
     else:
-        server(create_app(path, limits, registered), args.host, args.port, **options).run()
+        app = create_app(path, limits, registered, kept or None)
+        server(app, args.host, args.port, **options).run()
