@@ -4,6 +4,7 @@ import json
 import os
 import re
 import runpy
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,14 @@ def test_cli_startup_times_every_answer_against_the_lightning_import(tmp_path):
         assert float(ratio) == pytest.approx(float(seconds) / baseline, abs=0.01)
     slowest = max(rows, key=lambda r: float(r[1]))
     assert f"slowest: {slowest[0]}, {slowest[1]} s" in out
+
+
+@pytest.mark.slow
+def test_capture_load_compares_the_service_with_and_without_capture(tmp_path):
+    out = run_bench("capture_load.py", tmp_path)
+    off = [float(r) for r in re.search(r"without capture: ([\d, ]+) requests/s", out)[1].split(",")]
+    on = [float(r) for r in re.search(r"with capture: +([\d, ]+) requests/s", out)[1].split(",")]
+    ratio = float(re.search(r"with / without: (\d+\.\d+)", out)[1])
+    # The printed rates are rounded to whole requests/s.
+    assert ratio == pytest.approx(statistics.median(on) / statistics.median(off), abs=0.002)
+    assert "; 0 failed or not 200:" in out and "(1 image(s) kept)" in out

@@ -52,7 +52,7 @@ class Kept:
     """One image to write: as received (bytes) or as a decoded tensor, and why it is kept."""
 
     data: bytes | np.ndarray
-    probabilities: dict[str, float]
+    probabilities: np.ndarray
     reason: str
     route: str
     time: float
@@ -91,6 +91,9 @@ class Capture:
             registry=registry,
         )
         self.said: set[str] = set()
+        # The digests this process has kept (or found kept), so that a repeated image is not
+        # queued again; forgotten past a million, when DIR itself still tells.
+        self.written: set[bytes] = set()
         self.random = random.Random()
         self.queue: queue.Queue[Kept | None] = queue.Queue(maxsize=1024)
         self.thread = threading.Thread(target=self.work, name="capture", daemon=True)
@@ -108,9 +111,11 @@ class Capture:
                 reason = "sampled"
             else:
                 continue
-            named = dict(zip(self.class_names, map(float, probs), strict=True))
+            # An image this process kept already costs the request a hash, not a write.
+            if isinstance(data, bytes) and hashlib.sha256(data).digest() in self.written:
+                continue
             try:
-                self.queue.put_nowait(Kept(data, named, reason, route, now))
+                self.queue.put_nowait(Kept(data, probs, reason, route, now))
             except queue.Full:
                 self.dropped.labels("busy").inc()
 
@@ -133,7 +138,10 @@ class Capture:
 
     def write(self, kept: Kept) -> None:
         data, ending = encoded(kept.data)
-        digest = hashlib.sha256(data).hexdigest()
+        hashed = hashlib.sha256(data)
+        if len(self.written) > 1_000_000:
+            self.written.clear()
+        digest = hashed.hexdigest()
         path = self.folder / f"{digest}.{ending}"
         record = {
             "digest": digest,
@@ -142,12 +150,13 @@ class Capture:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(kept.time)),
             "route": kept.route,
             "model": self.model,
-            "probabilities": kept.probabilities,
+            "probabilities": dict(zip(self.class_names, kept.probabilities.tolist(), strict=True)),
         }
         line = (json.dumps(record) + "\n").encode()
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.locked():
             if path.exists():
+                self.written.add(hashed.digest())
                 return  # kept already, with its line
             total = self.total()
             if total + len(data) + len(line) > self.max_bytes:
@@ -175,6 +184,7 @@ class Capture:
                     path.unlink()
                     raise
             (self.folder / TOTAL).write_text(str(total + len(data) + len(line)))
+        self.written.add(hashed.digest())
         self.kept.labels(kept.reason).inc()
 
     @contextlib.contextmanager
