@@ -25,7 +25,9 @@ def data_dir(tmp_path: Path, archive: tuple[Path, str]) -> Path:
     from tests.helpers import composed
 
     dest = tmp_path / "prepared"
-    prepare(OmegaConf.merge(composed().data, {"source": str(archive[0]), "md5": archive[1]}), dest)
+    # Without the repository's labelled images (data.extra_train): the tests make their own.
+    given = {"source": str(archive[0]), "md5": archive[1], "extra_train": None}
+    prepare(OmegaConf.merge(composed().data, given), dest)
     return dest
 
 

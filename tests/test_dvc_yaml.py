@@ -49,7 +49,8 @@ def test_editing_the_prepare_stage_reruns_only_prepare(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("local"))
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", "data/labelled/README.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]

@@ -66,7 +66,7 @@ def test_recipe_params_leave_out_paths_locations_and_speed_settings(project):
     assert params["optim.lr"] == str(composed["optim"]["lr"])
     assert params["data.mean"] == str(composed["data"]["mean"])
     left_out = {f"data.{k}" for k in ("name", "source", "md5", "timeout_s", "dependency")}
-    left_out |= {"data.skip_unreadable"}
+    left_out |= {"data.skip_unreadable", "data.extra_train"}
     left_out |= {"callbacks.progress_bar._target_", "callbacks.progress_bar.refresh_rate"}
     left_out |= {"evaluate.batch_size", "parity.batch_size", "promote.batch_size", "promote.alpha"}
     assert not left_out & set(params)

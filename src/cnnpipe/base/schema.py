@@ -32,6 +32,9 @@ class Data:
     timeout_s: float = field(default=60, metadata=NOT_RECIPE)
     dependency: str | None = field(default=None, metadata=NOT_RECIPE)
     skip_unreadable: bool = field(default=False, metadata=NOT_RECIPE)
+    # A folder of labelled images added to the training split; its images are in the data's
+    # digest, its place is not the recipe's.
+    extra_train: str | None = field(default=None, metadata=NOT_RECIPE)
     # A count (CIFAR-10's recipe) or fractions held out by hash (a folder).
     val_size: int | None = None
     val_fraction: float | None = None

@@ -137,6 +137,25 @@ def scan(root: Path) -> tuple[list[str], list[Entry]]:
     return classes, entries
 
 
+def labelled(root: Path, classes: list[str]) -> list[Entry]:
+    """The images of a folder of extra training images laid out as <class>/<image> (labelled by
+    a person), as entries of the data's `classes` with the split "extra"."""
+    unknown = [p.name for p in subfolders(root) if p.name not in classes]
+    if unknown:
+        raise PipelineError(
+            f"{root} has images of {listing(unknown)}, which the data's classes lack; move them "
+            f"out, or into {root}/<class>/ of one of: {listing(classes)}"
+        )
+    loose_images(root, root)
+    entries = []
+    for label, name in enumerate(classes):
+        for path in images_under(root, root / name) if (root / name).is_dir() else []:
+            st = path.stat()
+            rel = path.relative_to(root).as_posix()
+            entries.append(Entry(rel, label, "extra", st.st_size, st.st_mtime_ns))
+    return entries
+
+
 def check_counts(root: Path, classes: list[str], entries: list[Entry]) -> None:
     """Refuse classes with too few images to train, validate and test on."""
     given = any(e.split for e in entries)

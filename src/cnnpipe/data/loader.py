@@ -18,10 +18,12 @@ def split_rows(prepared: Prepared, data: DictConfig, seed: int) -> dict[str, np.
     otherwise test and validation files are held out by a seeded hash of their path, per class
     (`unit_hash`), so adding files never moves others. With `data.val_size`, validation is that
     many pool images drawn by `seed` instead, as the CIFAR-10 recipe has always drawn it. The
-    training rows come in an order drawn by `seed`."""
+    training rows come in an order drawn by `seed`. Labelled images (data.extra_train, split
+    "extra") only ever train: validation and test are the same images with or without them."""
     test, u, given = test_mask(prepared, data, seed)
     labels = prepared.labels
-    pool = np.flatnonzero(~test)
+    extra = extra_rows(prepared)
+    pool = np.flatnonzero(~test & ~extra)
     generator = torch.Generator().manual_seed(seed)
     if data.get("val_size"):
         if not 0 < data.val_size < len(pool):
@@ -31,15 +33,21 @@ def split_rows(prepared: Prepared, data: DictConfig, seed: int) -> dict[str, np.
             )
         order = torch.randperm(len(pool), generator=generator).numpy()
         val, train = pool[order[: data.val_size]], pool[order[data.val_size :]]
+        train = np.concatenate([train, np.flatnonzero(extra)])
     else:
         # Above the test files' share of the hash, so the two never overlap.
         low = 0 if given else data.test_fraction
-        val_mask = (~test) & (u >= low) & (u < low + data.val_fraction)
-        val_mask = at_least_one_per_class(val_mask, ~test & ~val_mask, u, labels)
+        val_mask = (~test) & ~extra & (u >= low) & (u < low + data.val_fraction)
+        val_mask = at_least_one_per_class(val_mask, ~test & ~extra & ~val_mask, u, labels)
         val = np.flatnonzero(val_mask)
         train = np.flatnonzero(~test & ~val_mask)
         train = train[torch.randperm(len(train), generator=generator).numpy()]
-    return {"train": train, "val": val, "test": np.flatnonzero(test), "pool": pool}
+    return {"train": train, "val": val, "test": np.flatnonzero(test), "pool": np.flatnonzero(~test)}
+
+
+def extra_rows(prepared: Prepared) -> np.ndarray:
+    """Which rows are labelled images of data.extra_train."""
+    return np.array([f["split"] == "extra" for f in prepared.manifest.files], bool)
 
 
 def test_mask(
@@ -52,7 +60,8 @@ def test_mask(
     given = np.array([f["split"] == "test" for f in files])
     if given.any():
         return given, u, True
-    test = at_least_one_per_class(u < data.test_fraction, np.ones(len(u), bool), u, prepared.labels)
+    others = ~extra_rows(prepared)
+    test = at_least_one_per_class((u < data.test_fraction) & others, others, u, prepared.labels)
     return test, u, False
 
 

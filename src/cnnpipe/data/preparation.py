@@ -1,11 +1,13 @@
 """The prepare stage's work: the configured images (CIFAR-10's batch files, or a folder of
 images or an archive of one), decoded once into the prepared arrays every later stage reads."""
 
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
@@ -14,8 +16,8 @@ from cnnpipe.base.files import partial_name, swap
 from cnnpipe.data.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
 from cnnpipe.data.decoding import decode_entries
 from cnnpipe.data.download import as_url, extract, fetch_archive
-from cnnpipe.data.folder import Entry, check_counts, listing, missing_source, scan
-from cnnpipe.data.prepared import Manifest, Prepared, create_images, write_index
+from cnnpipe.data.folder import Entry, check_counts, labelled, listing, missing_source, scan
+from cnnpipe.data.prepared import IMAGES, Manifest, Prepared, create_images, write_index
 
 
 def previous(dest: Path) -> Prepared | None:
@@ -116,6 +118,58 @@ def readable(
     return keep
 
 
+def decode_labelled(
+    folder: Path, classes: list[str], size: int
+) -> tuple[list[Entry], list[str], np.ndarray | None]:
+    """Every image under `folder`, decoded: a label written while this runs is taken too, by
+    listing the folder again until a listing brings nothing new."""
+    entries: list[Entry] = []
+    digests: list[str] = []
+    parts: list[np.ndarray] = []
+    for _ in range(5):
+        done = {e.path for e in entries}
+        new = [e for e in labelled(folder, classes) if e.path not in done]
+        if not new:
+            return entries, digests, np.concatenate(parts) if parts else None
+        rows = np.empty((len(new), size, size, 3), np.uint8)
+        result = decode_entries(folder, new, size, rows, None)
+        if result.errors:
+            bad = [f"{new[i].path} ({reason})" for i, reason in sorted(result.errors.items())]
+            raise PipelineError(
+                f"{len(bad)} labelled images in {folder} cannot be read: {listing(bad)}; remove "
+                "them, or label them again with `cnnpipe review`"
+            )
+        entries, digests, parts = entries + new, digests + result.digests, [*parts, rows]
+    raise PipelineError(f"labels kept arriving in {folder} while prepare ran; run it again")
+
+
+def add_labelled(data: DictConfig, work: Path, manifest: Manifest) -> Manifest:
+    """The images under data.extra_train, appended to the arrays in `work`/out as training
+    images: the splits of every other image stay as they were."""
+    folder = Path(data.extra_train or "")
+    if not data.extra_train or not folder.is_dir():
+        return manifest
+    size = manifest.image_size
+    entries, digests, extra = decode_labelled(folder, manifest.classes, size)
+    if not entries:
+        return manifest
+    base = np.load(work / "out" / IMAGES, mmap_mode="r")
+    images = create_images(work / "with-labelled", len(base) + len(extra), size)
+    for start in range(0, len(base), 4096):
+        stop = min(start + 4096, len(base))
+        images[start:stop] = base[start:stop]
+    images[len(base) :] = extra
+    images.flush()
+    shutil.rmtree(work / "out")
+    (work / "with-labelled").rename(work / "out")
+    added = [
+        {**asdict(e), "path": f"{folder.as_posix()}/{e.path}", "sha256": sha}
+        for e, sha in zip(entries, digests, strict=True)
+    ]
+    print(f"added {len(added):,} labelled training images from {folder}")
+    return Manifest(**{**asdict(manifest), "files": [*manifest.files, *added]})
+
+
 LAYOUTS = {"cifar10_batches": prepare_cifar, "image_folder": prepare_folder}
 
 
@@ -127,7 +181,7 @@ def prepare(data: DictConfig, dest: Path) -> Manifest:
         work = Path(tmp)
         if data.layout not in LAYOUTS:
             raise PipelineError(f"data.layout={data.layout} is not one of {', '.join(LAYOUTS)}")
-        manifest = LAYOUTS[data.layout](data, work, dest)
+        manifest = add_labelled(data, work, LAYOUTS[data.layout](data, work, dest))
         write_index(work / "out", manifest)
         swap(work / "out", dest)
     return manifest
