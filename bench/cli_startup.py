@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="one run each, for the tests")
     args = parser.parse_args()
     runs = 1 if args.tiny else args.runs
-    stages = [c for c in COMMANDS if c not in ("params", "predict", "serve")]
+    stages = [c for c in COMMANDS if c not in ("params", "predict", "serve", "review")]
     with tempfile.TemporaryDirectory() as folder:
         here = Path(folder)
         shutil.copytree(ROOT / "conf", here / "conf", ignore=shutil.ignore_patterns("local"))

@@ -27,6 +27,7 @@ COMMANDS = {
     # Using the model, and the runs.
     "predict": "cnnpipe.serving.predict",
     "serve": "cnnpipe.serving.server",
+    "review": "cnnpipe.serving.review",
     "runs": "cnnpipe.experiments.runs",
 }
 
