@@ -38,3 +38,5 @@ MILLISECONDS = number(float, 0, 60_000)
 MEGABYTES = number(float, 0.001, 10_000)
 PORT = number(int, 0, 65_535)
 SHARE = number(float, 0, 1)
+# Seconds between two checks; 0: never.
+PERIOD = number(float, 0, 86_400)

@@ -10,9 +10,11 @@ requests whose headers or body do not arrive in time (slow or stalled clients), 
 content types, 400 for bad images.
 """
 
+import asyncio
 import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -40,11 +42,16 @@ from cnnpipe.data.images import decode
 from cnnpipe.serving import open_inference
 from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.capture import Capture, Settings
+from cnnpipe.serving.follow import read_pointer
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
 from cnnpipe.serving.metrics import Metrics
-from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.serving.onnx_model import OnnxModel, checked_model
 
 PAGE = files("cnnpipe.serving").joinpath("page.html").read_text()
+# What cnnpipe_model_info labels the model by, from its metadata.
+MODEL_KEYS = ("name", "version", "file", "sha256", "test_accuracy")
+# How often a worker looks at the pointer the alias follower writes (follow.py).
+POINTER_POLL_S = 0.5
 
 
 async def multipart_files(request: Request, body: bytes) -> list[tuple[str, bytes]]:
@@ -131,8 +138,8 @@ class Limits:
 @dataclass
 class Service:
     """What the handlers share: the model and its batcher, what is said about the model, the
-    limits, the metrics (made in `registry`, shown from `exposition`), and what keeps answered
-    images when --capture asks for it."""
+    limits, the metrics (made in `registry`, shown from `exposition`), what keeps answered
+    images when --capture asks for it, and the pointer to follow for a registry alias."""
 
     model: OnnxModel
     batcher: Batcher
@@ -141,31 +148,68 @@ class Service:
     registry: CollectorRegistry
     exposition: CollectorRegistry
     images_classified: Counter
+    model_info: Gauge
+    swaps: Counter
     capture: Capture | None = None
+    pointer: Path | None = None
 
     @contextlib.asynccontextmanager
     async def running(self, _: object = None) -> AsyncIterator[None]:
-        """The batcher's worker while the app runs (a Starlette lifespan); then what capture has
-        queued is written."""
+        """The batcher's worker, and the pointer's watcher, while the app runs (a Starlette
+        lifespan); then what capture has queued is written."""
         async with self.batcher.working():
-            yield
+            watcher = asyncio.create_task(self.follow()) if self.pointer else None
+            try:
+                yield
+            finally:
+                if watcher:
+                    watcher.cancel()
         if self.capture:
             self.capture.close()
 
+    async def follow(self) -> None:
+        """Swap in the version the alias follower points at, whenever the pointer changes."""
+        loop, seen = asyncio.get_running_loop(), None
+        while True:
+            await asyncio.sleep(POINTER_POLL_S)
+            try:
+                stamp = self.pointer.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            found = read_pointer(self.pointer) if stamp != seen else None
+            seen = stamp
+            if found and found[2]:
+                self.swaps.labels("refused").inc()  # the follower said why, once
+            elif found and found[1].get("version") != self.metadata["version"]:
+                # In the batcher's one thread: between two batches, never during one.
+                await loop.run_in_executor(self.batcher.thread, self.swap, *found[:2])
 
-def checked_model(model_path: str) -> OnnxModel:
-    """The model at `model_path`, run once: a model that loads but cannot run fails here, at
-    start, and the first request does not pay for onnxruntime's first-run allocations."""
-    onnx_model = OnnxModel.load(model_path, release_memory=True)
-    try:
-        onnx_model.probabilities(
-            np.zeros(contract.input_shape(1, onnx_model.size), contract.INPUT_DTYPE)
-        )
-    except Exception as failure:  # onnxruntime raises its own untyped exceptions
-        text = str(failure).strip()
-        reason = text.splitlines()[0] if text else repr(failure)
-        raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
-    return onnx_model
+    def swap(self, path: str, registered: dict) -> None:
+        """Serve the model at `path` from the next batch on, unless it does not load or would
+        answer other classes or take another size: then the old one serves on."""
+        version = registered.get("version")
+        try:
+            new = checked_model(path)
+            if (new.class_names, new.size) != (self.model.class_names, self.model.size):
+                raise PipelineError(
+                    f"its classes or input size differ from version {self.metadata['version']}'s"
+                )
+        except PipelineError as problem:
+            self.swaps.labels("refused").inc()
+            print(f"cnnpipe serve: version {version} not swapped in: {problem}", file=sys.stderr)
+            return
+        self.model_info.labels(*info_labels(self.metadata)).set(0)
+        self.model, self.metadata = new, model_metadata(path, new, registered)
+        self.batcher.classify = new.probabilities
+        self.model_info.labels(*info_labels(self.metadata)).set(1)
+        if self.capture:
+            self.capture.model = {"name": registered.get("name"), "version": version}
+        self.swaps.labels("swapped").inc()
+        print(f"cnnpipe serve: serving version {version}", file=sys.stderr, flush=True)
+
+
+def info_labels(metadata: dict) -> list[str]:
+    return ["" if metadata[k] is None else str(metadata[k]) for k in MODEL_KEYS]
 
 
 def registries() -> tuple[CollectorRegistry, CollectorRegistry]:
@@ -180,19 +224,27 @@ def registries() -> tuple[CollectorRegistry, CollectorRegistry]:
 
 
 def load(
-    model_path: str, limits: Limits, registered: dict | None, keep: Settings | None
+    model_path: str,
+    limits: Limits,
+    registered: dict | None,
+    keep: Settings | None,
+    pointer: str | None,
 ) -> Service:
     onnx_model = checked_model(model_path)
     metadata = model_metadata(model_path, onnx_model, registered)
     registry, exposition = registries()
     images_classified = Counter("cnnpipe_images_classified", "Images classified", registry=registry)
-    # A gauge of 1, as Prometheus' info metrics are: Info does not work across processes.
-    keys = ("name", "version", "file", "sha256", "test_accuracy")
+    # A gauge of 1, as Prometheus' info metrics are: Info does not work across processes. A
+    # swapped-out version's goes to 0.
     model_info = Gauge(
-        "cnnpipe_model_info", "The model being served", keys, registry=registry,
+        "cnnpipe_model_info", "The model being served", MODEL_KEYS, registry=registry,
         multiprocess_mode="max",
     )  # fmt: skip
-    model_info.labels(*("" if metadata[k] is None else str(metadata[k]) for k in keys)).set(1)
+    model_info.labels(*info_labels(metadata)).set(1)
+    swaps = Counter(
+        "cnnpipe_model_swaps", "New versions of a followed alias: swapped in, or refused",
+        ["outcome"], registry=registry,
+    )  # fmt: skip
     batcher = Batcher(
         onnx_model.probabilities,
         limits.max_batch,
@@ -202,8 +254,9 @@ def load(
     )
     kept = keep and Capture(keep, metadata, onnx_model.class_names, registry)
     return Service(
-        onnx_model, batcher, metadata, limits, registry, exposition, images_classified, kept
-    )
+        onnx_model, batcher, metadata, limits, registry, exposition, images_classified,
+        model_info, swaps, kept or None, Path(pointer) if pointer else None,
+    )  # fmt: skip
 
 
 def service_of(request: Request) -> Service:
@@ -238,7 +291,8 @@ async def ready(request: Request) -> JSONResponse:
         description: Ready to classify; names the model.
     """
     model = service_of(request).metadata
-    return JSONResponse({"status": "ready", "model": model["name"], "sha256": model["sha256"]})
+    fields = {"model": model["name"], "version": model["version"], "sha256": model["sha256"]}
+    return JSONResponse({"status": "ready", **fields})
 
 
 async def metadata(request: Request) -> JSONResponse:
@@ -349,10 +403,12 @@ def create_app(
     limits: Limits | None = None,
     registered: dict | None = None,
     keep: Settings | None = None,
+    pointer: str | None = None,
 ) -> Starlette:
     """The service for the ONNX file at `model_path`; `registered` names its registry version,
-    `keep` says what answered images to capture."""
-    service = load(model_path, limits or Limits(), registered, keep)
+    `keep` says what answered images to capture, `pointer` is the file the alias follower writes
+    when the alias moves (follow.py)."""
+    service = load(model_path, limits or Limits(), registered, keep, pointer)
     app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, lifespan=service.running)
     app.state.service = service
     app.add_middleware(Metrics, registry=service.registry, routes=ROUTES)

@@ -96,3 +96,18 @@ def check_signature(path: Path | str, session: ort.InferenceSession, classes: in
             f"{contract.INPUT_NAME!r} and {contract.OUTPUT_NAME!r}: export the model with "
             "`cnnpipe export`"
         )
+
+
+def checked_model(model_path: str) -> OnnxModel:
+    """The model at `model_path`, run once: a model that loads but cannot run fails here, at
+    start, and the first request does not pay for onnxruntime's first-run allocations."""
+    onnx_model = OnnxModel.load(model_path, release_memory=True)
+    try:
+        onnx_model.probabilities(
+            np.zeros(contract.input_shape(1, onnx_model.size), contract.INPUT_DTYPE)
+        )
+    except Exception as failure:  # onnxruntime raises its own untyped exceptions
+        text = str(failure).strip()
+        reason = text.splitlines()[0] if text else repr(failure)
+        raise PipelineError(f"{model_path} loads but does not run ({reason})") from None
+    return onnx_model

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import wait
+from pathlib import Path
 
 import h11
 import uvicorn
@@ -23,9 +24,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import PipelineError
-from cnnpipe.base.args import COUNT, MEGABYTES, MILLISECONDS, PORT, SECONDS, SHARE, Parser
-from cnnpipe.serving.app import Limits, checked_model, create_app
+from cnnpipe.base.args import (
+    COUNT,
+    MEGABYTES,
+    MILLISECONDS,
+    PERIOD,
+    PORT,
+    SECONDS,
+    SHARE,
+    Parser,
+)
+from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.capture import Settings
+from cnnpipe.serving.follow import Follower
+from cnnpipe.serving.onnx_model import checked_model
 
 
 class HeaderDeadline:
@@ -241,6 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--access-log", action="store_true", help="log each request")
     parser.add_argument("--workers", type=COUNT, default=2,
                         help="processes serving the port, each with its model")  # fmt: skip
+    parser.add_argument(
+        "--alias-check-s", metavar="S", type=PERIOD, default=30,
+        help="for models:/NAME@ALIAS, how often to check where the alias points, and serve the "
+        "version it moves to (0: never; default %(default)s)",
+    )  # fmt: skip
     keep = parser.add_argument_group(
         "capture", "keep answered images for review and retraining (off: they are users' data)"
     )
@@ -283,9 +300,18 @@ def main(argv: list[str] | None = None) -> None:
         "loop": args.loop,
         "access_log": args.access_log,
     }
-    if args.workers > 1:
-        app_args = (path, limits, registered, kept or None)
-        serve_workers(args.workers, args.host, args.port, app_args, options)
-    else:
-        app = create_app(path, limits, registered, kept or None)
-        server(app, args.host, args.port, **options).run()
+    following = "@" in args.model and args.model.startswith("models:/") and args.alias_check_s
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-model-") as folder:
+        pointer = Path(folder) / "model.json"
+        follower = following and Follower(args.model, registered, path, pointer, args.alias_check_s)
+        app_args = (path, limits, registered, kept or None, str(pointer) if following else None)
+        if follower:
+            follower.start()
+        try:
+            if args.workers > 1:
+                serve_workers(args.workers, args.host, args.port, app_args, options)
+            else:
+                server(create_app(*app_args), args.host, args.port, **options).run()
+        finally:
+            if follower:
+                follower.stop()

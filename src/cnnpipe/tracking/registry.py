@@ -83,10 +83,9 @@ def settle(client: MlflowClient, name: str, version: str, promoted: bool, record
     client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version)
 
 
-def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
-    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version's ONNX file, downloaded from the
-    MLflow store (MLFLOW_TRACKING_URI, else ./mlflow.db as the pipeline's default), and its
-    name, version and alias."""
+def resolve(uri: str) -> dict[str, str | None]:
+    """models:/NAME/VERSION or models:/NAME@ALIAS -> its name, version and alias, asked of the
+    MLflow store (MLFLOW_TRACKING_URI, else ./mlflow.db as the pipeline's default)."""
     name, at, alias = uri.removeprefix("models:/").partition("@")
     name, _, number = (name, "", "") if at else name.rpartition("/")
     if not name or not (alias or number):
@@ -108,12 +107,21 @@ def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
                 raise
             reason = error.message.splitlines()[0]
             raise PipelineError(f"{uri}: {reason} in {mlflow.get_tracking_uri()}") from None
-        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{found.version}")
-    return str(Path(folder) / "model.onnx"), {
+    return {
         "name": name,
         "version": str(found.version),
         "alias": alias or (found.aliases[0] if found.aliases else None),
     }
+
+
+def fetch_registered(uri: str) -> tuple[str, dict[str, str | None]]:
+    """models:/NAME/VERSION or models:/NAME@ALIAS -> the version's ONNX file, downloaded from the
+    MLflow store, and its name, version and alias."""
+    registered = resolve(uri)
+    with store_errors():
+        where = f"models:/{registered['name']}/{registered['version']}"
+        folder = mlflow.artifacts.download_artifacts(where)
+    return str(Path(folder) / "model.onnx"), registered
 
 
 def missing_alias(client: MlflowClient, name: str, alias: str) -> str:
