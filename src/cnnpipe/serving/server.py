@@ -223,7 +223,8 @@ def serve_workers(workers: int, host: str, port: int, app_args: tuple, options: 
         raise PipelineError(f"worker process {ended.pid} {how}, so the service stopped")
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> Parser:
+    """`cnnpipe serve`'s command line."""
     parser = Parser(prog="cnnpipe serve", description=__doc__)
     parser.add_argument(
         "model", help="the exported ONNX file (models/model.onnx) or models:/NAME@ALIAS"
@@ -258,6 +259,11 @@ def main(argv: list[str] | None = None) -> None:
         help="for models:/NAME@ALIAS, how often to check where the alias points, and serve the "
         "version it moves to (0: never; default %(default)s)",
     )  # fmt: skip
+    add_capture_arguments(parser)
+    return parser
+
+
+def add_capture_arguments(parser: Parser) -> None:
     keep = parser.add_argument_group(
         "capture", "keep answered images for review and retraining (off: they are users' data)"
     )
@@ -276,7 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         "--capture-mb", metavar="MB", type=MEGABYTES, default=Settings.max_mb,
         help="stop keeping when DIR holds this much (default %(default)s)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     kept = args.capture and Settings(
         args.capture, args.capture_unsure_below, args.capture_share, args.capture_mb
     )
