@@ -87,10 +87,18 @@ BAD_OPTIONS = {
         "--top-k": ["0", "-3"],
         "--body-timeout-s": ["0", "-1", "nan", "inf"],
         "--header-timeout-s": ["0", "1e9", "nan"],
+        "--alias-check-s": ["-1", "nan", "inf", "soon"],
+        "--capture-unsure-below": ["-0.1", "1.5", "nan", "half"],
+        "--capture-share": ["-1", "2", "nan"],
+        "--capture-mb": ["0", "-1", "nan"],
     },
     "runs": {"--last": ["0", "-5", "all", "nan"]},
+    "review": {"--port": ["-1", "65536", "http"]},
 }
-POSITIONAL = {"predict": ["model.onnx", "photo.png"], "serve": ["model.onnx"], "runs": []}
+POSITIONAL = {
+    "predict": ["model.onnx", "photo.png"], "serve": ["model.onnx"], "runs": [],
+    "review": ["captured"],
+}  # fmt: skip
 
 
 def one_line_exit(argv: list[str]) -> str:
