@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cnnpipe.base.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
@@ -37,6 +38,7 @@ def register(tmp_path: Path) -> tuple[str, list[Path]]:
     return uri, files
 
 
+@pytest.mark.slow
 def test_the_service_follows_its_alias_without_failing_a_request(tmp_path):
     import mlflow
 

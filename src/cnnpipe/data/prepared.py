@@ -47,11 +47,16 @@ class Manifest:
         return dict(zip(self.classes, map(int, counts), strict=True))
 
 
+def require_prepared(folder: Path | str) -> None:
+    """PipelineError unless the prepare stage's output is in `folder`."""
+    if not (Path(folder) / MANIFEST).is_file():
+        raise PipelineError(f"no prepared data in {folder}; run `dvc repro prepare`")
+
+
 def read_manifest(folder: Path) -> Manifest:
+    require_prepared(folder)
     try:
         return Manifest(**json.loads((Path(folder) / MANIFEST).read_text()))
-    except FileNotFoundError:
-        raise PipelineError(f"no prepared data in {folder}; run `dvc repro prepare`") from None
     except (ValueError, TypeError) as error:
         raise PipelineError(
             f"{Path(folder) / MANIFEST} is not a manifest of the prepare stage ({error}); run "

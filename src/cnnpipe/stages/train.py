@@ -4,12 +4,15 @@ from pathlib import Path
 
 from cnnpipe.base.args import Parser
 from cnnpipe.base.config import load_params
+from cnnpipe.data.prepared import require_prepared
 
 
 def main(argv: list[str] | None = None) -> None:
     epilog = "cnnpipe train [--multirun] key=value ...: Hydra jobs outside DVC, into sweeps/"
     Parser(prog="cnnpipe train", description=__doc__, epilog=epilog).parse_args(argv)
     cfg = load_params()
+    # A new user's most common first stumble, answered before seconds of imports.
+    require_prepared(cfg.paths.data)
     from pytorch_lightning.utilities import rank_zero_only
 
     from cnnpipe.tracking.stage_run import stage_run, write_run_file
