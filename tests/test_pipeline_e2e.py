@@ -126,10 +126,14 @@ def test_one_mlflow_run_records_every_stage_and_its_lineage(pipeline):
     metrics, run_id = mlflow_run.data.metrics, mlflow_run.info.run_id
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["cnnpipe.stage"] == "chapter", "the last stage in dvc.yaml"
-    # Every stage records its metrics file and the run under the same names.
+    # Every stage records its metrics file and the run under the same names: numbers as
+    # metrics, words (a version, a decision) as tags.
     for path in sorted((repo / "metrics").glob("*.json")):
         recorded = json.loads(path.read_text())
-        assert {k: metrics[k] for k in recorded} == {k: float(v) for k, v in recorded.items()}, path
+        words = {k: v for k, v in recorded.items() if isinstance(v, str)}
+        numbers = {k: float(v) for k, v in recorded.items() if k not in words}
+        assert {k: metrics[k] for k in numbers} == numbers, path
+        assert {k: mlflow_run.data.tags[k] for k in words} == words, path
     assert mlflow_run.data.tags["mlflow.source.git.commit"] == pipeline.commit
     artifacts = {a.path for a in client.list_artifacts(run_id, "lineage")}
     assert artifacts == {"lineage/params.yaml", "lineage/dvc.lock"}

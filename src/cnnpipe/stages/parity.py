@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"ONNX and PyTorch disagree: max |diff| {result['max_abs_diff']:.2e} (parity.atol "
                 f"{cfg.parity.atol:.0e}), top-1 agreement {result['top1_agreement']:.4%}"
             )
-        record(cfg.paths.parity_metrics, {f"parity.{k}": v for k, v in result.items()})
 
         # Only a model that passed parity is logged with the ONNX flavour and registered.
         example = images[:4].numpy()
@@ -106,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             },
             scored_dataset(cfg),
         )
+        # With the version it registered: a new version changes the file, so DVC reruns the
+        # promote stage that gates it. The registry's aliases are promote's alone.
+        figures = {f"parity.{k}": v for k, v in result.items()}
+        record(cfg.paths.parity_metrics, {**figures, "parity.version": version})
     print(f"registered {registered_name(cfg)} version {version}")
     print(
         f"parity: max |diff| {result['max_abs_diff']:.2e}, "
