@@ -263,6 +263,17 @@ BAD = {
         lambda src: (src / "nut" / "passwd.png").symlink_to("/etc/passwd"),
         "is a link to /etc/passwd, outside data.source",
     ),
+    "link-to-itself": (
+        lambda src: (src / "nut" / "self.jpg").symlink_to("self.jpg"),
+        r"nut/self.jpg is a link that leads back to itself; remove it, or put the file there",
+    ),
+    "link-loop": (
+        lambda src: [
+            (src / "nut" / "a.png").symlink_to("b.png"),
+            (src / "nut" / "b.png").symlink_to("a.png"),
+        ],  # fmt: skip
+        r"nut/a.png is a link that leads back to itself",
+    ),
     "loose-image": (
         lambda src: (src / "bolt" / "0.png").rename(src / "stray.png"),
         r"1 images in .* are outside any class folder \(stray.png\); move each into",

@@ -53,10 +53,17 @@ def subfolders(folder: Path) -> list[Path]:
 
 
 def check_inside(root: Path, path: Path) -> None:
-    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+    if not path.is_symlink():
+        return
+    try:
+        target = path.resolve()
+    except RuntimeError:  # Python's "Symlink loop", however many links the loop has
         raise PipelineError(
-            f"{path} is a link to {path.resolve()}, outside data.source; copy the file into "
-            f"{root} instead"
+            f"{path} is a link that leads back to itself; remove it, or put the file there"
+        ) from None
+    if not target.is_relative_to(root.resolve()):
+        raise PipelineError(
+            f"{path} is a link to {target}, outside data.source; copy the file into {root} instead"
         )
 
 
