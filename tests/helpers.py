@@ -2,6 +2,7 @@
 free ports, composed configs. Fixtures are in conftest.py."""
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -142,6 +143,23 @@ def export_random_model(
     cfg = defaults()
     export_onnx(model, path, metadata, cfg.export.opset, cfg.parity.atol, [1])
     return path
+
+
+def with_reference(path: Path, images: np.ndarray) -> dict:
+    """Give the exported model at `path` the drift reference of its answers to `images`, as
+    evaluate and export would: the reference."""
+    import onnx
+
+    from cnnpipe.data import drift
+    from cnnpipe.serving.onnx_model import OnnxModel
+
+    model = OnnxModel.load(path)
+    reference = drift.reference(images, model.probabilities(images))
+    proto = onnx.load(path)
+    metadata = dataclasses.replace(model.metadata, drift_reference=reference)
+    onnx.helper.set_model_props(proto, metadata.to_props(model.size))
+    onnx.save(proto, path)
+    return reference
 
 
 def foreign_model(path: Path, class_names: list[str]) -> Path:

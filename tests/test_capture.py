@@ -20,7 +20,7 @@ from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
 from tests.helpers import CLASSES, call, export_random_model, png, samples
 
-MODEL = {"name": "cnnpipe-test", "version": "3"}
+MODEL = {"name": "cnnpipe-test", "version": "3", "sha256": "ab" * 32}
 
 
 def image(seed: int, kind: str = "PNG") -> bytes:
@@ -165,7 +165,8 @@ def test_the_service_answers_as_before_and_keeps_what_it_answered(tmp_path):
         want = model.probabilities(np.asarray(Image.open(io.BytesIO(data)))[None])[0]
         got = np.array(list(record["probabilities"].values()))
         assert np.allclose(got, want, atol=1e-6) and record["route"] == "/predict"
-        assert record["model"] == {"name": "m", "version": "7"}
+        sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        assert record["model"] == {"name": "m", "version": "7", "sha256": sha256}
     assert [r["route"] for r in records.values()].count("/v2/models/m/infer") == 1
     assert metrics[("cnnpipe_captured_total", (("reason", "unsure"),))] == 9
 

@@ -91,13 +91,14 @@ BAD_OPTIONS = {
         "--capture-unsure-below": ["-0.1", "1.5", "nan", "half"],
         "--capture-share": ["-1", "2", "nan"],
         "--capture-mb": ["0", "-1", "nan"],
+        "--drift-window": ["-1", "1e9", "2000000", "nan", "all"],
     },
     "runs": {"--last": ["0", "-5", "all", "nan"]},
     "review": {"--port": ["-1", "65536", "http"]},
 }
 POSITIONAL = {
     "predict": ["model.onnx", "photo.png"], "serve": ["model.onnx"], "runs": [],
-    "review": ["captured"],
+    "review": ["captured"], "monitor": ["captured"],
 }  # fmt: skip
 
 

@@ -21,13 +21,13 @@ FLOORS = ["base", "data", "tracking", "training", "artifact"]
 # training stack: the one image decoder, the ONNX contract, and the registry to fetch a models:/
 # URI; only the stages use serving's model.
 ROLES = {
-    "serving": ["base", "data.images", "artifact.contract", "tracking.registry"],
+    "serving": ["base", "data.images", "data.drift", "artifact.contract", "tracking.registry"],
     "experiments": FLOORS,
     "chapter": FLOORS,
     "stages": [*FLOORS, "serving", "chapter"],
 }
 # The commands that read no params.yaml (they take files or folders).
-NO_PARAMS = ("params", "predict", "serve", "review")
+NO_PARAMS = ("params", "predict", "serve", "review", "monitor")
 # What a command line must not import before its arguments and configuration are checked.
 HEAVY = ("torch", "pytorch_lightning", "torchmetrics", "mlflow", "onnx", "optuna")
 

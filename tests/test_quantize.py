@@ -88,6 +88,29 @@ def test_stage_drops_an_int8_model_that_is_not_fast_enough_and_says_why(project,
     line, kept, exists, dropped = verdicts["quantize.min_speedup=0"]
     assert kept and exists and line.endswith("kept as models/int8/model.onnx")
     assert dropped is None
+    the_files_references_are_their_own(repo, metrics)
     # The line rounds the speedup to 2 decimals, the metric to 3: they differ by up to 0.0055.
     shown = re.search(r"([\d.]+)x the FP32 images/s at batch 256", line)
     assert shown and float(shown[1]) == pytest.approx(speedup, abs=0.0055 + 1e-9)
+
+
+def the_files_references_are_their_own(repo, metrics: dict) -> None:
+    """evaluate's drift reference is the checkpoint's answers on the test split, as deployed;
+    export carries it; the INT8 file carries its own answers' and its own accuracy."""
+    from cnnpipe.base.config import load_params
+    from cnnpipe.data import drift
+    from cnnpipe.data.loader import read_split
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.inference import nhwc, predict_probs
+
+    cfg = load_params()
+    images, _ = read_split(cfg, "test")
+    model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
+    probs = predict_probs(model, nhwc(images), 1000).numpy()
+    want = json.loads(json.dumps(drift.reference(nhwc(images).numpy(), probs)))
+    assert json.loads((repo / cfg.paths.drift_reference).read_text()) == want
+    assert OnnxModel.load(repo / cfg.paths.onnx).metadata.drift_reference == want
+    int8 = OnnxModel.load(repo / "models/int8/model.onnx")
+    own = drift.reference(nhwc(images).numpy(), int8.probabilities(nhwc(images).numpy()))
+    assert int8.metadata.drift_reference == json.loads(json.dumps(own))
+    assert int8.metadata.test_accuracy == metrics["int8.test_acc"]

@@ -22,7 +22,15 @@ from cnnpipe.base.localhost import wait_until
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.onnx_model import OnnxModel
 from cnnpipe.serving.server import running
-from tests.helpers import CLASSES, call, export_random_model, foreign_model, png, samples
+from tests.helpers import (
+    CLASSES,
+    call,
+    export_random_model,
+    foreign_model,
+    png,
+    samples,
+    with_reference,
+)
 
 LIMIT = 200_000
 TIMEOUT_S = 1.0
@@ -427,9 +435,12 @@ def start_workers(model_path: Path, tmp_path: Path) -> tuple[subprocess.Popen, s
     return service, url, sorted(pids())
 
 
-def test_worker_processes_share_the_port_the_metrics_and_the_stop(model_path, tmp_path):
+def test_worker_processes_share_the_port_the_metrics_and_the_stop(tmp_path):
     import psutil
 
+    model_path = export_random_model(tmp_path / "model.onnx", CLASSES, ("image",))
+    rng = np.random.default_rng(0)
+    with_reference(model_path, rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8))
     service, url, _ = start_workers(model_path, tmp_path)
     try:
         children = psutil.Process(service.pid).children(recursive=True)
@@ -437,9 +448,13 @@ def test_worker_processes_share_the_port_the_metrics_and_the_stop(model_path, tm
         with ThreadPoolExecutor(8) as pool:
             sent = [pool.submit(call, f"{url}/predict", image, "image/png") for _ in range(40)]
         assert [future.result()[0] for future in sent] == [200] * 40
-        # Whichever worker answers /metrics counts the requests of both.
+        # Whichever worker answers /metrics counts the requests of both, and measures the drift
+        # of both workers' answers: 40 dark images against the noise the reference saw.
         for _ in range(4):
-            assert samples(url)[("cnnpipe_images_classified_total", ())] == 40
+            metrics = samples(url)
+            assert metrics[("cnnpipe_images_classified_total", ())] == 40
+            assert metrics[("cnnpipe_drift_window_images", ())] == 40
+            assert metrics[("cnnpipe_drift_brightness_red", ())] > 1
         service.terminate()
         assert service.wait(timeout=30) == 0
         _, alive = psutil.wait_procs(children, timeout=10)

@@ -1,5 +1,5 @@
-"""`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict`, `serve` and
-`runs`."""
+"""`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict`, `serve`,
+`review`, `monitor` and `runs`."""
 
 import errno
 import importlib
@@ -28,6 +28,7 @@ COMMANDS = {
     "predict": "cnnpipe.serving.predict",
     "serve": "cnnpipe.serving.server",
     "review": "cnnpipe.serving.review",
+    "monitor": "cnnpipe.serving.monitor",
     "runs": "cnnpipe.experiments.runs",
 }
 

@@ -57,6 +57,8 @@ class Metadata:
     git_commit: str | None = None
     # The data set it was trained on, by name (data.name): "cifar10", "leaves".
     dataset: str | None = None
+    # What drift is measured against: this file's outputs on the test split (data/drift.py).
+    drift_reference: dict | None = None
 
     def to_props(self, size: tuple[int, int]) -> dict[str, str]:
         props = {
@@ -68,6 +70,8 @@ class Metadata:
         for key in ("model_name", "dataset", "test_accuracy", "mlflow_run_id", "git_commit"):
             if getattr(self, key) is not None:
                 props[key] = str(getattr(self, key))
+        if self.drift_reference is not None:
+            props["drift_reference"] = json.dumps(self.drift_reference)
         return props
 
     @classmethod
@@ -85,7 +89,18 @@ class Metadata:
             **tta_of(props),
             mlflow_run_id=props.get("mlflow_run_id"),
             git_commit=props.get("git_commit"),
+            drift_reference=drift_of(props),
         )
+
+
+def drift_of(props: dict[str, str]) -> dict | None:
+    """The drift reference of a file's metadata; None for files exported before they had one."""
+    if "drift_reference" not in props:
+        return None
+    reference = json.loads(props["drift_reference"])
+    if not isinstance(reference, dict) or not isinstance(reference.get("signals"), dict):
+        raise ValueError("drift_reference must be a JSON object with signals")
+    return reference
 
 
 def tta_of(props: dict[str, str]) -> dict:

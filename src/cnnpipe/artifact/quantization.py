@@ -7,6 +7,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from cnnpipe.artifact import contract
 from cnnpipe.artifact.onnx_export import export_onnx
 from cnnpipe.base.config import network_name, registered_name
 from cnnpipe.base.files import atomic_path
+from cnnpipe.data import drift
 from cnnpipe.data.loader import read_split
 from cnnpipe.training.inference import TorchModel, nhwc
 
@@ -78,6 +80,19 @@ def quantize(
             proto = onnx.load(out)
             onnx.helper.set_model_props(proto, metadata.to_props(model.size))
             onnx.save(proto, out)
+
+
+def describe_itself(
+    int8: Path, metadata: contract.Metadata, images: np.ndarray, model: Probabilities, acc: float
+) -> None:
+    """Give the INT8 file, written with the FP32 model's metadata, its own test accuracy `acc`
+    and drift reference: its predictions on the test `images` are not the FP32 model's."""
+    reference = drift.reference(images, model(images))
+    own = replace(metadata, test_accuracy=acc, drift_reference=reference)
+    proto = onnx.load(int8)
+    onnx.helper.set_model_props(proto, own.to_props(images.shape[1:3]))
+    with atomic_path(int8) as out:
+        onnx.save(proto, out)
 
 
 def images_per_second(

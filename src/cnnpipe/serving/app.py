@@ -42,6 +42,7 @@ from cnnpipe.data.images import decode
 from cnnpipe.serving import open_inference
 from cnnpipe.serving.batching import Batcher
 from cnnpipe.serving.capture import Capture, Settings
+from cnnpipe.serving.drift import DriftGauges, Window
 from cnnpipe.serving.follow import read_pointer
 from cnnpipe.serving.http import EXCEPTION_HANDLERS, RequestError, error, read_body
 from cnnpipe.serving.metrics import Metrics
@@ -133,13 +134,16 @@ class Limits:
     max_batch: int = 64
     batch_window_s: float = 0.0
     max_queue: int = 256
+    # The answered images the drift gauges compare with the model's reference (0: no gauges).
+    drift_window: int = 1000
 
 
 @dataclass
 class Service:
     """What the handlers share: the model and its batcher, what is said about the model, the
-    limits, the metrics (made in `registry`, shown from `exposition`), what keeps answered
-    images when --capture asks for it, and the pointer to follow for a registry alias."""
+    limits, the metrics (made in `registry`, shown from `exposition`), the drift gauges, what
+    keeps answered images when --capture asks for it, and the pointer to follow for a registry
+    alias."""
 
     model: OnnxModel
     batcher: Batcher
@@ -150,6 +154,7 @@ class Service:
     images_classified: Counter
     model_info: Gauge
     swaps: Counter
+    drift: DriftGauges | None = None
     capture: Capture | None = None
     pointer: Path | None = None
 
@@ -201,9 +206,12 @@ class Service:
         self.model_info.labels(*info_labels(self.metadata)).set(0)
         self.model, self.metadata = new, model_metadata(path, new, registered)
         self.batcher.classify = new.probabilities
+        if self.drift:
+            self.drift.follow(new.metadata.drift_reference)
         self.model_info.labels(*info_labels(self.metadata)).set(1)
         if self.capture:
-            self.capture.model = {"name": registered.get("name"), "version": version}
+            self.capture.model = {k: self.metadata[k] for k in ("name", "version", "sha256")}
+            self.capture.describe(new.size, new.metadata.drift_reference)
         self.swaps.labels("swapped").inc()
         print(f"cnnpipe serve: serving version {version}", file=sys.stderr, flush=True)
 
@@ -245,18 +253,36 @@ def load(
         "cnnpipe_model_swaps", "New versions of a followed alias: swapped in, or refused",
         ["outcome"], registry=registry,
     )  # fmt: skip
+    drift = None
+    if limits.drift_window:
+        drift = DriftGauges(Window(limits.drift_window), onnx_model.metadata.drift_reference)
+        exposition.register(drift)
     batcher = Batcher(
         onnx_model.probabilities,
         limits.max_batch,
         limits.batch_window_s,
         limits.max_queue,
         registry,
+        drift and drift.observe,
     )
-    kept = keep and Capture(keep, metadata, onnx_model.class_names, registry)
+    capture = None
+    if keep:
+        capture = Capture(keep, metadata, onnx_model.class_names, registry)
+        capture.describe(onnx_model.size, onnx_model.metadata.drift_reference)
     return Service(
-        onnx_model, batcher, metadata, limits, registry, exposition, images_classified,
-        model_info, swaps, kept or None, Path(pointer) if pointer else None,
-    )  # fmt: skip
+        model=onnx_model,
+        batcher=batcher,
+        metadata=metadata,
+        limits=limits,
+        registry=registry,
+        exposition=exposition,
+        images_classified=images_classified,
+        model_info=model_info,
+        swaps=swaps,
+        drift=drift,
+        capture=capture,
+        pointer=Path(pointer) if pointer else None,
+    )
 
 
 def service_of(request: Request) -> Service:

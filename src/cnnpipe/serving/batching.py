@@ -32,9 +32,12 @@ class Batcher:
         window_s: float,
         max_queue: int,
         registry: CollectorRegistry,
+        observe: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> None:
         self.classify, self.max_batch, self.window_s = classify, max_batch, window_s
         self.max_queue = max_queue
+        # Shown each call's images and probabilities, in the worker thread (the drift gauges).
+        self.observe = observe
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event  # made in the app's event loop, by `working`
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="cnnpipe-batch")
@@ -130,6 +133,8 @@ class Batcher:
             probs = self.classify(images)
         except Exception as failure:  # onnxruntime raises its own untyped exceptions
             return [p if isinstance(p, Exception) else failure for p in prepared]
+        if self.observe:
+            self.observe(images, probs)
         self.batch_images.observe(len(images))
         self.batch_requests.observe(len(good))
         outcomes, start = [], 0

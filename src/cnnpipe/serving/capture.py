@@ -5,7 +5,8 @@ JPEG keeps its EXIF, GPS included).
 
 DIR holds each image once, named by the sha256 of its bytes (`<digest>.<ext>`; a v2 tensor as
 PNG), and captured.jsonl, one line per image: its digest, why it was kept, when, the route, the
-model's name and version, and the probability of each class. A thread writes them, so no
+model's name, version and file digest, and the probability of each class; models/ describes each
+model that answered, for `cnnpipe monitor`. A thread writes them, so no
 request waits on the disk; the processes of `--workers` share the folder through a lock file, and
 so its size limit. A folder that cannot be written, or is full, costs answers nothing: one log
 line, and `cnnpipe_capture_dropped_total` counts what was not kept."""
@@ -30,6 +31,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry, Counter
 
 LINES = "captured.jsonl"
+# What `cnnpipe monitor` compares the sampled images with: each answering model's description.
+DESCRIPTIONS = "models"
 # The bytes DIR holds, kept under the lock so that every worker stops at the same limit.
 TOTAL = ".captured-bytes"
 LOCK = ".lock"
@@ -77,7 +80,7 @@ class Capture:
         self, settings: Settings, model: dict, class_names: list[str], registry: CollectorRegistry
     ) -> None:
         self.settings, self.class_names = settings, class_names
-        self.model = {"name": model.get("name"), "version": model.get("version")}
+        self.model = {k: model.get(k) for k in ("name", "version", "sha256")}
         self.folder = Path(settings.folder)
         self.max_bytes = int(settings.max_mb * (1 << 20))
         self.kept = Counter(
@@ -98,6 +101,21 @@ class Capture:
         self.queue: queue.Queue[Kept | None] = queue.Queue(maxsize=1024)
         self.thread = threading.Thread(target=self.work, name="capture", daemon=True)
         self.thread.start()
+
+    def describe(self, size: tuple[int, int], reference: dict | None) -> None:
+        """Say in DIR/models/<sha256>.json what `cnnpipe monitor` needs of the model that answers
+        from now on: its classes, input size and drift reference."""
+        path = self.folder / DESCRIPTIONS / f"{self.model['sha256']}.json"
+        body = {**self.model, "class_names": self.class_names, "size": list(size),
+                "drift_reference": reference}  # fmt: skip
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(body))
+            os.replace(partial, path)
+        except OSError as failure:
+            partial.unlink(missing_ok=True)
+            self.say_unwritable(failure)
 
     def offer(
         self, images: list[bytes | np.ndarray], probabilities: np.ndarray, route: str
@@ -130,11 +148,7 @@ class Capture:
                 self.write(kept)
             except OSError as failure:
                 self.dropped.labels("error").inc()
-                self.say_once(
-                    f"error {failure.errno}",
-                    f"capture: cannot write to {self.folder} ({failure.strerror}); answers go on, "
-                    "their images are not kept",
-                )
+                self.say_unwritable(failure)
 
     def write(self, kept: Kept) -> None:
         data, ending = encoded(kept.data)
@@ -202,6 +216,13 @@ class Capture:
             return int((self.folder / TOTAL).read_text())
         except (FileNotFoundError, ValueError):
             return sum(p.stat().st_size for p in self.folder.iterdir() if p.name[0] != ".")
+
+    def say_unwritable(self, failure: OSError) -> None:
+        self.say_once(
+            f"error {failure.errno}",
+            f"capture: cannot write to {self.folder} ({failure.strerror}); answers go on, "
+            "their images are not kept",
+        )
 
     def say_once(self, kind: str, message: str) -> None:
         if kind not in self.said:

@@ -45,9 +45,13 @@ class OnnxModel:
         props = session.get_modelmeta().custom_metadata_map
         try:
             metadata = contract.Metadata.from_props(props)
-        except (KeyError, ValueError):
+        except KeyError:
             raise PipelineError(
                 f"{path} has no class_names metadata; export it with `cnnpipe export`"
+            ) from None
+        except ValueError as reason:
+            raise PipelineError(
+                f"{path} has metadata `cnnpipe export` does not write ({reason}); export it again"
             ) from None
         check_signature(path, session, len(metadata.class_names))
         return cls(session, metadata, release_memory)

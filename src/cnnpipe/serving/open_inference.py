@@ -137,6 +137,7 @@ async def infer(request: Request) -> JSONResponse:
         probs, images = await service.batcher.run(prepare)
     except ValueError as reason:
         raise RequestError(400, str(reason)) from None
+    service.images_classified.inc(len(probs))
     if service.capture:
         service.capture.offer(list(images), probs, request.url.path)
     output = {

@@ -33,6 +33,7 @@ from cnnpipe.base.args import (
     SECONDS,
     SHARE,
     Parser,
+    number,
 )
 from cnnpipe.serving.app import Limits, create_app
 from cnnpipe.serving.capture import Settings
@@ -259,6 +260,11 @@ def arguments() -> Parser:
         help="for models:/NAME@ALIAS, how often to check where the alias points, and serve the "
         "version it moves to (0: never; default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--drift-window", metavar="N", type=number(int, 0, 1_000_000), default=Limits.drift_window,
+        help="the cnnpipe_drift_* gauges compare the last N answered images with the model's "
+        "test split (0: no gauges; default %(default)s)",
+    )  # fmt: skip
     add_capture_arguments(parser)
     return parser
 
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         max_batch=args.max_batch,
         batch_window_s=args.batch_window_ms / 1000,
         max_queue=args.max_queue,
+        drift_window=args.drift_window,
     )
     path, registered = args.model, None
     if path.startswith("models:/"):

@@ -18,6 +18,15 @@ def test_accuracy(eval_metrics: Path) -> float:
         raise PipelineError(f"no test.acc in {eval_metrics}; run `dvc repro evaluate`") from None
 
 
+def drift_reference(path: Path) -> dict:
+    try:
+        reference = json.loads(path.read_text())
+        reference["signals"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(f"no drift reference in {path}; run `dvc repro evaluate`") from None
+    return reference
+
+
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe export", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
@@ -38,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             test_accuracy=test_accuracy(Path(cfg.paths.eval_metrics)),
             tta_views=tuple(cfg.evaluate.tta.views),
             tta_shift=cfg.evaluate.tta.shift,
+            drift_reference=drift_reference(Path(cfg.paths.drift_reference)),
             mlflow_run_id=run.info.run_id,
             git_commit=commit + ("-dirty" if dirty else ""),
         )

@@ -23,7 +23,13 @@ DROPPED = "dropped.txt"
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    from cnnpipe.artifact.quantization import calibration_images, compare, quantize, reasons_to_drop
+    from cnnpipe.artifact.quantization import (
+        calibration_images,
+        compare,
+        describe_itself,
+        quantize,
+        reasons_to_drop,
+    )
     from cnnpipe.data.loader import read_split
     from cnnpipe.serving.onnx_model import OnnxModel
     from cnnpipe.tracking.stage_run import record, stage_run
@@ -61,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
                 )
             record(cfg.paths.quantize_metrics, metrics)
             if not why_not:
+                describe_itself(
+                    int8, fp32.metadata, images, quant.probabilities, metrics["int8.test_acc"]
+                )
+                quant = OnnxModel.load(int8)
                 link = ui_link(run.info.experiment_id, run.info.run_id)
                 register(cfg, int8, quant.probabilities, images[:4], metrics, link)
     verdict = (

@@ -1,8 +1,9 @@
 """Score a checkpoint as deployed on the test set: accuracy, per-class accuracy, loss and the
-confusion matrix (CSV for `dvc plots`, PNG for people). The evaluate and baseline stages and
-the sweeps' jobs score through `evaluate()`."""
+confusion matrix (CSV for `dvc plots`, PNG for people), and the reference drift is measured
+against. The evaluate and baseline stages and the sweeps' jobs score through `evaluate()`."""
 
 import csv
+import json
 
 import mlflow
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from cnnpipe.base.config import dataset_name
 from cnnpipe.base.files import atomic_path
+from cnnpipe.data import drift
 from cnnpipe.data.loader import read_split
 from cnnpipe.tracking.stage_run import record
 from cnnpipe.training.classifier import load_checkpoint
@@ -41,6 +43,9 @@ def evaluate(cfg: DictConfig) -> dict:
     ax.set_title(f"{dataset_name(cfg.data)} test set: accuracy {metrics['test.acc']:.2%}")
     with atomic_path(cfg.paths.confusion_png) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    reference = drift.reference(nhwc(images).numpy(), probs.numpy())
+    with atomic_path(cfg.paths.drift_reference) as tmp:
+        tmp.write_text(json.dumps(reference, indent=1))
     return metrics
 
 
