@@ -11,13 +11,12 @@ offered to capture: more than a trained model's share.
 """
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from service_load import apache_bench, jpeg_file, start_server, tiny_model
+from service_load import apache_bench, jpeg_file, need_ab, start_server, tiny_model
 
 from cnnpipe.base.localhost import free_port
 
@@ -45,8 +44,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    if not shutil.which("ab"):
-        sys.exit("no ab here: install it with apt-get install apache2-utils")
+    need_ab()
     rounds, requests = (1, 300) if args.tiny else (args.rounds, args.requests)
     off, on, failed = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -157,7 +157,12 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return now, peak
 
 
-def start_server(model: Path, port: int, *options: str) -> subprocess.Popen:
+def need_ab() -> None:
+    if not shutil.which("ab"):
+        sys.exit("no ab here: install it with apt-get install apache2-utils")
+
+
+def start_server(model: Path | str, port: int, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "cnnpipe.cli", "serve", str(model), "--port", str(port)]
     command += ["--max-body-mb", str(MAX_BODY_MB), "--body-timeout-s", str(BODY_TIMEOUT_S)]
     # uvicorn's access log goes to stdout, a line per request: never to an unread pipe. Its
@@ -254,8 +259,7 @@ def main() -> None:
     parser.add_argument("--ab-requests", type=int, default=2000)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    if not shutil.which("ab"):
-        sys.exit("no ab here: install it with apt-get install apache2-utils")
+    need_ab()
     connections, stalled = (20, 5) if args.tiny else (args.connections, args.stalled)
     ab_requests = 200 if args.tiny else args.ab_requests
     with tempfile.TemporaryDirectory() as tmp:

@@ -283,3 +283,12 @@ def test_capture_load_compares_the_service_with_and_without_capture(tmp_path):
     # The printed rates are rounded to whole requests/s.
     assert ratio == pytest.approx(statistics.median(on) / statistics.median(off), abs=0.002)
     assert "; 0 failed or not 200:" in out and "(1 image(s) kept)" in out
+
+
+@pytest.mark.slow
+def test_swap_load_moves_the_alias_under_load_without_a_failed_request(tmp_path):
+    out = run_bench("swap_load.py", tmp_path)
+    total = int(re.search(r"ab, 16 clients, (\d+) JPEG requests; @champion moved", out)[1])
+    during, others = map(int, re.search(r"p99 of the (\d+) .* of the (\d+) others", out).groups())
+    assert during > 0 and during + others == total
+    assert "\n0 failed or not 200 (target 0): met" in out
