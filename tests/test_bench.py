@@ -275,14 +275,21 @@ def test_cli_startup_times_every_answer_against_the_lightning_import(tmp_path):
 
 
 @pytest.mark.slow
-def test_capture_load_compares_the_service_with_and_without_capture(tmp_path):
+def test_capture_load_compares_the_service_with_and_without_capture_and_drift(tmp_path):
     out = run_bench("capture_load.py", tmp_path)
-    off = [float(r) for r in re.search(r"without capture: ([\d, ]+) requests/s", out)[1].split(",")]
-    on = [float(r) for r in re.search(r"with capture: +([\d, ]+) requests/s", out)[1].split(",")]
-    ratio = float(re.search(r"with / without: (\d+\.\d+)", out)[1])
+
+    def median(name: str) -> float:
+        rates = re.search(rf"^{name}: +([\d, ]+) requests/s", out, re.M)[1].split(",")
+        return statistics.median(float(r) for r in rates)
+
+    capture = float(re.search(r"capture, with / without: (\d+\.\d+)", out)[1])
+    drift = float(re.search(r"drift gauges, on / off: (\d+\.\d+)", out)[1])
     # The printed rates are rounded to whole requests/s.
-    assert ratio == pytest.approx(statistics.median(on) / statistics.median(off), abs=0.002)
-    assert "; 0 failed or not 200:" in out and "(1 image(s) kept)" in out
+    want = median("with capture") / median("without capture")
+    assert capture == pytest.approx(want, abs=0.002)
+    want = median("without capture") / median("without drift gauges")
+    assert drift == pytest.approx(want, abs=0.002)
+    assert "kept with capture: 1 image(s)" in out and "\n0 failed or not 200: " in out
 
 
 @pytest.mark.slow
