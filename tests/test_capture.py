@@ -4,6 +4,7 @@ once per image, within a size limit, and never at the cost of an answer."""
 import hashlib
 import io
 import json
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,10 @@ def image(seed: int, kind: str = "PNG") -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format=kind)
     return out.getvalue()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def probabilities(top: float) -> np.ndarray:
@@ -75,14 +80,31 @@ def test_unsure_answers_are_kept_as_received_once_each(capture, tmp_path):
     assert count(registry, "cnnpipe_captured_total", "unsure") == 2
 
 
-@pytest.mark.parametrize("share, kept_images", [(0.0, 0), (1.0, 20)])
-def test_a_share_of_sure_answers_is_sampled(capture, tmp_path, share, kept_images):
+@pytest.mark.parametrize("share, reasons", [(0.0, ["unsure"] * 10), (1.0, ["sampled"] * 20)])
+def test_a_share_of_all_answers_is_sampled_sure_or_not(capture, tmp_path, share, reasons):
     kept, registry = capture(unsure_below=0.5, sample_share=share)
-    kept.offer([image(i) for i in range(20)], np.stack([probabilities(0.9)] * 20), "/predict")
+    tops = [0.9, 0.3] * 10
+    kept.offer([image(i) for i in range(20)], np.stack([probabilities(t) for t in tops]), "/p")
     kept.close()
     records = lines(tmp_path / "captured")
-    assert [r["reason"] for r in records] == ["sampled"] * kept_images
-    assert count(registry, "cnnpipe_captured_total", "sampled") == kept_images
+    assert [r["reason"] for r in records] == reasons
+    assert count(registry, "cnnpipe_captured_total", reasons[0]) == len(reasons)
+
+
+def test_the_sample_is_drawn_at_the_share_whatever_the_confidence(capture, tmp_path):
+    kept, registry = capture(unsure_below=0.5, sample_share=0.25)
+    kept.random.seed(7)
+    tops = [0.9, 0.3] * 200
+    kept.offer([image(i) for i in range(400)], np.stack([probabilities(t) for t in tops]), "/p")
+    kept.close()
+    draws = random.Random(7)
+    drawn = [i for i in range(400) if draws.random() < 0.25]
+    records = {r["digest"]: r["reason"] for r in lines(tmp_path / "captured")}
+    sampled = [i for i in range(400) if records.get(digest(image(i))) == "sampled"]
+    assert sampled == drawn
+    assert {tops[i] for i in sampled} == {0.9, 0.3}
+    unsure = [i for i in range(400) if records.get(digest(image(i))) == "unsure"]
+    assert unsure == [i for i in range(1, 400, 2) if i not in drawn]
 
 
 def test_a_tensor_is_kept_as_png(capture, tmp_path):

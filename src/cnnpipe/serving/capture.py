@@ -1,7 +1,7 @@
-"""What the service keeps of what it answers (`cnnpipe serve --capture DIR`): every image whose top
-probability is under a threshold ("unsure"), and a random share of the rest ("sampled"), for
-review and retraining. Off unless asked for: the images are users' data, kept as received (a
-JPEG keeps its EXIF, GPS included).
+"""What the service keeps of what it answers (`cnnpipe serve --capture DIR`): a random share of
+every answered image ("sampled"), and every other one whose top probability is under a threshold
+("unsure"), for review, retraining and drift reports. Off unless asked for: the images are users'
+data, kept as received (a JPEG keeps its EXIF, GPS included).
 
 DIR holds each image once, named by the sha256 of its bytes (`<digest>.<ext>`; a v2 tensor as
 PNG), and captured.jsonl, one line per image: its digest, why it was kept, when, the route, the
@@ -120,13 +120,17 @@ class Capture:
     def offer(
         self, images: list[bytes | np.ndarray], probabilities: np.ndarray, route: str
     ) -> None:
-        """Queue the answered images that are kept: unsure ones, and a random share of the rest."""
+        """Queue the answered images that are kept: a random share of all, and the other unsure
+        ones."""
         now = time.time()
         for data, probs in zip(images, probabilities, strict=True):
-            if probs.max() < self.settings.unsure_below:
-                reason = "unsure"
-            elif self.random.random() < self.settings.sample_share:
+            # Drawn first, from every answer, sure or not: the sampled images are then a fair
+            # sample of what the service meets, which `cnnpipe monitor` compares with the test
+            # split. Drawn from the sure ones only, they would all look confident.
+            if self.random.random() < self.settings.sample_share:
                 reason = "sampled"
+            elif probs.max() < self.settings.unsure_below:
+                reason = "unsure"
             else:
                 continue
             # An image this process kept already costs the request a hash, not a write.

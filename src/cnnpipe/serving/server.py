@@ -282,7 +282,8 @@ def add_capture_arguments(parser: Parser) -> None:
     )  # fmt: skip
     keep.add_argument(
         "--capture-share", metavar="SHARE", type=SHARE, default=Settings.sample_share,
-        help="and this share of the others, at random (default %(default)s)",
+        help="and this share of all answered images, at random, sure or not: the sample "
+        "`cnnpipe monitor` reads (default %(default)s)",
     )  # fmt: skip
     keep.add_argument(
         "--capture-mb", metavar="MB", type=MEGABYTES, default=Settings.max_mb,
