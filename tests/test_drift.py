@@ -66,20 +66,46 @@ def test_psi_is_the_sum_over_bins_with_empty_bins_floored():
     assert drift.psi(expected, np.array([0.5, 0.3, 0.2])) == pytest.approx(by_hand)
 
 
-def test_a_reference_counts_each_signal_of_each_image():
-    images = np.zeros((4, 2, 2, 3), np.uint8)
-    images[1], images[2, ..., 0], images[3] = 255, 100, 17
-    probs = np.array([[0.92, 0.08], [0.25, 0.75], [0.55, 0.45], [0.05, 0.95]], np.float32)
+def ramp(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images of 1x4 pixels whose mean, in each channel, is i/4 for image i; the top
+    probability of image i is 0.5 + i/(2n), on class i % 2 of two."""
+    i = np.arange(n)
+    pixels = i[:, None] // 4 + (np.arange(4)[None] < (i % 4)[:, None])
+    images = np.repeat(pixels[:, None, :, None], 3, axis=3).astype(np.uint8)
+    top = 0.5 + i / (2 * n)
+    probs = np.where((i % 2 == 0)[:, None], np.c_[top, 1 - top], np.c_[1 - top, top])
+    return images, probs.astype(np.float32)
+
+
+def test_a_reference_holds_a_bin_per_class_and_the_test_splits_tenths():
+    images, probs = ramp(1000)
+    assert images[999].mean() == 999 / 4 and probs[999].max() == np.float32(0.9995)
     ref = drift.reference(images, probs)
     signals = ref["signals"]
-    assert ref["images"] == 4
-    assert signals["predicted_class"]["shares"] == [0.5, 0.5]
-    # Top probabilities 0.92, 0.75, 0.55, 0.95 in tenths: bins 9, 7, 5, 9.
-    assert signals["confidence"]["shares"] == [0, 0, 0, 0, 0, 0.25, 0, 0.25, 0, 0.5]
-    # Red means 0, 255, 100, 17 in sixteenths of 256: bins 0, 15, 6, 1; green 0, 255, 0, 17.
-    assert np.flatnonzero(signals["brightness_red"]["shares"]).tolist() == [0, 1, 6, 15]
-    assert signals["brightness_green"]["shares"][0] == 0.5
+    assert ref["images"] == 1000
+    assert signals["predicted_class"] == {"edges": [-0.5, 0.5, 1.5], "shares": [0.5, 0.5]}
+    for name in drift.SIGNALS[1:]:
+        # 1,000 distinct values: each tenth holds 100 of them, and the outer bins reach the ends
+        # of the signal's range.
+        assert signals[name]["shares"] == [0.1] * 10
+        edges = signals[name]["edges"]
+        assert (edges[0], edges[-1]) == ((0, 1) if name == "confidence" else (0, 256))
+    assert signals["brightness_red"]["edges"][1] == pytest.approx(
+        np.quantile(np.arange(1000) / 4, 0.1)
+    )
+    # The same images again: every bin as the reference's, PSI 0.
     assert drift.compare(ref, drift.values(images, probs)) == dict.fromkeys(drift.SIGNALS, 0.0)
+
+
+def test_what_is_seen_is_smoothed_by_half_an_image_a_bin():
+    images, probs = ramp(1000)
+    ref = drift.reference(images, probs)
+    # The darkest 100: all in the first tenth of each brightness, and of confidence.
+    got = drift.compare(ref, drift.values(images[:100], probs[:100]))
+    seen = np.array([100.5] + [0.5] * 9) / 105
+    by_hand = sum((s - 0.1) * math.log(s / 0.1) for s in seen)
+    assert got["brightness_blue"] == got["confidence"] == round(by_hand, 4)
+    assert got["predicted_class"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -141,10 +167,11 @@ def test_the_workers_windows_are_one(tmp_path, monkeypatch):
     assert len(one.latest()) == 0
 
 
-def captured(model, tmp_path, images: np.ndarray, unsure_below: float = 0.0):
-    """A capture folder that sampled every answer to `images`, sent as PNG files."""
+def captured(model, tmp_path, images: np.ndarray, share: float = 1.0):
+    """A capture folder that sampled a `share` of the answers to `images`, sent as PNG files, and
+    kept all others as unsure."""
     folder = tmp_path / "captured"
-    keep = Settings(str(folder), unsure_below=unsure_below, sample_share=1.0)
+    keep = Settings(str(folder), unsure_below=1.0, sample_share=share)
     app = create_app(
         str(model), Limits(drift_window=len(images)), {"name": "m", "version": "3"}, keep
     )
@@ -162,16 +189,16 @@ def monitor(*argv: str) -> str:
 
 
 def test_monitor_compares_the_sampled_captures_as_the_service_does(model, tmp_path, capsys):
-    folder, served = captured(model, tmp_path, pictures(120, seed=3, low=140, high=255))
+    folder, served = captured(model, tmp_path, pictures(500, seed=3, low=140, high=255))
     cli.main(["monitor", str(folder)])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "m version 3: 120 sampled captures against 1,000 test images"
+    assert out[0] == "m version 3: 500 sampled captures against 1,000 test images"
     for line, name in zip(out[1:6], drift.SIGNALS, strict=True):
         words = line.split()
         assert words[:3] == [*name.split("_"), "PSI"][:3] or words[0] == name.split("_")[0]
         value = float(line.split("PSI")[1].split()[0])
         assert value == pytest.approx(served[name], abs=5e-4)
-        assert line.endswith(drift.verdict(served[name], 120))
+        assert line.endswith(drift.verdict(served[name], 500))
     assert "major shift" in out[3]  # brightness red
     assert out[-1] == f"wrote {folder / 'drift.png'}"
     with Image.open(folder / "drift.png") as plot:
@@ -180,7 +207,7 @@ def test_monitor_compares_the_sampled_captures_as_the_service_does(model, tmp_pa
 
 
 def test_monitor_leaves_unsure_captures_out(model, tmp_path):
-    folder, _ = captured(model, tmp_path, pictures(5, seed=3), unsure_below=1.0)
+    folder, _ = captured(model, tmp_path, pictures(5, seed=3), share=0.0)
     said = monitor(str(folder))
     assert said.startswith(f"cnnpipe monitor: error: no sampled captures in {folder}")
     assert "\n" not in said

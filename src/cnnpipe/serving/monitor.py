@@ -18,8 +18,8 @@ from cnnpipe.data import drift
 from cnnpipe.data.images import decode
 from cnnpipe.serving.capture import DESCRIPTIONS, LINES
 
-AXES = {"predicted_class": "class", "confidence": "top probability"} | {
-    f"brightness_{c}": f"mean {c} value (0-255)" for c in ("red", "green", "blue")
+AXES = {"predicted_class": "class", "confidence": "top probability, from"} | {
+    f"brightness_{c}": f"mean {c} value (0-255), from" for c in ("red", "green", "blue")
 }
 
 
@@ -93,11 +93,12 @@ def plot(rows: np.ndarray, model: dict, psi: dict[str, float], title: str, path:
     fig, axes = plt.subplots(1, len(drift.SIGNALS), figsize=(4 * len(drift.SIGNALS), 3.6))
     for i, (name, ax) in enumerate(zip(drift.SIGNALS, axes, strict=True)):
         edges = np.asarray(reference[name]["edges"])
-        seen = drift.shares(rows[:, i : i + 1], [edges])[0]
+        seen = drift.counts(rows[:, i : i + 1], [edges])[0] / len(rows)
         x, width = np.arange(len(seen)), 0.4
         ax.bar(x - width / 2, reference[name]["shares"], width, label="test split")
         ax.bar(x + width / 2, seen, width, label="sampled captures")
-        ticks = model["class_names"] if i == 0 else [f"{e:g}" for e in edges[:-1]]
+        # The bins after the class are the test split's tenths, labelled by where they start.
+        ticks = model["class_names"] if i == 0 else [f"{e:.3g}" for e in edges[:-1]]
         ax.set_xticks(x, ticks, rotation=90, fontsize=7)
         ax.set_xlabel(AXES[name])
         ax.set_title(
