@@ -7,7 +7,6 @@ was unsure, so they never enter it. The model compared is the one that answered 
 sampled capture; captures by others are counted and left out."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +104,8 @@ def plot(rows: np.ndarray, model: dict, psi: dict[str, float], title: str, path:
             f"{name.replace('_', ' ')}\nPSI {psi[name]:.3f}: {drift.verdict(psi[name], len(rows))}"
         )
     axes[0].set_ylabel("share of images")
-    axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper right", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -144,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     text, psi = report(rows, model)
     print(text)
     if others := len(records) - len(mine):
-        print(f"left out: {others} sampled captures answered by other models", file=sys.stderr)
+        print(f"left out: {others:,} sampled captures answered by other models")
     if unread:
         shown = ", ".join(unread[:3]) + (" ..." if len(unread) > 3 else "")
-        print(f"skipped {len(unread)} missing or unreadable: {shown}", file=sys.stderr)
+        print(f"skipped {len(unread)} missing or unreadable: {shown}")
     png = Path(args.png or folder / "drift.png")
     plot(rows, model, psi, text.splitlines()[0], png)
     print(f"wrote {png}")
