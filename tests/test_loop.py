@@ -14,7 +14,7 @@ import pytest
 from cnnpipe.base.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.review import Review, create_app
 from cnnpipe.serving.server import running
-from tests.helpers import call, copy_repo, make_image_folder, repo_env
+from tests.helpers import call, copy_repo, make_image_folder, repo_env, samples
 
 CLASSES = ["bolt", "nut", "washer"]
 
@@ -46,7 +46,7 @@ def test_what_the_service_met_comes_back_as_training_data_and_a_gated_model(tmp_
     options = ["--workers", "1", "--alias-check-s", "0.5", "--capture", "captured"]
     with open(log, "w") as stderr:
         service = subprocess.Popen(
-            [*command, *options, "--capture-unsure-below", "1"], cwd=repo, env=env,
+            [*command, *options, "--capture-share", "1"], cwd=repo, env=env,
             stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -58,6 +58,17 @@ def test_what_the_service_met_comes_back_as_training_data_and_a_gated_model(tmp_
         lines = repo / "captured" / "captured.jsonl"
         captured = lambda: lines.exists() and len(lines.read_text().splitlines()) == 12  # noqa: E731
         wait_until("12 captures", captured, 30)
+        # The file the pipeline made carries its test split's reference: the service and the
+        # monitor compare what it met with it.
+        drift = {k[0]: v for k, v in samples(url).items() if k[0].startswith("cnnpipe_drift_")}
+        assert drift["cnnpipe_drift_window_images"] == 12 and len(drift) == 6
+        tested = json.loads((repo / "models/drift_reference.json").read_text())["images"]
+        report = run("cnnpipe", "monitor", "captured").splitlines()
+        assert (
+            report[0]
+            == f"cnnpipe-parts version 1: 12 sampled captures against {tested} test images"
+        )
+        assert all(line.endswith("too few images to tell (under 500)") for line in report[1:6])
 
         # A person labels each captured image with its class, through the review page's API.
         review = Review(repo / "captured", repo / "data" / "labelled")
