@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, folder_over_http, make_archive
+from tests.helpers import CONF, TINY, folder_over_http, make_archive
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def project(tmp_path: Path, data_dir: Path, monkeypatch) -> tuple[Path, list[str
     from cnnpipe.base.config import compose_params
 
     repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "conf", repo / "conf")
+    shutil.copytree(CONF, repo / "conf")
     monkeypatch.chdir(repo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)

@@ -1,6 +1,7 @@
 """Helpers the tests share: tiny CIFAR-10 archives in the official layout, small ONNX models,
 free ports, composed configs. Fixtures are in conftest.py."""
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
@@ -37,6 +39,18 @@ from cnnpipe.training import build
 from cnnpipe.training.classifier import untrained
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped_conf(dest: Path) -> Path:
+    """conf/ as committed, copied into `dest`: without this machine's git-ignored conf/local/,
+    which no test may read."""
+    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    return dest / "conf"
+
+
+# What the tests compose: one copy per test process.
+CONF = shipped_conf(Path(tempfile.mkdtemp(prefix="cnnpipe-conf-")))
+atexit.register(shutil.rmtree, CONF.parent, ignore_errors=True)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -72,7 +86,7 @@ SEARCH = [
 ]  # fmt: skip
 
 
-def composed(*overrides: str, conf_dir: Path = ROOT / "conf") -> DictConfig:
+def composed(*overrides: str, conf_dir: Path = CONF) -> DictConfig:
     """conf/ composed with `overrides`, as `cnnpipe params` writes it."""
     return OmegaConf.create(compose_params(list(overrides), conf_dir=conf_dir))
 

@@ -4,13 +4,11 @@ import pytest
 
 from cnnpipe.base.config import compose_params
 from cnnpipe.cli import COMMANDS, main
-from tests.helpers import ROOT, cnnpipe
+from tests.helpers import CONF, cnnpipe
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    params = compose_params(
-        ["data.source=/nonexistent/cifar-10-python.tar.gz"], conf_dir=ROOT / "conf"
-    )
+    params = compose_params(["data.source=/nonexistent/cifar-10-python.tar.gz"], conf_dir=CONF)
     (tmp_path / "params.yaml").write_text(params)
     result = cnnpipe("prepare", cwd=tmp_path)
     assert result.returncode == 1
@@ -22,7 +20,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_missing_checkpoint_names_the_stage_to_run(tmp_path):
-    (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
+    (tmp_path / "params.yaml").write_text(compose_params(conf_dir=CONF))
     result = cnnpipe("export", cwd=tmp_path)
     assert result.returncode == 1
     # The stage opens the training's MLflow run first: that is what is missing before training.
@@ -38,7 +36,7 @@ def test_unknown_command_prints_usage(tmp_path):
 
 
 def test_config_errors_are_one_line(tmp_path):
-    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copytree(CONF, tmp_path / "conf")
     cases = [
         (("params", "trainer.foo=1"), None, "cnnpipe params: error: conf/ has no setting "
          "trainer.foo; see params.yaml for the settings there are"),
@@ -69,7 +67,7 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_training_without_data_names_the_stage_to_run(tmp_path):
-    (tmp_path / "params.yaml").write_text(compose_params(conf_dir=ROOT / "conf"))
+    (tmp_path / "params.yaml").write_text(compose_params(conf_dir=CONF))
     result = cnnpipe("train", cwd=tmp_path)
     assert result.stderr.splitlines()[-1] == (
         "cnnpipe train: error: no prepared data in data/prepared; run `dvc repro prepare`"

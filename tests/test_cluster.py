@@ -337,9 +337,9 @@ def team_pipeline(team_server, tmp_path_factory):
     repo = tmp / "repo"
     copy_repo(repo)
     with helpers.folder_over_http(tmp / "www") as www:
-        (repo / "conf" / "local").mkdir()
-        (repo / "conf" / "local" / "default.yaml").write_text(
-            f"data:\n  source: {www}/cifar-10-python.tar.gz\n  md5: {md5}\n"
+        (repo / "conf" / "local" / "data").mkdir(parents=True)
+        (repo / "conf" / "local" / "data" / "cifar10.yaml").write_text(
+            f"source: {www}/cifar-10-python.tar.gz\nmd5: {md5}\n"
         )
         # No bucket credentials here: the clients reach the bucket through the server.
         pipeline = TeamPipeline(repo, {**repo_env(repo), "MLFLOW_TRACKING_URI": team_server}, "")

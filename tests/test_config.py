@@ -1,24 +1,24 @@
-import shutil
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
 from cnnpipe import PipelineError
 from cnnpipe.base.config import compose_params
-from tests.helpers import ROOT
+from tests.helpers import CONF, ROOT, shipped_conf
 
 
-def shipped_conf(dest: Path) -> Path:
-    """conf/ as committed: without this machine's conf/local/."""
-    shutil.copytree(ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
-    return dest / "conf"
+def committed(name: str) -> str:
+    """`name` as the last commit has it: the working tree's may be regenerated from this
+    machine's conf/local/ (docs/pipeline.md, Offline)."""
+    return subprocess.run(
+        ["git", "show", f"HEAD:{name}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
 
 
-def test_params_yaml_is_the_composed_default(tmp_path):
-    committed = (ROOT / "params.yaml").read_text()
-    assert committed == compose_params(conf_dir=shipped_conf(tmp_path)), (
+def test_params_yaml_is_the_composed_default():
+    assert committed("params.yaml") == compose_params(conf_dir=CONF), (
         "params.yaml drifted from conf/: run `make params` and commit it"
     )
 
@@ -26,13 +26,44 @@ def test_params_yaml_is_the_composed_default(tmp_path):
 def test_local_settings_go_over_everything_but_the_command_line(tmp_path):
     conf = shipped_conf(tmp_path)
     (conf / "local").mkdir()
-    md5 = "5912d72513c2fa989e976f23c36e7bc6"
-    local = f"data:\n  source: /archives/cifar-10-python.tar.gz\n  md5: {md5}\nseed: 7\n"
-    (conf / "local" / "default.yaml").write_text(local)
+    (conf / "local" / "default.yaml").write_text("seed: 7\nloader:\n  batch_size: 64\n")
     cfg = OmegaConf.create(compose_params(["seed=3"], conf_dir=conf))
-    assert cfg.data.source == "/archives/cifar-10-python.tar.gz" and cfg.data.md5 == md5
-    assert cfg.seed == 3
-    assert cfg.data.timeout_s == 60, "the rest of the node stays"
+    assert (cfg.seed, cfg.loader.batch_size) == (3, 64)
+
+
+def test_a_local_archive_is_cifar10s_alone(tmp_path):
+    """docs/pipeline.md's offline setting applies to data=cifar10, and a folder run never
+    inherits its source or md5."""
+    conf = shipped_conf(tmp_path)
+    (conf / "local" / "data").mkdir(parents=True)
+    md5 = "5912d72513c2fa989e976f23c36e7bc6"
+    local = f"source: /archives/cifar-10-python.tar.gz\nmd5: {md5}\n"
+    (conf / "local" / "data" / "cifar10.yaml").write_text(local)
+    cifar = OmegaConf.create(compose_params([], conf_dir=conf)).data
+    assert (cifar.source, cifar.md5) == ("/archives/cifar-10-python.tar.gz", md5)
+    assert cifar.timeout_s == 60, "the rest of the node stays"
+    folder = OmegaConf.create(compose_params(["data=folder"], conf_dir=conf)).data
+    shipped = OmegaConf.create(compose_params(["data=folder"], conf_dir=CONF)).data
+    assert folder == shipped
+    assert folder.md5 is None and folder.source != cifar.source
+    with_source = ["data=folder", "data.source=/tmp/digits.zip"]
+    assert OmegaConf.create(compose_params(with_source, conf_dir=conf)).data.source == (
+        "/tmp/digits.zip"
+    )
+
+
+def test_an_archive_set_for_every_data_choice_is_refused_in_one_line(tmp_path):
+    conf = shipped_conf(tmp_path)
+    (conf / "local").mkdir()
+    local = "data:\n  source: /a/cifar-10-python.tar.gz\n  md5: 5912d72513c2fa989e976f23c36e7bc6\n"
+    (conf / "local" / "default.yaml").write_text(local)
+    with pytest.raises(PipelineError) as error:
+        compose_params(["data=folder"], conf_dir=conf)
+    assert str(error.value) == (
+        f"{conf}/local/default.yaml sets data.source or data.md5 for every data choice; move "
+        "them, without `data:`, to conf/local/data/cifar10.yaml (or the choice they belong to) "
+        "(docs/pipeline.md, Offline)"
+    )
 
 
 def test_a_data_choice_in_local_settings_outlives_other_overrides(tmp_path):
@@ -62,16 +93,14 @@ def test_gitignore_keeps_local_settings_out_of_git():
 
 
 def test_overrides_compose_into_params():
-    cfg = OmegaConf.create(
-        compose_params(["trainer.max_epochs=3", "optim.lr=0.01"], conf_dir=ROOT / "conf")
-    )
+    cfg = OmegaConf.create(compose_params(["trainer.max_epochs=3", "optim.lr=0.01"], conf_dir=CONF))
     assert cfg.trainer.max_epochs == 3
     assert cfg.optim.lr == 0.01
     assert cfg.model._target_ == "cnnpipe.training.models.ChapterCNN"
 
 
 def test_default_points_at_the_official_archive():
-    cfg = OmegaConf.load(ROOT / "params.yaml")
+    cfg = OmegaConf.create(committed("params.yaml"))
     assert cfg.data.source == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     assert cfg.data.md5 == "c58f30108f718f92721af3b95e74349a"
 
@@ -82,12 +111,12 @@ def test_dvc_composes_params_through_hydra():
 
 
 def test_an_unknown_choice_of_every_group_names_the_group_and_its_options():
-    for group in sorted(p.name for p in (ROOT / "conf").iterdir() if p.is_dir()):
+    for group in sorted(p.name for p in CONF.iterdir() if p.is_dir()):
         if group in ("hydra", "local"):
             continue
-        options = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         with pytest.raises(PipelineError) as error:
-            compose_params([f"{group}=does_not_exist"], conf_dir=ROOT / "conf")
+            compose_params([f"{group}=does_not_exist"], conf_dir=CONF)
         assert str(error.value) == (
             f"conf/{group} has no does_not_exist; choose one of: {', '.join(options)}"
         )
@@ -104,4 +133,33 @@ def test_an_unknown_choice_is_left_to_hydra_outside_cnnpipe_and_for_optional_gro
     with initialize_config_dir(str(tmp_path), version_base=None), refused:
         compose(config_name="config", overrides=["model=big"])
     # cnnpipe's optional conf/local/default.yaml stays optional: params.yaml has no mark.
-    assert "unknown_choice" not in compose_params(conf_dir=ROOT / "conf")
+    assert "unknown_choice" not in compose_params(conf_dir=CONF)
+
+
+@pytest.mark.slow
+def test_the_tests_pass_with_this_machines_offline_setting_in_place(tmp_path):
+    """The tests are hermetic: a copy of the repository with conf/local/ and a params.yaml
+    regenerated from it passes the tests that once read them."""
+    from tests.helpers import copy_repo, repo_env
+
+    copy_repo(tmp_path)
+    env = repo_env(tmp_path)
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run(["git", *command], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "conf" / "local" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "local" / "default.yaml").write_text("seed: 7\n")
+    (tmp_path / "conf" / "local" / "data" / "cifar10.yaml").write_text(
+        "source: /archives/cifar-10-python.tar.gz\nmd5: 5912d72513c2fa989e976f23c36e7bc6\n"
+    )
+    subprocess.run(["cnnpipe", "params"], cwd=tmp_path, env=env, check=True)
+    assert "/archives/cifar-10-python.tar.gz" in (tmp_path / "params.yaml").read_text()
+    tests = [
+        "tests/test_config.py",
+        "tests/test_prepare_folder.py::test_an_archive_member_pointing_outside_is_refused",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

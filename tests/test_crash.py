@@ -13,7 +13,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cnnpipe.base.config import compose_params, output_roots
-from tests.helpers import ROOT, TINY, cnnpipe, make_archive, store
+from tests.helpers import CONF, ROOT, TINY, cnnpipe, make_archive, store
 
 STAGES = [
     "prepare", "train", "evaluate", "params-report", "export", "parity", "promote", "quantize",
@@ -43,7 +43,7 @@ cli.main(sys.argv[1:])
 def finished(tmp_path_factory) -> Path:
     """A folder where every stage has run once on tiny data, as `dvc repro` would run them."""
     repo = tmp_path_factory.mktemp("finished") / "repo"
-    shutil.copytree(ROOT / "conf", repo / "conf")
+    shutil.copytree(CONF, repo / "conf")
     md5 = make_archive(repo.parent / "cifar-10-python.tar.gz")
     overrides = [
         f"data.source={repo.parent / 'cifar-10-python.tar.gz'}", f"data.md5={md5}", *TINY,

@@ -87,9 +87,9 @@ def pipeline(tmp_path_factory):
         pipeline = Pipeline(repo, repo_env(repo), "", "", tmp)
         # The archive's place as an offline user gives it, once: `cnnpipe params`, `dvc exp
         # run -S` and queued experiments must all keep it.
-        local = f"data:\n  source: {base}/cifar-10-python.tar.gz\n  md5: {md5}\n"
-        (repo / "conf/local").mkdir()
-        (repo / "conf/local/default.yaml").write_text(local)
+        local = f"source: {base}/cifar-10-python.tar.gz\nmd5: {md5}\n"
+        (repo / "conf/local/data").mkdir(parents=True)
+        (repo / "conf/local/data/cifar10.yaml").write_text(local)
         pipeline.run("cnnpipe", "params", *OVERRIDES)
         pipeline.run("git", "init", "-q")
         pipeline.run("git", "add", "-A")

@@ -64,7 +64,7 @@ def test_unreachable_host_says_how_to_use_a_local_copy(tmp_path, http_server):
     base, _ = http_server
     with pytest.raises(
         PipelineError,
-        match="data.source and data.md5 at an archive on disk in conf/local/default.yaml",
+        match="Point source and md5 at an archive on disk in conf/local/data/cifar10.yaml",
     ) as error:
         fetch(f"{base}/missing.tar.gz", "0" * 32, tmp_path / "data" / "x")
     assert "\n" not in str(error.value)

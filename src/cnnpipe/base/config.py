@@ -22,6 +22,7 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
     """The composed configuration as YAML, written exactly as `dvc exp run` writes params.yaml."""
     if not (conf_dir / "config.yaml").is_file():
         raise PipelineError(f"no {conf_dir / 'config.yaml'}; run this in the repository root")
+    check_local(conf_dir / "local" / "default.yaml")
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -37,6 +38,28 @@ def compose_params(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> str:
         raise PipelineError(problem)
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
+
+
+def check_local(path: Path) -> None:
+    """Refuse an archive set for every data choice in `path`: a folder run would take CIFAR-10's
+    archive as its source, and fail on its md5 at best."""
+    if not path.is_file():
+        return
+    try:
+        local = OmegaConf.load(path)
+    except (yaml.YAMLError, ValueError):
+        return  # Hydra says what is wrong with the file when it composes it
+    data = local.get("data") if isinstance(local, DictConfig) else None
+    if not isinstance(data, DictConfig):
+        return
+    # A file that also chooses the data (`override /data: folder`) sets that choice's source.
+    chosen = any("/data" in str(d) for d in local.get("defaults", []))
+    if not chosen and {"source", "md5"} & set(data):
+        raise PipelineError(
+            f"{path} sets data.source or data.md5 for every data choice; move them, without "
+            "`data:`, to conf/local/data/cifar10.yaml (or the choice they belong to) "
+            "(docs/pipeline.md, Offline)"
+        )
 
 
 def outputs_under(cfg: DictConfig, folder: str | Path) -> DictConfig:

@@ -47,8 +47,8 @@ def download(url: str, dest: Path, timeout_s: float) -> str:
                 f"{url} sent nothing for {timeout_s:g} s; try again later or raise data.timeout_s"
             ) from None
         raise PipelineError(
-            f"cannot read {url} ({reason}). Offline? Point data.source and data.md5 at an "
-            "archive on disk in conf/local/default.yaml, then run `cnnpipe params` "
+            f"cannot read {url} ({reason}). Offline? Point source and md5 at an archive on "
+            "disk in conf/local/data/cifar10.yaml, then run `cnnpipe params` "
             "(docs/pipeline.md, Offline)"
         ) from None
     if size is not None and dest.stat().st_size != size:
