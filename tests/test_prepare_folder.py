@@ -3,6 +3,8 @@ incremental re-decode, and one clear line for each kind of bad data."""
 
 import hashlib
 import io
+import shutil
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -338,3 +340,48 @@ def test_the_manifest_names_every_file(tmp_path):
     assert (tmp_path / "out" / MANIFEST).read_text().count('"path"') == 9
     assert (tmp_path / "out" / IMAGES).stat().st_size > 9 * 32 * 32 * 3
     assert prepared.manifest.class_counts() == dict.fromkeys(CLASSES, 3)
+
+
+def test_an_image_size_past_the_bound_is_refused_by_the_schema():
+    from cnnpipe.base.schema import validate
+
+    with pytest.raises(PipelineError) as error:
+        validate(folder_config(Path("/data/parts"), "data.image_size=100000"))
+    assert str(error.value) == "data.image_size=100000 must be <= 1024"
+
+
+def test_arrays_that_would_not_fit_on_the_disk_are_refused_before_decoding(tmp_path):
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    make_image_folder(src, CLASSES, per_class=4)  # 12 images
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)])
+    if mounted.returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        free = shutil.disk_usage(disk).free
+        with pytest.raises(PipelineError) as error:
+            run_prepare(src, disk / "out", "data.image_size=200")
+        needed = 12 * 200 * 200 * 3
+        assert str(error.value) == (
+            f"12 images at data.image_size=200 take {needed / 1e6:.1f} MB as arrays, and the disk "
+            f"of {disk} has {free / 1e6:.1f} MB free; free space there, or lower data.image_size"
+        )
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_decode_that_would_not_fit_in_memory_is_refused_before_it_starts(tmp_path, monkeypatch):
+    from cnnpipe.data import preparation
+
+    src = tmp_path / "src"
+    make_image_folder(src, CLASSES, per_class=3)
+    monkeypatch.setattr(preparation, "available_memory", lambda: 10_000_000)
+    with pytest.raises(PipelineError) as error:
+        run_prepare(src, tmp_path / "out", "data.image_size=1024")
+    # 9 images in one task, held by its worker and on the way back, and a block of 9 rows copied.
+    needed = (2 * 9 + 9) * 1024 * 1024 * 3
+    assert str(error.value) == (
+        f"decoding 9 images at data.image_size=1024 needs about {needed / 1e6:.1f} MB of memory, "
+        "and 10.0 MB is available; lower data.image_size"
+    )

@@ -155,6 +155,9 @@ POSITIVE = [
 NOT_NEGATIVE = [
     "data.crop_padding", "optim.weight_decay", "quantize.max_accuracy_drop", "quantize.min_speedup",
 ]  # fmt: skip
+# The largest data.image_size: a 1024x1024 image is 3 MB a row of the prepared arrays, and the
+# chapter's network on it has 258 million parameters.
+MAX_IMAGE_SIZE = 1024
 # The test-time views by name (cnnpipe.training.inference.tta_views); each costs a pass of the
 # network.
 TTA_VIEWS = (
@@ -288,6 +291,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     for key in NOT_NEGATIVE:
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key}={OmegaConf.select(cfg, key)} must be >= 0")
+    if cfg.data.image_size > MAX_IMAGE_SIZE:
+        problems.append(f"data.image_size={cfg.data.image_size} must be <= {MAX_IMAGE_SIZE}")
     if not 0 < cfg.promote.alpha < 1:
         problems.append(f"promote.alpha={cfg.promote.alpha} must be between 0 and 1")
     if not 0 < cfg.optim.pct_start < 1:

@@ -14,8 +14,12 @@ from cnnpipe.data.folder import Entry
 from cnnpipe.data.images import decode
 from cnnpipe.data.prepared import Prepared
 
-# Files per task: large enough that a worker's answer outweighs the cost of sending it.
+# Files per task: large enough that a worker's answer outweighs the cost of sending it, small
+# enough that a task's images stay within CHUNK_BYTES.
 CHUNK = 64
+CHUNK_BYTES = 64 << 20
+# Rows copied at once from one array into another.
+BLOCK_BYTES = 256 << 20
 
 
 @dataclass
@@ -29,6 +33,25 @@ class Decoded:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def row_bytes(size: int) -> int:
+    return size * size * 3
+
+
+def chunk_files(size: int) -> int:
+    return max(1, min(CHUNK, CHUNK_BYTES // row_bytes(size)))
+
+
+def block_rows(size: int) -> int:
+    return max(1, BLOCK_BYTES // row_bytes(size))
+
+
+def footprint(images: int, size: int, workers: int) -> tuple[int, int]:
+    """(memory, disk) in bytes that preparing `images` at `size` needs: each worker's task of
+    images and its copy on the way back, and a block of rows being copied; the arrays on disk."""
+    task, block = min(chunk_files(size), images), min(block_rows(size), images)
+    return (2 * workers * task + block) * row_bytes(size), images * row_bytes(size)
 
 
 def decode_chunk(
@@ -74,14 +97,16 @@ def decode_entries(
     digests: list[str | None] = [None] * len(entries)
     if reuse:
         pairs = sorted(reuse.items(), key=lambda p: p[1])
-        for start in range(0, len(pairs), 4096):
-            part = pairs[start : start + 4096]
+        block = block_rows(size)
+        for start in range(0, len(pairs), block):
+            part = pairs[start : start + block]
             out[[i for i, _ in part]] = previous.images.take(np.array([r for _, r in part]))
         for i, row in reuse.items():
             digests[i] = previous.manifest.files[row]["sha256"]
     todo = [i for i in range(len(entries)) if i not in reuse]
     errors: dict[int, str] = {}
-    chunks = [todo[k : k + CHUNK] for k in range(0, len(todo), CHUNK)]
+    chunk = chunk_files(size)
+    chunks = [todo[k : k + chunk] for k in range(0, len(todo), chunk)]
     workers = min(workers or os.cpu_count() or 1, max(len(chunks), 1))
     with (
         ProcessPoolExecutor(workers) as pool,

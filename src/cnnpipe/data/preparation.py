@@ -1,6 +1,7 @@
 """The prepare stage's work: the configured images (CIFAR-10's batch files, or a folder of
 images or an archive of one), decoded once into the prepared arrays every later stage reads."""
 
+import os
 import shutil
 import tempfile
 import time
@@ -8,13 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import psutil
 from omegaconf import DictConfig
 
 from cnnpipe import PipelineError
 from cnnpipe.base.config import dataset_name
 from cnnpipe.base.files import partial_name, swap
 from cnnpipe.data.cifar import ARCHIVE_DIR, BATCH_FILES, read_batches
-from cnnpipe.data.decoding import decode_entries
+from cnnpipe.data.decoding import block_rows, chunk_files, decode_entries, footprint
 from cnnpipe.data.download import as_url, extract, fetch_archive
 from cnnpipe.data.folder import Entry, check_counts, labelled, listing, missing_source, scan
 from cnnpipe.data.prepared import IMAGES, Manifest, Prepared, create_images, write_index
@@ -77,6 +79,7 @@ def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
     root, url = folder_root(data, work)
     classes, entries = scan(root)
     size = data.image_size
+    check_room(work, len(entries), size)
     images = create_images(work / "all", len(entries), size)
     start = time.perf_counter()
     result = decode_entries(root, entries, size, images, previous(dest))
@@ -91,12 +94,50 @@ def prepare_folder(data: DictConfig, work: Path, dest: Path) -> Manifest:
         (work / "all").rename(work / "out")
     else:
         out = create_images(work / "out", len(keep), size)
-        for start in range(0, len(keep), 4096):
-            part = keep[start : start + 4096]
+        block = block_rows(size)
+        for start in range(0, len(keep), block):
+            part = keep[start : start + block]
             out[start : start + len(part)] = images[part]
     files = [{**asdict(entries[i]), "sha256": result.digests[i]} for i in keep]
     skipped = [[entries[i].path, reason] for i, reason in sorted(result.errors.items())]
     return Manifest(dataset_name(data), url, size, classes, files, skipped)
+
+
+def check_room(work: Path, images: int, size: int) -> None:
+    """Refuse, before anything is decoded, a data set whose arrays would not fit on the disk of
+    `work`, or whose decoding would not fit in the memory there is."""
+    workers = min(os.cpu_count() or 1, -(-images // chunk_files(size)))
+    memory, disk = footprint(images, size, workers)
+    what = f"{images:,} images at data.image_size={size}"
+    free = shutil.disk_usage(work).free
+    if disk > free:
+        raise PipelineError(
+            f"{what} take {in_words(disk)} as arrays, and the disk of {work.parent.resolve()} has "
+            f"{in_words(free)} free; free space there, or lower data.image_size"
+        )
+    if memory > (available := available_memory()):
+        raise PipelineError(
+            f"decoding {what} needs about {in_words(memory)} of memory, and "
+            f"{in_words(available)} is available; lower data.image_size"
+        )
+
+
+def available_memory() -> int:
+    """What this process may still take: the system's available memory, or what is left under
+    its cgroup's limit (a container's) where that is less."""
+    available = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def in_words(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
 
 
 def readable(
@@ -155,8 +196,9 @@ def add_labelled(data: DictConfig, work: Path, manifest: Manifest) -> Manifest:
         return manifest
     base = np.load(work / "out" / IMAGES, mmap_mode="r")
     images = create_images(work / "with-labelled", len(base) + len(extra), size)
-    for start in range(0, len(base), 4096):
-        stop = min(start + 4096, len(base))
+    block = block_rows(size)
+    for start in range(0, len(base), block):
+        stop = min(start + block, len(base))
         images[start:stop] = base[start:stop]
     images[len(base) :] = extra
     images.flush()
