@@ -385,6 +385,8 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     link = ui_link(pipeline.info.experiment_id, pipeline.info.run_id, base)
     # train, evaluate, export, parity, promote
     assert team_pipeline.said.count(f"MLflow: {link}\n") == 5
+    # And no link of MLflow's own: they open in its GenAI views, on an empty traces page.
+    assert "View run" not in team_pipeline.said and "View experiment" not in team_pipeline.said
 
     # The artifacts lie in the bucket, byte for byte what the stages wrote.
     stored = bucket_objects(cluster, "mlflow/")

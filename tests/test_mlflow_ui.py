@@ -70,6 +70,13 @@ def test_runs_read_named_charted_on_epochs_and_compared_by_their_real_difference
         # Without the link's ask, the same page opens in MLflow's GenAI views.
         seen = as_a_newcomer(link.split("?")[0], pipeline.info.run_name)
         assert "Evaluation runs" in seen["links"] and "Models" not in seen["links"]
+        # The registered version as docs/tracking.md links it: in Model training views. MLflow's
+        # own link to it, on the run's page, lacks the ask and opens the GenAI views.
+        version = f"{base}/#/models/cnnpipe-cifar10/versions/1"
+        seen = as_a_newcomer(f"{version}?{MODEL_TRAINING}", pipeline.info.run_name)
+        assert "Model registry" in seen["links"] and "Prompts" not in seen["links"]
+        seen = as_a_newcomer(version, pipeline.info.run_name)
+        assert "Prompts" in seen["links"] and "Model registry" not in seen["links"]
 
         with browser() as page:
             names = open_runs(page, base, experiment)

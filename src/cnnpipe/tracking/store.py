@@ -17,11 +17,14 @@ from cnnpipe import PipelineError
 
 def quiet_mlflow() -> None:
     """MLflow's INFO lines (database migrations, the system metrics thread) say nothing to a
-    person, and its database module logs a traceback for each error that store_errors() reports
-    in a line."""
+    person, its database module logs a traceback for each error that store_errors() reports in a
+    line, and its links lead astray."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # With a server, MLflow prints its own "View run" and "View experiment" links, which open
+    # in its GenAI views on an empty traces page; cnnpipe prints its own (ui_hint).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def repo_root() -> Path:
