@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -98,14 +99,19 @@ def team_server(cluster, tmp_path_factory):
     """`mlflow server` as docs/scale-out.md runs it for a team: runs and the registry in
     PostgreSQL, artifacts in the cluster's S3 bucket. Only the server has the bucket's
     credentials: clients send and fetch artifacts through it."""
-    database = cluster.create_database("mlflow")
-    port = free_port()
+    commands = docs_commands("A shared MLflow server")
+    pg, port = str(cluster.state["pg_port"]), free_port()
+    created = [line for line in commands if line.startswith("createdb")]
+    assert [line.split()[-1] for line in created] == ["mlflow", "optuna"]
+    for line in created:
+        subprocess.run(shlex.split(line.replace("PORT", pg)), check=True, capture_output=True)
+    (line,) = [line for line in commands if line.startswith("mlflow server")]
+    line = line.replace("127.0.0.1:PORT", f"127.0.0.1:{pg}").replace("5000", str(port))
+    assert f"s3://{BUCKET}/mlflow" in line
     log = tmp_path_factory.mktemp("mlflow-server") / "mlflow-server.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", database,
-             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "2"],
+            [str(BIN / "mlflow"), *shlex.split(line)[1:]],
             stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **cluster.s3_env},
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -117,6 +123,15 @@ def team_server(cluster, tmp_path_factory):
     yield base
     server.terminate()
     server.wait(timeout=60)
+
+
+def docs_commands(section: str) -> list[str]:
+    """The command lines of the first bash block under `## section` in docs/scale-out.md, as
+    a reader copies them: continued lines joined, comments dropped."""
+    text = (ROOT / "docs" / "scale-out.md").read_text().split(f"\n## {section}\n")[1]
+    block = text.split("\n## ")[0].split("```bash\n")[1].split("```")[0]
+    lines = [re.sub(r"(^|\s+)#.*$", "", line) for line in block.replace("\\\n", " ").split("\n")]
+    return [" ".join(line.split()) for line in lines if line.strip()]
 
 
 def bucket_objects(cluster, prefix: str) -> dict[str, bytes]:
@@ -247,7 +262,7 @@ def test_a_search_on_slurm_shares_a_postgresql_study_and_continues_after_a_kill(
 ):
     repo, tiny = project
     base = team_server
-    storage = cluster.create_database("optuna")
+    storage = f"{cluster.postgres_url}/optuna"  # made by the docs' createdb (team_server)
     env = {**cluster.env, "MLFLOW_TRACKING_URI": base}
     started = repo / "started"
     args = [

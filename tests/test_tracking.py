@@ -413,3 +413,20 @@ def test_a_locked_store_fails_in_one_line_after_mlflows_wait(project):
         lock.close()
     one_line_store_error(result, f"sqlite:///{repo / 'mlflow.db'}", "locked by another process")
     assert not (repo / "models").exists()
+
+
+def test_a_store_that_takes_no_artifacts_fails_the_stage_before_it_trains(project):
+    """The stage uploads a small file first: an artifact location that cannot be written is one
+    line at once, not an error after the training, and the run reads FAILED."""
+    repo, _ = project
+    blocker = repo / "a-file"
+    blocker.write_text("artifacts cannot go under a file\n")
+    store(repo).create_experiment("cnnpipe", artifact_location=(blocker / "artifacts").as_uri())
+    with pytest.raises(SystemExit) as exit_:
+        stage("train")
+    said = str(exit_.value.code)
+    assert said.startswith(f"cnnpipe train: error: MLflow store sqlite:///{repo}/mlflow.db: ")
+    assert "Not a directory" in said and "\n" not in said
+    assert not (repo / "models" / "model.ckpt").exists(), "nothing trained"
+    (run,) = store(repo).search_runs([store(repo).get_experiment_by_name("cnnpipe").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["cnnpipe.failed_stage"] == "train"

@@ -17,6 +17,7 @@ from cnnpipe.base import processes
 from cnnpipe.base.config import network_name, output_roots
 from cnnpipe.base.files import atomic_path, remove_leftovers
 from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
+from cnnpipe.tracking.probe import check_artifacts
 from cnnpipe.tracking.store import store_errors, ui_hint, use_experiment
 
 # What a person needs to follow a run, beside MLflow's own tags.
@@ -171,6 +172,7 @@ def stage_run(
     # From here on the run is ours to end: whatever fails ends it FAILED (MLflow's exit hook
     # would end a run left open FINISHED).
     try:
+        check_artifacts(run.info.artifact_uri)
         with store_errors():
             for key in (FAILED_STAGE, ERROR):
                 if key in run.data.tags:
