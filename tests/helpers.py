@@ -395,3 +395,15 @@ def samples(url: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def fault_lines(what: str) -> list[re.Pattern]:
+    """The lines that docs/scale-out.md's table of faults quotes for the fault `what` (its first
+    cell), as patterns in which `...` stands for anything: the tests that produce each fault
+    match what they read against them."""
+    for row in (ROOT / "docs" / "scale-out.md").read_text().splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if row.startswith("|") and cells[0] == what:
+            quoted = re.findall(r"`([^`]+)`", cells[1])
+            return [re.compile(".*".join(map(re.escape, q.split("...")))) for q in quoted]
+    raise KeyError(f"docs/scale-out.md has no fault {what!r}")

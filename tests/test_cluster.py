@@ -28,6 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cnnpipe.base.localhost import free_port, wait_for_http, wait_until
 from cnnpipe.serving.onnx_model import OnnxModel
+from cnnpipe.tracking.probe import SERVER_LOG
+from cnnpipe.tracking.stage_run import ERROR
 from cnnpipe.tracking.store import ui_link
 from cnnpipe.training.fit import HISTORY_KEYS
 from tests import helpers
@@ -36,8 +38,10 @@ from tests.helpers import (
     SEARCH,
     compose_for,
     copy_repo,
+    fault_lines,
     make_archive,
     repo_env,
+    store,
     trained_params,
 )
 from tests.mlflow_ui import artifact_as_a_newcomer
@@ -528,7 +532,10 @@ def test_a_teammate_pulls_the_outputs_from_a_dvc_remote_in_the_bucket(
         )  # fmt: skip
         assert cut.returncode != 0
         assert "Traceback" not in cut.stderr
-        assert "failed to push data to the cloud" in cut.stderr, cut.stderr[-2000:]
+        errors = [line for line in cut.stderr.splitlines() if line.startswith("ERROR")]
+        each, then = fault_lines("The gateway stops during `dvc push`")
+        assert errors and all(each.fullmatch(line) for line in errors[:-1]), cut.stderr[-2000:]
+        assert then.fullmatch(errors[-1]), cut.stderr[-2000:]
     finally:
         cluster.start_s3()
     # ... and the next push completes it.
@@ -555,39 +562,142 @@ def test_a_teammate_pulls_the_outputs_from_a_dvc_remote_in_the_bucket(
     assert "didn't change" in again or "up to date" in again, again
 
 
-def test_wrong_credentials_and_a_missing_bucket_each_end_in_one_line(team_pipeline, cluster):
+def test_wrong_credentials_a_missing_bucket_and_a_gateway_down_each_end_in_one_line(
+    team_pipeline, cluster
+):
     before = bucket_objects(cluster, "")
     set_remote(team_pipeline, cluster, "wrong-key", f"s3://{BUCKET}/dvc", secret="not-the-key")
     set_remote(team_pipeline, cluster, "no-bucket", "s3://no-such-bucket/dvc")
-    for remote, says in (("wrong-key", "Forbidden"), ("no-bucket", "bucket does not exist")):
-        result = team_pipeline.run("dvc", "push", "-r", remote, ok=False)
+    set_remote(team_pipeline, cluster, "down", f"s3://{BUCKET}/dvc")
+    faults = {
+        "wrong-key": "Wrong credentials for the DVC remote",
+        "no-bucket": "A DVC remote's bucket that does not exist",
+        "down": "The gateway down before `dvc push`",
+    }
+    for remote, fault in faults.items():
+        if remote == "down":
+            cluster.stop_s3()
+        try:
+            result = team_pipeline.run("dvc", "push", "-r", remote, ok=False)
+        finally:
+            if remote == "down":
+                cluster.start_s3()
         assert result.returncode != 0
         errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
-        assert "Traceback" not in result.stderr and errors and says in errors[0], result.stderr
+        assert "Traceback" not in result.stderr and errors, result.stderr
+        (line,) = fault_lines(fault)
+        assert line.fullmatch(errors[0]), errors[0]
     assert bucket_objects(cluster, "") == before, "nothing written, nothing lost"
     buckets = [b["Name"] for b in cluster.s3_client().list_buckets()["Buckets"]]
     assert buckets == [BUCKET], "no bucket made by a push"
 
 
-def test_a_stage_that_logs_while_the_gateway_is_down_keeps_its_outputs_and_does_not_finish(
-    team_server, team_pipeline, cluster
-):
+def test_a_gateway_down_before_a_stage_is_one_line_in_seconds(team_server, team_pipeline, cluster):
+    """The stage's test upload fails at once: nothing is trained, and only the server can tell
+    why, so the line says what to look for in its log."""
     repo = team_pipeline.repo
-    checkpoint = (repo / "models" / "model.ckpt").read_bytes()
-    (finished,) = experiment_runs(team_server, "team-pipeline")
+    outputs = {p: (repo / p).read_bytes() for p in ("models/model.ckpt", "plots/train_history.csv")}
     team_pipeline.run("cnnpipe", "params", *TEAM_TINY, "trainer.max_epochs=2")
     cluster.stop_s3()
     try:
-        # MLflow retries a failed upload for about 4 minutes by default; once is enough here.
-        retries = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
-        result = team_pipeline.run("dvc", "repro", "train", ok=False, **retries)
+        start = time.monotonic()
+        result = team_pipeline.run("dvc", "repro", "train", ok=False)  # MLflow's own retries
+        seconds = time.monotonic() - start
     finally:
         cluster.start_s3()
+        team_pipeline.run("cnnpipe", "params", *TEAM_TINY)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert (
-        f"cnnpipe train: error: MLflow store {team_server}: the server cannot store artifacts"
-        in result.stderr
-    ), result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if line.startswith("cnnpipe train:")]
+    assert said == [
+        f"cnnpipe train: error: MLflow store {team_server}: the server cannot store artifacts (a "
+        f"test upload failed; it answers): {SERVER_LOG}"
+    ], result.stderr[-2000:]
+    fault = (
+        "The server's bucket down, missing or refusing the server's credentials when a stage starts"
+    )
+    assert fault_lines(fault)[0].fullmatch(said[0])
+    assert seconds < 90, f"{seconds:.0f} s: MLflow's five minutes of retries came first"
+    assert {p: (repo / p).read_bytes() for p in outputs} == outputs, "nothing trained"
+
+
+CLIENT_FAULTS = {
+    "no-bucket": "A bucket that a client writes to itself (an experiment whose artifact location "
+    "is `s3://...`) does not exist",
+    "wrong-secret": "... refuses the client's credentials",
+    "gateway-down": "... does not answer",
+}
+
+
+@pytest.mark.parametrize(
+    "case, env, says",
+    [
+        ("no-bucket", {}, "the bucket no-such-bucket does not exist; create it, or fix the "
+         "artifact location"),
+        ("wrong-secret", {"AWS_SECRET_ACCESS_KEY": "not-the-key"}, "the bucket cnnpipe refuses "
+         "these credentials; fix AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ("gateway-down", {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:PORT"}, "the bucket's "
+         "endpoint http://127.0.0.1:PORT does not answer; start it, or fix the URL"),
+    ],
+)  # fmt: skip
+def test_a_bucket_the_client_writes_to_says_which_fault_in_one_line(
+    cluster, project, case, env, says
+):
+    """Without a server in between, the client sees the bucket's own answer."""
+    repo, _ = project
+    bucket = "no-such-bucket" if case == "no-bucket" else BUCKET
+    store(repo).create_experiment("cnnpipe", artifact_location=f"s3://{bucket}/{case}")
+    port = str(free_port())
+    env = {k: v.replace("PORT", port) for k, v in {**cluster.s3_env, **env}.items()}
+    start = time.monotonic()
+    result = helpers.cnnpipe("train", cwd=repo, env={**env, "DVC_ROOT": str(repo)})
+    assert time.monotonic() - start < 90
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    says = says.replace("PORT", port)
+    assert result.stderr.splitlines()[-1] == (
+        f"cnnpipe train: error: MLflow store sqlite:///{repo}/mlflow.db: {says}"
+    )
+    (line,) = fault_lines(CLIENT_FAULTS[case])
+    assert line.fullmatch(result.stderr.splitlines()[-1])
+    assert not (repo / "models" / "model.ckpt").exists()
+
+
+def test_a_stage_that_logs_while_the_gateway_is_down_keeps_its_outputs_and_does_not_finish(
+    team_server, team_pipeline, cluster, tmp_path
+):
+    """The gateway stops after the stage's test upload, while it trains: today's line at the
+    end, its outputs kept, its run FAILED."""
+    repo = team_pipeline.repo
+    checkpoint = (repo / "models" / "model.ckpt").read_bytes()
+    runs = experiment_runs(team_server, "team-pipeline")
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (finished,) = [r for r in top if r.info.status == "FINISHED"]
+    started = tmp_path / "started"
+    hold = [
+        "+callbacks.hold._target_=tests.helpers.Rendezvous",
+        f"+callbacks.hold.folder={started}",
+    ]
+    team_pipeline.run("cnnpipe", "params", *TEAM_TINY, "trainer.max_epochs=2", *hold)
+    # MLflow retries a failed upload for about 4 minutes by default; once is enough here.
+    env = {**team_pipeline.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo}"}  # fmt: skip
+    stage = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_until(
+            "the training to start", lambda: started.is_dir() and any(started.iterdir()), 120
+        )
+        cluster.stop_s3()
+        (started / "test").touch()  # the training goes on
+        _, stderr = stage.communicate(timeout=600)
+    finally:
+        stage.kill()
+        cluster.start_s3()
+        team_pipeline.run("cnnpipe", "params", *TEAM_TINY)
+    assert stage.returncode != 0 and "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("cnnpipe train:")]
+    assert line.startswith(f"cnnpipe train: error: MLflow store {team_server}: "), line
+    (documented,) = fault_lines("The server's bucket stops while a stage works")
+    assert documented.fullmatch(line), line
     # The new training is kept (its checkpoint and its two epochs), the finished run is as it
     # was, and the new run reads FAILED.
     assert (repo / "models" / "model.ckpt").read_bytes() != checkpoint
@@ -595,9 +705,11 @@ def test_a_stage_that_logs_while_the_gateway_is_down_keeps_its_outputs_and_does_
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
     runs = {r.info.run_id: r for r in experiment_runs(team_server, "team-pipeline")}
     assert runs[finished.info.run_id].info.status == "FINISHED"
-    (new,) = [r for r in runs.values() if r.info.run_id != finished.info.run_id
+    others = [r for r in runs.values() if r.info.run_id != finished.info.run_id
               and "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
-    assert new.info.status == "FAILED"
+    assert {r.info.status for r in others} == {"FAILED"}
+    errors = [r.data.tags[ERROR] for r in others]
+    assert any("the server cannot store artifacts (it failed" in e for e in errors), errors
 
 
 def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster):

@@ -14,7 +14,7 @@ import mlflow
 from cnnpipe import PipelineError
 from cnnpipe.tracking.store import answers, store_problem
 
-# Where in the run's artifacts the probe goes, and is deleted from.
+# The file the probe puts among the run's artifacts, and deletes.
 PROBE = ".cnnpipe-probe"
 # What the server's log says when only the server can tell.
 SERVER_LOG = (
@@ -46,10 +46,11 @@ def check_artifacts(artifact_uri: str) -> None:
 
     repository = get_artifact_repository(artifact_uri)
     with few_retries(), tempfile.TemporaryDirectory() as tmp:
-        probe = Path(tmp) / "probe.txt"
+        # A file, not a folder: a bucket may keep an emptied folder's name.
+        probe = Path(tmp) / PROBE
         probe.write_text("cnnpipe checks that the store takes artifacts before a stage works\n")
         try:
-            repository.log_artifact(str(probe), PROBE)
+            repository.log_artifact(str(probe))
             with contextlib.suppress(NotImplementedError):
                 repository.delete_artifacts(PROBE)
         # Whatever the artifact store raised (boto3's, MLflow's, the network's, the disk's)
