@@ -96,7 +96,7 @@ BAD_OPTIONS = {
 }
 POSITIONAL = {
     "predict": ["model.onnx", "photo.png"], "serve": ["model.onnx"], "runs": [],
-    "review": ["captured"], "monitor": ["captured"],
+    "review": ["captured"], "monitor": ["captured"], "share": ["--to", "http://127.0.0.1:5000"],
 }  # fmt: skip
 
 

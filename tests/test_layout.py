@@ -27,7 +27,7 @@ ROLES = {
     "stages": [*FLOORS, "serving", "chapter"],
 }
 # The commands that read no params.yaml (they take files or folders).
-NO_PARAMS = ("params", "predict", "serve", "review", "monitor")
+NO_PARAMS = ("params", "predict", "serve", "review", "monitor", "share")
 # What a command line must not import before its arguments and configuration are checked.
 HEAVY = ("torch", "pytorch_lightning", "torchmetrics", "mlflow", "onnx", "optuna")
 

@@ -430,3 +430,42 @@ def test_a_store_that_takes_no_artifacts_fails_the_stage_before_it_trains(projec
     assert not (repo / "models" / "model.ckpt").exists(), "nothing trained"
     (run,) = store(repo).search_runs([store(repo).get_experiment_by_name("cnnpipe").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["cnnpipe.failed_stage"] == "train"
+
+
+def test_runs_shared_to_another_store_are_found_there_by_the_stages(project, monkeypatch, capsys):
+    """`cnnpipe share` copies the runs; with the other store as MLFLOW_TRACKING_URI, a stage
+    finds the copy of the run models/mlflow_run.json records; a store with neither says so."""
+    repo, _ = project
+    stage("train")
+    local, shared = f"sqlite:///{repo}/mlflow.db", f"sqlite:///{repo}/team.db"
+    recorded = json.loads((repo / "models/mlflow_run.json").read_text())
+    assert recorded["store"] == local
+    stage("share", "--to", shared)
+    assert capsys.readouterr().out.strip().endswith(f"to {shared} (0 runs were there already)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)
+    stage("evaluate")
+    team = mlflow_client(shared)
+    (copy,) = team.search_runs([team.get_experiment_by_name("cnnpipe").experiment_id])
+    assert copy.data.tags["cnnpipe.copied_from"] == recorded["run_id"]
+    assert copy.data.tags["cnnpipe.stages_done"].split(",") == ["train", "evaluate"]
+    original = store(repo).get_run(recorded["run_id"])
+    for key in original.data.metrics:
+        history = [m.value for m in store(repo).get_metric_history(recorded["run_id"], key)]
+        assert [m.value for m in team.get_metric_history(copy.info.run_id, key)] == history
+    assert copy.data.params == original.data.params
+    assert json.loads((repo / "models/mlflow_run.json").read_text()) == recorded, "not rewritten"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/empty.db")
+    with pytest.raises(SystemExit) as exit_:
+        stage("evaluate")
+    assert str(exit_.value.code) == (
+        f"cnnpipe evaluate: error: the run {recorded['run_id']} that models/mlflow_run.json "
+        f"records is not in sqlite:///{repo}/empty.db, nor a copy of it: it was logged to "
+        f"{local}; copy it here with `cnnpipe share --from {local} --to "
+        f"sqlite:///{repo}/empty.db`, or train again with `dvc repro -f train`"
+    )
+
+
+def mlflow_client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(uri, registry_uri=uri)

@@ -1,5 +1,5 @@
 """`cnnpipe <command>`: one command per pipeline stage, plus `params`, `predict`, `serve`,
-`review`, `monitor` and `runs`."""
+`review`, `monitor`, `runs` and `share`."""
 
 import errno
 import importlib
@@ -30,6 +30,7 @@ COMMANDS = {
     "review": "cnnpipe.serving.review",
     "monitor": "cnnpipe.serving.monitor",
     "runs": "cnnpipe.experiments.runs",
+    "share": "cnnpipe.experiments.share",
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import RunInfo
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from cnnpipe import PipelineError
@@ -19,6 +20,9 @@ from cnnpipe.base.files import atomic_path, remove_leftovers
 from cnnpipe.tracking.lineage import DIRTY, git_commit, recipe_params, source_tags
 from cnnpipe.tracking.probe import check_artifacts
 from cnnpipe.tracking.store import store_errors, ui_hint, use_experiment
+
+# The tag `cnnpipe share` puts on each copy: the id of the run it was copied from.
+COPIED_FROM = "cnnpipe.copied_from"
 
 # What a person needs to follow a run, beside MLflow's own tags.
 STAGE, FAILED_STAGE, ERROR = "cnnpipe.stage", "cnnpipe.failed_stage", "cnnpipe.error"
@@ -57,8 +61,31 @@ def read_run_id(run_file: Path) -> str:
 
 
 def write_run_file(run_file: Path, run_id: str) -> None:
+    """The run's id, and the store it was logged to: where to copy it from (`cnnpipe share`)."""
     with atomic_path(run_file) as tmp:
-        tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+        tmp.write_text(json.dumps({"run_id": run_id, "store": mlflow.get_tracking_uri()}) + "\n")
+
+
+def located(client: mlflow.MlflowClient, run_file: Path, experiment_id: str) -> str:
+    """The run `run_file` records, in this store: itself, or its copy (`cnnpipe share` tags it
+    with the id it came from); else a PipelineError that names both stores."""
+    run_id = read_run_id(run_file)
+    try:
+        client.get_run(run_id)
+        return run_id
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    filter_string = f"tags.`{COPIED_FROM}` = '{run_id}'"
+    if copies := client.search_runs([experiment_id], filter_string=filter_string):
+        return copies[0].info.run_id
+    here = mlflow.get_tracking_uri()
+    recorded = json.loads(run_file.read_text()).get("store", "another store")
+    raise PipelineError(
+        f"the run {run_id} that {run_file} records is not in {here}, nor a copy of it: it was "
+        f"logged to {recorded}; copy it here with `cnnpipe share --from {recorded} --to {here}`, "
+        "or train again with `dvc repro -f train`"
+    )
 
 
 def process_tags() -> dict[str, str]:
@@ -152,11 +179,15 @@ def stage_run(
     run where it has finished before, that then fails, leaves the run FINISHED with its results,
     and records the failure as a run of its own under it (`failed_attempt`).
     """
-    run_id = run_id if new else read_run_id(Path(cfg.paths.run))
+    run_file = None if new else Path(cfg.paths.run)
+    if run_file:
+        read_run_id(run_file)  # a missing record is said before the store is opened
     remove_leftovers(output_roots(cfg))
     with store_errors():
-        before = open_run(cfg, run_id, stage, name, tags, new)
-        client = mlflow.MlflowClient()  # of the store open_run selected
+        experiment_id = use_experiment(cfg)
+        client = mlflow.MlflowClient()  # of the store use_experiment selected
+        run_id = located(client, run_file, experiment_id) if run_file else run_id
+        before = open_run(cfg, client, experiment_id, run_id, stage, name, tags, new)
         run = mlflow.start_run(
             run_id=run_id,
             run_name=before["run_name"],
@@ -190,18 +221,18 @@ def stage_run(
 
 def open_run(
     cfg: DictConfig,
+    client: mlflow.MlflowClient,
+    experiment_id: str,
     run_id: str | None,
     stage: str,
     name: str | None,
     tags: dict | None,
     new: bool,
 ) -> dict:
-    """Before a stage's run starts: the experiment selected, abandoned runs closed, and the run's
-    name (None for a run that exists), tags, finished stages, and whether this stage finished in
-    it before (`again`)."""
+    """Before a stage's run starts: abandoned runs closed, and the run's name (None for a run
+    that exists), tags, finished stages, and whether this stage finished in it before
+    (`again`)."""
     commit, dirty = git_commit()
-    experiment_id = use_experiment(cfg)
-    client = mlflow.MlflowClient()
     # Before this stage reopens a run that a killed process left, so that it is on record.
     close_abandoned_runs(client, experiment_id)
     before = client.get_run(run_id) if run_id else None
