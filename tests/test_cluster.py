@@ -469,6 +469,71 @@ def test_the_pipeline_logs_registers_and_serves_through_the_team_server(
     assert any(line.startswith(pipeline.info.run_id[:8]) for line in table[1:]), table
 
 
+def test_runs_made_locally_are_shared_with_the_team_server_without_retraining(
+    team_server, cluster, project, monkeypatch, capsys
+):
+    """docs/scale-out.md's first step for a team: `make run` locally, then `cnnpipe share`; the
+    runs, their artifacts and @champion arrive, the service answers from the server, and a
+    stage run again against the server logs into the copy of its run."""
+    from cnnpipe import cli
+
+    repo, tiny = project
+    name = "cnnpipe-shared"
+    local = ["mlflow.experiment=shared", f"mlflow.model_name={name}"]
+    (repo / "params.yaml").write_text(compose_for_repo(repo, [*tiny, *local]))
+    for stage in ("train", "evaluate", "export", "parity", "promote"):
+        cli.main([stage])
+    checkpoint = (repo / "models" / "model.ckpt").read_bytes()
+    recorded = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"]
+    capsys.readouterr()
+    cli.main(["share", "--to", team_server])
+    said = capsys.readouterr().out
+    assert said.startswith("shared 1 runs, 1 logged models and 1 registered versions from "), said
+    client = mlflow.MlflowClient(team_server)
+    (copy,) = experiment_runs(team_server, "shared")
+    assert copy.info.status == "FINISHED" and copy.data.tags["cnnpipe.copied_from"] == recorded
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == copy.info.run_id
+    # Its artifacts lie in the team's bucket, as written here.
+    stored = bucket_objects(cluster, f"mlflow/{copy.info.experiment_id}/")
+    history = (repo / "plots" / "train_history.csv").read_bytes()
+    assert stored[f"mlflow/{copy.info.experiment_id}/{copy.info.run_id}/artifacts/plots/"
+                  "train_history.csv"] == history  # fmt: skip
+    model = champion.source.removeprefix("models:/")
+    key = f"mlflow/{copy.info.experiment_id}/models/{model}/artifacts/model.onnx"
+    assert stored[key] == (repo / "models" / "model.onnx").read_bytes()
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": team_server}
+    server = subprocess.Popen(
+        [str(BIN / "cnnpipe"), "serve", f"models:/{name}@champion", "--port", str(port)],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health/ready", server, "cnnpipe serve")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=30) as answer:
+            served = json.loads(answer.read())["model"]
+        assert (served["name"], served["version"]) == (name, champion.version)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server)
+    cli.main(["evaluate"])  # what `dvc repro -f -s evaluate` runs
+    (copy,) = experiment_runs(team_server, "shared")
+    assert copy.data.tags["cnnpipe.stages_done"].split(",")[-1] == "evaluate"
+    assert (repo / "models" / "model.ckpt").read_bytes() == checkpoint, "nothing retrained"
+    cli.main(["share", "--from", f"sqlite:///{repo}/mlflow.db", "--to", team_server])
+    assert "(1 runs were there already)" in capsys.readouterr().out
+
+
+def compose_for_repo(repo: Path, overrides: list[str]) -> str:
+    from cnnpipe.base.config import compose_params
+
+    return compose_params(overrides, conf_dir=repo / "conf")
+
+
 def test_the_runs_artifacts_open_in_the_mlflow_ui_through_the_server(team_server, team_pipeline):
     (pipeline,) = experiment_runs(team_server, "team-pipeline")
     link = ui_link(pipeline.info.experiment_id, pipeline.info.run_id, team_server)

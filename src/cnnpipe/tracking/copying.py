@@ -24,6 +24,8 @@ class Copier:
         self.models: dict[str, str] = {}
         self.experiments: dict[str, str] = {}
         self.counts = {"runs": 0, "models": 0, "versions": 0, "kept": 0}
+        # The aliases the target already had elsewhere, in words.
+        self.kept: list[str] = []
 
     def everything(self) -> dict[str, int]:
         # MLflow downloads a models:/ URI from the current store, and resolves a new version's
@@ -177,8 +179,13 @@ class Copier:
             )
             versions[version.version] = new.version
             self.counts["versions"] += 1
+        # An alias the target has already names the team's choice: it stays where it is.
+        taken = self.target.get_registered_model(name).aliases
         for alias, version in registered.aliases.items():
-            self.target.set_registered_model_alias(name, alias, versions[version])
+            if alias in taken and taken[alias] != versions[version]:
+                self.kept.append(f"@{alias} of {name} stays version {taken[alias]} there")
+            elif alias not in taken:
+                self.target.set_registered_model_alias(name, alias, versions[version])
 
     def relinked(self, text: str) -> str:
         """`text` with its links to old runs and experiments pointing at the copies."""
