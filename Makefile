@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install debian run test test-all cluster cluster-stop gpu-bundle params lint lock
+.PHONY: install debian run test test-all cluster cluster-stop cluster-restart gpu-bundle params lint lock
 
 install: $(VENV)/.installed
 
@@ -37,12 +37,17 @@ test-all: install debian
 	pytest -n 2 --dist loadfile --durations=15
 
 # A one-node SLURM cluster, a PostgreSQL server and an S3 bucket on this machine, as root
-# (docs/scale-out.md); the tests start their own.
+# (docs/scale-out.md); SERVICES=s3 (or munge, slurm, postgres) for some of them. A stop keeps
+# the keys, data and ports, so the next start brings back the same. The tests start their own.
+SERVICES ?=
 cluster: install
-	python3 tools/local_cluster.py start
+	python3 tools/local_cluster.py start $(SERVICES)
 
 cluster-stop:
-	python3 tools/local_cluster.py stop
+	python3 tools/local_cluster.py stop $(SERVICES)
+
+cluster-restart:
+	python3 tools/local_cluster.py restart $(SERVICES)
 
 # What bench/gpu_check.sh needs on a GPU machine without network or hydra-core, in bench/gpu/
 # (git-ignored, about 20 MB): hydra-core's wheels, the CIFAR-10 images and the tool that repacks

