@@ -15,6 +15,7 @@ from cnnpipe.base.files import atomic_folder
 
 if TYPE_CHECKING:
     from cnnpipe.artifact.quantization import Probabilities
+    from cnnpipe.serving.onnx_model import OnnxModel
 
 # What the output folder holds instead of model.onnx when the INT8 model is dropped.
 DROPPED = "dropped.txt"
@@ -23,19 +24,10 @@ DROPPED = "dropped.txt"
 def main(argv: list[str] | None = None) -> None:
     Parser(prog="cnnpipe quantize", description=__doc__).parse_args(argv)
     cfg: DictConfig = load_params()
-    from cnnpipe.artifact.quantization import (
-        calibration_images,
-        compare,
-        describe_itself,
-        quantize,
-        reasons_to_drop,
-    )
     from cnnpipe.data.loader import read_split
-    from cnnpipe.serving.onnx_model import OnnxModel
     from cnnpipe.tracking.stage_run import record, stage_run
     from cnnpipe.tracking.store import ui_link
-    from cnnpipe.training.classifier import load_checkpoint
-    from cnnpipe.training.inference import TorchModel, nhwc
+    from cnnpipe.training.inference import nhwc
 
     with stage_run(cfg, "quantize") as run:
         test_images, test_labels = read_split(cfg, "test")
@@ -43,22 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         # Built beside the output and swapped in at the end: a failure keeps the previous one.
         with atomic_folder(cfg.paths.int8) as folder:
             int8 = folder / "model.onnx"
-            fp32 = OnnxModel.load(cfg.paths.onnx)
-            model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
-            quantize(
-                model,
-                int8,
-                calibration_images(cfg),
-                fp32.metadata,
-                cfg.export.opset,
-                cfg.parity.atol,
-            )
-            quant = OnnxModel.load(int8)
-            metrics = compare(
-                fp32.probabilities, quant.probabilities, images, labels, cfg.quantize.batch_size
-            )
-            why_not = reasons_to_drop(metrics, cfg.quantize)
-            metrics["int8.kept"] = not why_not
+            metrics, why_not, quant = build(cfg, int8, images, labels)
             if why_not:
                 int8.unlink()
                 # Said in the folder too: DVC would otherwise warn that the output is empty.
@@ -67,10 +44,6 @@ def main(argv: list[str] | None = None) -> None:
                 )
             record(cfg.paths.quantize_metrics, metrics)
             if not why_not:
-                describe_itself(
-                    int8, fp32.metadata, images, quant.probabilities, metrics["int8.test_acc"]
-                )
-                quant = OnnxModel.load(int8)
                 link = ui_link(run.info.experiment_id, run.info.run_id)
                 register(cfg, int8, quant.probabilities, images[:4], metrics, link)
     verdict = (
@@ -84,6 +57,39 @@ def main(argv: list[str] | None = None) -> None:
         f"{metrics['int8.speedup']:.2f}x the FP32 images/s at batch {cfg.quantize.batch_size}; "
         f"{verdict}"
     )
+
+
+def build(
+    cfg: DictConfig, int8: Path, images: np.ndarray, labels: np.ndarray
+) -> tuple[dict, list[str], OnnxModel]:
+    """The INT8 model at `int8`, compared with the FP32 one on the test `images`: the metrics,
+    why it is not worth keeping (nothing if it is), and the model, which describes itself."""
+    from cnnpipe.artifact.quantization import (
+        calibration_images,
+        compare,
+        describe_itself,
+        quantize,
+        reasons_to_drop,
+    )
+    from cnnpipe.serving.onnx_model import OnnxModel
+    from cnnpipe.training.classifier import load_checkpoint
+    from cnnpipe.training.inference import TorchModel
+
+    fp32 = OnnxModel.load(cfg.paths.onnx)
+    model = TorchModel(load_checkpoint(cfg.paths.checkpoint), **cfg.evaluate.tta)
+    calibration = calibration_images(cfg)
+    quantize(model, int8, calibration, fp32.metadata, cfg.export.opset, cfg.parity.atol)
+    quant = OnnxModel.load(int8)
+    metrics = compare(
+        fp32.probabilities, quant.probabilities, images, labels, cfg.quantize.batch_size
+    )
+    why_not = reasons_to_drop(metrics, cfg.quantize)
+    metrics["int8.kept"] = not why_not
+    if not why_not:
+        acc = metrics["int8.test_acc"]
+        describe_itself(int8, fp32.metadata, images, quant.probabilities, acc)
+        quant = OnnxModel.load(int8)
+    return metrics, why_not, quant
 
 
 def register(
