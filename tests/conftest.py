@@ -1,13 +1,28 @@
 """The tests' fixtures: a tiny archive, its data, a project folder, an HTTP server; the
 helpers they share are in tests/helpers.py."""
 
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import CONF, TINY, folder_over_http, make_archive
+
+# MLflow keeps the store and experiment a command chose in these, which every later subprocess
+# of the test run would inherit: no test starts or ends with them.
+MLFLOW_CHOICES = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_store_left() -> Iterator[None]:
+    for key in MLFLOW_CHOICES:
+        os.environ.pop(key, None)
+    yield
+    for key in MLFLOW_CHOICES:
+        os.environ.pop(key, None)
 
 
 @pytest.fixture

@@ -440,8 +440,10 @@ def test_runs_shared_to_another_store_are_found_there_by_the_stages(project, mon
     local, shared = f"sqlite:///{repo}/mlflow.db", f"sqlite:///{repo}/team.db"
     recorded = json.loads((repo / "models/mlflow_run.json").read_text())
     assert recorded["store"] == local
+    current = mlflow_current()
     stage("share", "--to", shared)
     assert capsys.readouterr().out.strip().endswith(f"to {shared} (0 runs were there already)")
+    assert mlflow_current() == current, "later commands of this process use the store they did"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)
     stage("evaluate")
     team = mlflow_client(shared)
@@ -469,3 +471,13 @@ def mlflow_client(uri: str):
     import mlflow
 
     return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+def mlflow_current() -> tuple:
+    import mlflow
+
+    return (
+        mlflow.get_tracking_uri(),
+        mlflow.get_registry_uri(),
+        os.environ.get("MLFLOW_TRACKING_URI"),
+    )

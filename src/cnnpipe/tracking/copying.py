@@ -2,15 +2,35 @@
 share`): each copy tagged with the id it came from, so that copying again adds only what is new
 and a stage finds the copy of the run it recorded (stage_run.located)."""
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import LoggedModelOutput, Metric, Param
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from cnnpipe.tracking.probe import PROBE
 from cnnpipe.tracking.stage_run import COPIED_FROM
+
+
+@contextlib.contextmanager
+def current(uri: str) -> Iterator[None]:
+    """`uri` as MLflow's current store, and afterwards whatever was before: MLflow keeps it in
+    a global and in MLFLOW_TRACKING_URI, which every later command would inherit."""
+    saved = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = saved[0]
+        if saved[1] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved[1]
 
 
 class Copier:
@@ -30,7 +50,14 @@ class Copier:
     def everything(self) -> dict[str, int]:
         # MLflow downloads a models:/ URI from the current store, and resolves a new version's
         # models:/ source there: the source store first, then the target.
-        self.current(self.uris[0])
+        with current(self.uris[0]):
+            self.experiments_and_runs()
+        with current(self.uris[1]):
+            for registered in self.source.search_registered_models():
+                self.registered(registered)
+        return self.counts
+
+    def experiments_and_runs(self) -> None:
         for experiment in self.source.search_experiments():
             runs = self.source.search_runs([experiment.experiment_id], order_by=["start_time"])
             if not runs:
@@ -42,15 +69,6 @@ class Copier:
                 self.logged_model(model)
             for run in runs:
                 self.run_results(run)
-        self.current(self.uris[1])
-        for registered in self.source.search_registered_models():
-            self.registered(registered)
-        return self.counts
-
-    @staticmethod
-    def current(uri: str) -> None:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
 
     def experiment(self, experiment) -> str:
         found = self.target.get_experiment_by_name(experiment.name)

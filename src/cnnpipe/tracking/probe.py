@@ -71,7 +71,8 @@ def artifact_problem(error: Exception, artifact_uri: str) -> str:
     where = artifact_uri.split("/")[2] if artifact_uri.startswith("s3://") else ""
     if "nosuchbucket" in text or "bucket does not exist" in text:
         return f"the bucket {where} does not exist; create it, or fix the artifact location"
-    if any(code in text for code in ("signaturedoesnotmatch", "invalidaccesskeyid", "403")):
+    refused = ("signaturedoesnotmatch", "invalidaccesskeyid", "accessdenied", "(403)")
+    if any(code in text for code in refused):
         return (
             f"the bucket {where} refuses these credentials; fix AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY"
