@@ -167,7 +167,7 @@ def test_a_full_disk_costs_nothing_but_a_line(tmp_path, capfd):
 
 def test_the_service_answers_as_before_and_keeps_what_it_answered(tmp_path):
     model_path = export_random_model(tmp_path / "model.onnx", CLASSES, ("image",))
-    keep = Settings(str(tmp_path / "captured"), unsure_below=1.0)
+    keep = Settings(str(tmp_path / "captured"), unsure_below=1.0, sample_share=0.0)
     app = create_app(str(model_path), Limits(), {"name": "m", "version": "7"}, keep)
     images = [image(i) for i in range(8)]
     with running(app) as url, ThreadPoolExecutor(8) as pool:
@@ -203,7 +203,7 @@ def test_worker_processes_share_the_folder_and_its_lines(tmp_path):
     command = [str(Path(sys.executable).parent / "cnnpipe"), "serve", str(model_path)]
     options = ["--port", str(port), "--workers", "2", "--capture", str(folder)]
     service = subprocess.Popen(
-        [*command, *options, "--capture-unsure-below", "1"],
+        [*command, *options, "--capture-unsure-below", "1", "--capture-share", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

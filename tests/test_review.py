@@ -44,7 +44,8 @@ def captured(tmp_path) -> tuple[Path, list[bytes]]:
     """What `cnnpipe serve --capture` kept of three answers."""
     folder = tmp_path / "captured"
     images = [photo(i, gps=i == 0) for i in range(len(CONFIDENCES))]
-    capture = Capture(Settings(str(folder), unsure_below=1.0), {"name": "m"}, CLASSES,
+    capture = Capture(Settings(str(folder), unsure_below=1.0, sample_share=0.0), {"name": "m"},
+                      CLASSES,
                       CollectorRegistry())  # fmt: skip
     for data, top in zip(images, CONFIDENCES, strict=True):
         probs = np.full(10, (1 - top) / 9, np.float32)
